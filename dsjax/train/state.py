@@ -7,17 +7,17 @@ import jax
 
 @flax.struct.dataclass
 class TrainState:
-  """Step counter, parameters, optimizer state, PRNG key and non-gradient buffers.
+    """Step counter, parameters, optimizer state, PRNG key and non-gradient buffers.
 
-  `buffers` holds variable collections the optimizer never sees (the MoE routing
-  bias of DeepSeek-V3 lives in `buffers['moe_bias']`); it is `{}` for dense models.
-  """
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
-  buffers: Any
+    `buffers` holds variable collections the optimizer never sees (the MoE routing
+    bias of DeepSeek-V3 lives in `buffers['moe_bias']`); it is `{}` for dense models.
+    """
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    buffers: Any
 
-  def variables(self):
-    """The Flax variables dict for `model.apply`."""
-    return {'params': self.params, **self.buffers}
+    def variables(self):
+        """The Flax variables dict for `model.apply`."""
+        return {'params': self.params, **self.buffers}
