@@ -1,0 +1,413 @@
+"""Experiment configs: the shared base, validation that names the field, and the frozen model config."""
+import dataclasses
+import math
+import ml_collections
+
+ATTENTION_TYPES = ('mha', 'mla')
+SCORING_FUNCS = ('softmax', 'sigmoid')
+TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
+MOE_DISPATCHES = ('dense', 'capacity', 'ragged', 'expert_parallel')
+REMAT_POLICIES = ('none', 'full', 'save_dots')
+DTYPES = ('float32', 'bfloat16', 'float16')
+ROPE_SCALING_TYPES = ('none', 'yarn')
+STAGES = ('pretrain',)
+SOURCES = ('stdlib', 'text', 'jsonl')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field dsjax reads, with its default; experiment files start here and override."""
+    c = ml_collections.ConfigDict()
+    c.stage = 'pretrain'
+
+    c.model = m = ml_collections.ConfigDict()
+    # Field names follow HF transformers' Llama / DeepseekV2 / DeepseekV3 configs.
+    m.vocab_size = 8192
+    m.hidden_size = 256
+    m.intermediate_size = 688
+    m.num_hidden_layers = 4
+    m.num_attention_heads = 4
+    m.num_key_value_heads = 4
+    m.head_dim = 0  # 0: hidden_size // num_attention_heads (MHA/GQA only)
+    m.rms_norm_eps = 1e-6
+    m.rope_theta = 10000.0
+    m.rope_interleave = False  # True: rotate pairs (x[2i], x[2i+1]) as DeepSeek-V2/V3 checkpoints do
+    m.max_position_embeddings = 4096
+    m.rope_scaling = ml_collections.ConfigDict(dict(
+        type='none', factor=1.0, original_max_position_embeddings=4096,
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0))
+    m.attention_type = 'mha'
+    m.q_lora_rank = 0  # 0: a single q projection (V2-Lite)
+    m.kv_lora_rank = 0
+    m.qk_nope_head_dim = 0
+    m.qk_rope_head_dim = 0
+    m.v_head_dim = 0
+    m.n_routed_experts = 0  # 0: every layer dense
+    m.n_shared_experts = 0
+    m.num_experts_per_tok = 0
+    m.moe_intermediate_size = 0
+    m.first_k_dense_replace = 0
+    m.scoring_func = 'softmax'
+    m.topk_method = 'greedy'
+    m.n_group = 1
+    m.topk_group = 1
+    m.norm_topk_prob = False
+    m.routed_scaling_factor = 1.0
+    m.aux_loss_alpha = 0.0  # V2 expert-level alpha1, or V3 sequence-wise alpha (seq_aux)
+    m.seq_aux = False  # True: V3 sequence-wise balance loss on normalised sigmoid scores
+    m.device_aux_alpha = 0.0  # V2 alpha2 (groups stand for devices)
+    m.comm_aux_alpha = 0.0  # V2 alpha3
+    m.moe_dispatch = 'dense'
+    m.capacity_factor = 0.0  # capacity dispatch only; 0: no token is ever dropped
+    m.num_nextn_predict_layers = 0
+    m.tie_word_embeddings = False
+    m.initializer_range = 0.02
+    m.dtype = 'float32'  # compute
+    m.param_dtype = 'float32'
+    m.remat_policy = 'none'
+    m.scan_layers = True
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = 'stdlib'
+    d.paths = ()
+    d.jsonl_field = 'text'
+    d.val_fraction = 0.02
+    d.seq_len = 256
+    d.batch_size = 16
+    d.tokenizer = 'sentencepiece'
+    d.tokenizer_path = ''
+    d.vocab_size = m.get_ref('vocab_size')
+    d.cache_dir = ''
+    d.shuffle_seed = 0
+    d.max_doc_chars = 200_000
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 3e-4
+    o.schedule = 'cosine'
+    o.warmup_steps = 100
+    o.min_lr_ratio = 0.1
+    o.decay_steps = 1000
+    o.milestones = (0.8, 0.9)
+    o.milestone_factors = (0.316, 0.1)
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.clip_norm = 1.0
+    o.grad_accum_steps = 1
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.seed = 0
+    t.log_every = 10
+    t.eval_every = 200
+    t.eval_batches = 8
+    t.checkpoint_every = 500
+    t.keep_checkpoints = 2
+    t.async_checkpoint = True
+    t.bias_update_rate = 0.0  # gamma of auxiliary-loss-free balancing; 0 turns it off
+    t.bias_update_until = 1.0  # fraction of steps after which gamma is 0 (V3: 14.3T of 14.8T tokens)
+    t.mtp_loss_weight = 0.0  # lambda
+    t.mtp_loss_weight_final = 0.0  # lambda after mtp_weight_switch (V3: 0.3 then 0.1)
+    t.mtp_weight_switch = 1.0  # fraction of steps
+    t.progress_bar = True
+
+    c.init = i = ml_collections.ConfigDict()
+    i.checkpoint = ''  # a previous stage's workdir/checkpoint dir to take params from
+
+    c.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # -1: all devices not used by the other axes
+    mesh.fsdp = 1
+    mesh.expert = 1
+    mesh.tensor = 1
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks any experiment to a few-second run (tests, CI): same features, tiny sizes."""
+    m = c.model
+    m.vocab_size = 512
+    m.hidden_size = 64
+    m.intermediate_size = 128
+    m.num_hidden_layers = min(m.num_hidden_layers, 2 + m.first_k_dense_replace and 3)
+    m.num_attention_heads = 4
+    if m.num_key_value_heads not in (m.num_attention_heads,):
+        m.num_key_value_heads = 2
+    else:
+        m.num_key_value_heads = 4
+    m.head_dim = 0
+    m.max_position_embeddings = 256
+    if m.attention_type == 'mla':
+        m.q_lora_rank = 32 if m.q_lora_rank else 0
+        m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim = 32, 16, 8, 16
+    if m.n_routed_experts:
+        m.n_routed_experts = 8
+        m.num_experts_per_tok = 2
+        m.moe_intermediate_size = 32
+        m.n_shared_experts = min(m.n_shared_experts, 1)
+        m.first_k_dense_replace = min(m.first_k_dense_replace, 1)
+        if m.n_group > 1:
+            m.n_group, m.topk_group = 4, 2
+    c.data.seq_len = 32
+    c.data.batch_size = 8
+    c.data.val_fraction = 0.05
+    c.train.steps = 4
+    c.train.log_every = 1
+    c.train.eval_every = 2
+    c.train.eval_batches = 1
+    c.train.checkpoint_every = 2
+    c.train.progress_bar = False
+    c.optim.warmup_steps = 1
+    c.optim.decay_steps = c.train.steps
+    return c
+
+
+class ConfigError(ValueError):
+    """A config field holds a value dsjax cannot use."""
+
+
+def _fail(field: str, value, valid: str):
+    raise ConfigError(f'config.{field}={value!r} is invalid: {valid}')
+
+
+def _check(ok: bool, field: str, value, valid: str):
+    if not ok:
+        _fail(field, value, valid)
+
+
+def _positive_int(c, field: str):
+    value = c
+    for part in field.split('.'):
+        value = value[part]
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, value,
+           'must be a positive integer')
+    return value
+
+
+def _choice(value, field: str, choices):
+    _check(value in choices, field, value, f'must be one of {choices}')
+
+
+def validate_model(m) -> None:
+    """Raises ConfigError naming the first bad model field."""
+    for f in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
+              'max_position_embeddings'):
+        _positive_int({'model': m}, f'model.{f}')
+    _choice(m.attention_type, 'model.attention_type', ATTENTION_TYPES)
+    _choice(m.dtype, 'model.dtype', DTYPES)
+    _choice(m.param_dtype, 'model.param_dtype', DTYPES)
+    _choice(m.remat_policy, 'model.remat_policy', REMAT_POLICIES)
+    _check(m.rms_norm_eps > 0, 'model.rms_norm_eps', m.rms_norm_eps, 'must be > 0')
+    _check(m.rope_theta > 0, 'model.rope_theta', m.rope_theta, 'must be > 0')
+    if m.attention_type == 'mha':
+        _check(m.num_key_value_heads > 0 and m.num_attention_heads % m.num_key_value_heads == 0,
+               'model.num_key_value_heads', m.num_key_value_heads,
+               f'must divide num_attention_heads={m.num_attention_heads}')
+        _check(m.head_dim > 0 or m.hidden_size % m.num_attention_heads == 0, 'model.head_dim',
+               m.head_dim, 'set it, or make hidden_size divisible by num_attention_heads')
+        if m.head_dim:
+            _check(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'must be even (RoPE rotates pairs)')
+    else:
+        for f in ('kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim'):
+            _positive_int({'model': m}, f'model.{f}')
+        _check(m.qk_rope_head_dim % 2 == 0, 'model.qk_rope_head_dim', m.qk_rope_head_dim,
+               'must be even (RoPE rotates pairs)')
+        _check(m.q_lora_rank >= 0, 'model.q_lora_rank', m.q_lora_rank, 'must be >= 0 (0: no q compression)')
+    rs = m.rope_scaling
+    _choice(rs.type, 'model.rope_scaling.type', ROPE_SCALING_TYPES)
+    if rs.type == 'yarn':
+        _check(rs.factor > 1, 'model.rope_scaling.factor', rs.factor, 'must be > 1 for YaRN')
+        _check(rs.original_max_position_embeddings > 0,
+               'model.rope_scaling.original_max_position_embeddings',
+               rs.original_max_position_embeddings, 'must be > 0')
+        _check(rs.beta_fast > rs.beta_slow > 0, 'model.rope_scaling.beta_fast', rs.beta_fast,
+               f'must exceed beta_slow={rs.beta_slow} > 0')
+    if m.n_routed_experts:
+        _positive_int({'model': m}, 'model.num_experts_per_tok')
+        _positive_int({'model': m}, 'model.moe_intermediate_size')
+        _check(m.num_experts_per_tok <= m.n_routed_experts, 'model.num_experts_per_tok',
+               m.num_experts_per_tok, f'must be <= n_routed_experts={m.n_routed_experts}')
+        _choice(m.scoring_func, 'model.scoring_func', SCORING_FUNCS)
+        _choice(m.topk_method, 'model.topk_method', TOPK_METHODS)
+        _choice(m.moe_dispatch, 'model.moe_dispatch', MOE_DISPATCHES)
+        _positive_int({'model': m}, 'model.n_group')
+        _check(m.n_routed_experts % m.n_group == 0, 'model.n_group', m.n_group,
+               f'must divide n_routed_experts={m.n_routed_experts}')
+        _check(1 <= m.topk_group <= m.n_group, 'model.topk_group', m.topk_group,
+               f'must be in [1, n_group={m.n_group}]')
+        per_group = m.n_routed_experts // m.n_group
+        _check(m.topk_group * per_group >= m.num_experts_per_tok, 'model.topk_group', m.topk_group,
+               f'topk_group x experts per group ({per_group}) must be >= num_experts_per_tok='
+               f'{m.num_experts_per_tok}')
+        if m.topk_method == 'noaux_tc':
+            _check(m.scoring_func == 'sigmoid', 'model.scoring_func', m.scoring_func,
+                   "topk_method='noaux_tc' (V3) needs scoring_func='sigmoid'")
+            _check(per_group >= 2, 'model.n_group', m.n_group,
+                   'noaux_tc scores a group by its top-2 experts: need >= 2 experts per group')
+        _check(0 <= m.first_k_dense_replace <= m.num_hidden_layers, 'model.first_k_dense_replace',
+               m.first_k_dense_replace, f'must be in [0, num_hidden_layers={m.num_hidden_layers}]')
+        _check(m.n_shared_experts >= 0, 'model.n_shared_experts', m.n_shared_experts, 'must be >= 0')
+        _check(m.capacity_factor >= 0, 'model.capacity_factor', m.capacity_factor, 'must be >= 0')
+        for f in ('aux_loss_alpha', 'device_aux_alpha', 'comm_aux_alpha'):
+            _check(m[f] >= 0, f'model.{f}', m[f], 'must be >= 0')
+    _check(m.num_nextn_predict_layers >= 0, 'model.num_nextn_predict_layers',
+           m.num_nextn_predict_layers, 'must be >= 0')
+    if m.num_nextn_predict_layers:
+        _check(m.n_routed_experts == 0 or m.first_k_dense_replace < m.num_hidden_layers,
+               'model.num_nextn_predict_layers', m.num_nextn_predict_layers,
+               'MTP blocks copy the MoE block, so at least one MoE layer is needed')
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict:
+    """Resolves -1 in the mesh config against the device count; errors name the axis."""
+    sizes = {a: mesh_cfg[a] for a in MESH_AXES}
+    for a, s in sizes.items():
+        _check(isinstance(s, int) and (s > 0 or s == -1), f'mesh.{a}', s, 'must be a positive int or -1')
+    fill = [a for a, s in sizes.items() if s == -1]
+    _check(len(fill) <= 1, f'mesh.{fill[-1] if fill else "data"}', -1, 'at most one axis may be -1')
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        _check(num_devices % fixed == 0, f'mesh.{fill[0]}', -1,
+               f'the other axes use {fixed} devices, which does not divide the {num_devices} devices')
+        sizes[fill[0]] = num_devices // fixed
+    total = math.prod(sizes.values())
+    _check(total == num_devices, 'mesh', dict(sizes), f'the axes multiply to {total}, need {num_devices} devices')
+    return sizes
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks every section before anything compiles; raises ConfigError naming the field."""
+    from dsjax.train import optim  # optim owns its own checks
+
+    _choice(c.stage, 'stage', STAGES)
+    m = c.model
+    validate_model(m)
+    d = c.data
+    _choice(d.source, 'data.source', SOURCES)
+    if d.source != 'stdlib':
+        _check(len(d.paths) > 0, 'data.paths', d.paths, f'data.source={d.source!r} needs at least one path')
+    _check(0 < d.val_fraction < 1, 'data.val_fraction', d.val_fraction, 'must be in (0, 1)')
+    for f in ('seq_len', 'batch_size', 'max_doc_chars'):
+        _positive_int(c, f'data.{f}')
+    _check(d.vocab_size == m.vocab_size, 'data.vocab_size', d.vocab_size,
+           f'must equal model.vocab_size={m.vocab_size}')
+    _check(m.rope_scaling.type == 'yarn' or d.seq_len <= m.max_position_embeddings, 'data.seq_len',
+           d.seq_len, f'exceeds model.max_position_embeddings={m.max_position_embeddings} '
+           '(raise it, or extend the context with model.rope_scaling.type="yarn")')
+    t = c.train
+    for f in ('steps', 'log_every', 'eval_every', 'eval_batches', 'checkpoint_every', 'keep_checkpoints'):
+        _positive_int(c, f'train.{f}')
+    _check(t.bias_update_rate >= 0, 'train.bias_update_rate', t.bias_update_rate, 'must be >= 0')
+    _check(t.mtp_loss_weight >= 0, 'train.mtp_loss_weight', t.mtp_loss_weight, 'must be >= 0')
+    _check(t.mtp_loss_weight == 0 or m.num_nextn_predict_layers > 0, 'train.mtp_loss_weight',
+           t.mtp_loss_weight, 'needs model.num_nextn_predict_layers > 0')
+    optim.validate(c.optim)
+    sizes = mesh_shape(c.mesh, num_devices)
+    batch_axes = sizes['data'] * sizes['fsdp'] * sizes['expert']
+    _check(d.batch_size % batch_axes == 0, 'data.batch_size', d.batch_size,
+           f'must be divisible by the data-parallel size data x fsdp x expert = {batch_axes}')
+    heads = m.num_attention_heads
+    _check(heads % sizes['tensor'] == 0, 'mesh.tensor', sizes['tensor'],
+           f'must divide model.num_attention_heads={heads}')
+    if m.attention_type == 'mha':
+        kv = m.num_key_value_heads
+        _check(kv % sizes['tensor'] == 0, 'mesh.tensor', sizes['tensor'],
+               f'must divide model.num_key_value_heads={kv}')
+    if m.n_routed_experts:
+        _check(m.n_routed_experts % sizes['expert'] == 0, 'mesh.expert', sizes['expert'],
+               f'must divide model.n_routed_experts={m.n_routed_experts}')
+    else:
+        _check(sizes['expert'] == 1, 'mesh.expert', sizes['expert'], 'a dense model has no experts to shard')
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN settings (HF `rope_scaling`); type 'none' means plain RoPE."""
+    type: str = 'none'
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The frozen model section: what modules and jitted functions take instead of a ConfigDict."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_interleave: bool = False
+    max_position_embeddings: int = 4096
+    rope_scaling: RopeScaling = RopeScaling()
+    attention_type: str = 'mha'
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    scoring_func: str = 'softmax'
+    topk_method: str = 'greedy'
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    aux_loss_alpha: float = 0.0
+    seq_aux: bool = False
+    device_aux_alpha: float = 0.0
+    comm_aux_alpha: float = 0.0
+    moe_dispatch: str = 'dense'
+    capacity_factor: float = 0.0
+    num_nextn_predict_layers: int = 0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    dtype: str = 'float32'
+    param_dtype: str = 'float32'
+    remat_policy: str = 'none'
+    scan_layers: bool = True
+
+    @property
+    def attn_head_dim(self) -> int:
+        """Per-head width of MHA/GQA attention."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.first_k_dense_replace if self.n_routed_experts else self.num_hidden_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.num_dense_layers
+
+    @property
+    def rope_dim(self) -> int:
+        """Width RoPE rotates: the decoupled key for MLA, the whole head otherwise."""
+        return self.qk_rope_head_dim if self.attention_type == 'mla' else self.attn_head_dim
+
+    @property
+    def yarn(self) -> bool:
+        return self.rope_scaling.type == 'yarn'
+
+
+def freeze_model(m) -> ModelConfig:
+    """ConfigDict model section -> ModelConfig, validated."""
+    validate_model(m)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(m.keys()) - fields)
+    if unknown:
+        _fail(f'model.{unknown[0]}', m[unknown[0]], f'unknown field; valid fields: {sorted(fields)}')
+    values = {k: m[k] for k in m.keys()}
+    values['rope_scaling'] = RopeScaling(**m.rope_scaling.to_dict())
+    return ModelConfig(**values)

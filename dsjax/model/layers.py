@@ -1,0 +1,81 @@
+"""Building blocks: RMSNorm, embeddings, logically-partitioned weights and the SwiGLU MLP.
+
+Axis legend: B batch, L length, D model width, F ffn width, V vocab.
+Weights are stored [in, out] (Flax kernels), the transpose of HF's torch layout.
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+
+
+def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], cfg: ModelConfig,
+          init=None) -> jax.Array:
+    """A parameter in param_dtype, annotated with logical axis names (normal(initializer_range) init)."""
+    init = init or nn.initializers.normal(stddev=cfg.initializer_range)
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
+                        jnp.dtype(cfg.param_dtype))
+
+
+def weight(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], cfg: ModelConfig,
+           init=None) -> jax.Array:
+    """`param`, cast to the compute dtype."""
+    return param(module, name, shape, axes, cfg, init).astype(cfg.dtype)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Activation sharding constraint by logical names (a no-op outside a mesh context)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 and cast back (as HF does)."""
+    cfg: ModelConfig
+    eps: float | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        scale = param(self, 'scale', (dim,), ('norm',), self.cfg, nn.initializers.ones)
+        eps = self.cfg.rms_norm_eps if self.eps is None else self.eps
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding [V, D]; `attend` gives tied-head logits."""
+    cfg: ModelConfig
+
+    def setup(self):
+        self.embedding = param(self, 'embedding', (self.cfg.vocab_size, self.cfg.hidden_size),
+                               ('vocab', 'embed'), self.cfg)
+
+    def __call__(self, tokens_BxL):
+        x_BxLxD = jnp.take(self.embedding, tokens_BxL, axis=0).astype(self.cfg.dtype)
+        return constrain(x_BxLxD, ('batch', 'act_len', 'act_embed'))
+
+    def attend(self, x_BxLxD):
+        return jnp.einsum('BLD,VD->BLV', x_BxLxD, self.embedding.astype(x_BxLxD.dtype))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); `width` overrides intermediate_size (MoE shared experts)."""
+    cfg: ModelConfig
+    width: int | None = None
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.cfg
+        f = self.width or cfg.intermediate_size
+        d = cfg.hidden_size
+        gate_DxF = weight(self, 'gate', (d, f), ('embed', 'mlp'), cfg)
+        up_DxF = weight(self, 'up', (d, f), ('embed', 'mlp'), cfg)
+        down_FxD = weight(self, 'down', (f, d), ('mlp', 'embed'), cfg)
+        h_BxLxF = nn.silu(jnp.einsum('BLD,DF->BLF', x_BxLxD, gate_DxF)) * jnp.einsum(
+            'BLD,DF->BLF', x_BxLxD, up_DxF)
+        h_BxLxF = constrain(h_BxLxF, ('batch', 'act_len', 'act_mlp'))
+        return jnp.einsum('BLF,FD->BLD', h_BxLxF, down_FxD)

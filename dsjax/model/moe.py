@@ -1,0 +1,261 @@
+"""DeepSeekMoE: routers (V2 softmax / V3 sigmoid with a selection bias), balance losses, dispatch.
+
+Axis legend: B batch, L length, T tokens (B*L), D model width, E routed experts, K experts per
+token, F expert ffn width, G expert groups (devices / nodes), A assignments (T*K), C capacity.
+All routing math runs in float32, as HF and DeepSeek's reference do.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.model.layers import MLP, constrain, param, weight
+
+
+# ---------------------------------------------------------------- routing (pure functions)
+
+def scores_from_logits(logits_TxE, scoring_func: str):
+    """Affinities s: softmax over experts (V2) or an independent sigmoid per expert (V3)."""
+    if scoring_func == 'softmax':
+        return jax.nn.softmax(logits_TxE, axis=-1)
+    return jax.nn.sigmoid(logits_TxE)
+
+
+def _keep_top_groups(choice_TxE, group_score_TxG, topk_group: int):
+    """Masks (to -inf) every expert outside the `topk_group` best groups."""
+    t, e = choice_TxE.shape
+    g = group_score_TxG.shape[-1]
+    _, top_groups_TxM = jax.lax.top_k(group_score_TxG, topk_group)
+    keep_TxG = jnp.zeros((t, g), bool).at[jnp.arange(t)[:, None], top_groups_TxM].set(True)
+    keep_TxE = jnp.repeat(keep_TxG, e // g, axis=-1)
+    # -inf, not 0: biased V3 scores can be negative, and 0 would let masked experts win.
+    return jnp.where(keep_TxE, choice_TxE, -jnp.inf)
+
+
+def select_experts(scores_TxE, bias_E, cfg: ModelConfig):
+    """Top-k routing. Returns gate weights [T, K] (float32) and expert indices [T, K].
+
+    greedy: top-k of s. group_limited_greedy (V2): groups scored by their max s, keep topk_group.
+    noaux_tc (V3): s + bias chooses (groups scored by the sum of their top-2), s weighs.
+    """
+    k, g = cfg.num_experts_per_tok, cfg.n_group
+    t, e = scores_TxE.shape
+    if cfg.topk_method == 'greedy':
+        choice_TxE = scores_TxE
+    elif cfg.topk_method == 'group_limited_greedy':
+        group_score_TxG = scores_TxE.reshape(t, g, e // g).max(axis=-1)
+        choice_TxE = _keep_top_groups(scores_TxE, group_score_TxG, cfg.topk_group)
+    else:  # noaux_tc
+        biased_TxE = scores_TxE + bias_E
+        top2 = jax.lax.top_k(biased_TxE.reshape(t, g, e // g), 2)[0]
+        choice_TxE = _keep_top_groups(biased_TxE, top2.sum(axis=-1), cfg.topk_group)
+    _, idx_TxK = jax.lax.top_k(choice_TxE, k)
+    weights_TxK = jnp.take_along_axis(scores_TxE, idx_TxK, axis=-1)
+    if cfg.norm_topk_prob:
+        weights_TxK = weights_TxK / (weights_TxK.sum(axis=-1, keepdims=True) + 1e-20)
+    return weights_TxK * cfg.routed_scaling_factor, idx_TxK
+
+
+def expert_counts(idx_TxK, mask_T, num_experts: int):
+    """Tokens routed to each expert [E] (float32), counting only real (mask=1) tokens."""
+    onehot_TxKxE = jax.nn.one_hot(idx_TxK, num_experts, dtype=jnp.float32)
+    return jnp.einsum('TKE,T->E', onehot_TxKxE, mask_T.astype(jnp.float32))
+
+
+def max_violation(load_E):
+    """MaxVio = (max load - mean load) / mean load (the auxiliary-loss-free paper's metric)."""
+    mean = load_E.mean(axis=-1)
+    return (load_E.max(axis=-1) - mean) / jnp.maximum(mean, 1e-9)
+
+
+def bias_update(bias_LxE, load_LxE, rate):
+    """b += rate * sign(mean load - load): overloaded experts become less attractive."""
+    mean_Lx1 = load_LxE.mean(axis=-1, keepdims=True)
+    return bias_LxE + rate * jnp.sign(mean_Lx1 - load_LxE)
+
+
+# ---------------------------------------------------------------- balance losses (per sequence)
+
+def _frequencies(idx_BxLxK, mask_BxL, num_experts: int, k: int):
+    """f_i = E / (K T) * number of tokens of the sequence routed to i: [B, E]."""
+    onehot = jax.nn.one_hot(idx_BxLxK, num_experts, dtype=jnp.float32).sum(axis=2)  # [B, L, E]
+    tokens_B = jnp.maximum(mask_BxL.sum(axis=1), 1.0)
+    counts_BxE = jnp.einsum('BLE,BL->BE', onehot, mask_BxL)
+    return counts_BxE * num_experts / (k * tokens_B[:, None])
+
+
+def _mean_prob(probs_BxLxE, mask_BxL):
+    """P_i = mean over the sequence's real tokens of the affinity: [B, E]."""
+    tokens_B = jnp.maximum(mask_BxL.sum(axis=1), 1.0)
+    return jnp.einsum('BLE,BL->BE', probs_BxLxE, mask_BxL) / tokens_B[:, None]
+
+
+def expert_balance_loss(scores_BxLxE, idx_BxLxK, mask_BxL, k: int):
+    """V2 expert-level loss sum_i f_i P_i (before alpha1), averaged over sequences."""
+    e = scores_BxLxE.shape[-1]
+    f_BxE = _frequencies(idx_BxLxK, mask_BxL, e, k)
+    return (f_BxE * _mean_prob(scores_BxLxE, mask_BxL)).sum(axis=-1).mean()
+
+
+def device_balance_loss(scores_BxLxE, idx_BxLxK, mask_BxL, k: int, groups: int):
+    """V2 device-level loss sum_d f'_d P'_d: f' averages f over a group, P' sums P over it."""
+    b, _, e = scores_BxLxE.shape
+    f_BxGxE = _frequencies(idx_BxLxK, mask_BxL, e, k).reshape(b, groups, e // groups)
+    p_BxGxE = _mean_prob(scores_BxLxE, mask_BxL).reshape(b, groups, e // groups)
+    return (f_BxGxE.mean(axis=-1) * p_BxGxE.sum(axis=-1)).sum(axis=-1).mean()
+
+
+def comm_balance_loss(scores_BxLxE, idx_BxLxK, mask_BxL, groups: int, topk_group: int):
+    """V2 communication loss sum_d f''_d P''_d, f''_d = G/(M T) * tokens sent to group d."""
+    b, _, e = scores_BxLxE.shape
+    group_of_BxLxK = idx_BxLxK // (e // groups)
+    sent_BxLxG = jax.nn.one_hot(group_of_BxLxK, groups, dtype=jnp.float32).max(axis=2)
+    tokens_B = jnp.maximum(mask_BxL.sum(axis=1), 1.0)
+    f_BxG = jnp.einsum('BLG,BL->BG', sent_BxLxG, mask_BxL) * groups / (topk_group * tokens_B[:, None])
+    p_BxG = _mean_prob(scores_BxLxE, mask_BxL).reshape(b, groups, e // groups).sum(axis=-1)
+    return (f_BxG * p_BxG).sum(axis=-1).mean()
+
+
+def sequence_balance_loss(scores_BxLxE, mask_BxL, k: int):
+    """V3 sequence-wise loss sum_i f_i P_i with s' = s / sum_j s_j.
+
+    f counts the plain top-k of the unbiased scores, as the paper's eq. 18 writes it (whether
+    DeepSeek counted the biased selection instead is unverified).
+    """
+    e = scores_BxLxE.shape[-1]
+    _, top_BxLxK = jax.lax.top_k(scores_BxLxE, k)
+    f_BxE = _frequencies(top_BxLxK, mask_BxL, e, k)
+    normed = scores_BxLxE / (scores_BxLxE.sum(axis=-1, keepdims=True) + 1e-20)
+    return (f_BxE * _mean_prob(normed, mask_BxL)).sum(axis=-1).mean()
+
+
+# ---------------------------------------------------------------- dispatch strategies
+
+def _swiglu(h_gate, h_up):
+    return nn.silu(h_gate) * h_up
+
+
+def dispatch_dense(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+    """Reference: every expert on every token, combined with the (mostly zero) gate matrix."""
+    del capacity
+    e = gate_ExDxF.shape[0]
+    gates_TxE = jnp.einsum('TK,TKE->TE', weights_TxK, jax.nn.one_hot(idx_TxK, e, dtype=weights_TxK.dtype))
+    h_ExTxF = _swiglu(jnp.einsum('TD,EDF->ETF', x_TxD, gate_ExDxF), jnp.einsum('TD,EDF->ETF', x_TxD, up_ExDxF))
+    y_ExTxD = jnp.einsum('ETF,EFD->ETD', h_ExTxF, down_ExFxD)
+    return jnp.einsum('ETD,TE->TD', y_ExTxD, gates_TxE.astype(y_ExTxD.dtype)), jnp.zeros((), jnp.float32)
+
+
+def _sort_by_expert(weights_TxK, idx_TxK, num_experts: int):
+    """Assignments ordered by expert, highest gate weight first within an expert."""
+    t, k = idx_TxK.shape
+    expert_A, weight_A = idx_TxK.reshape(-1), weights_TxK.reshape(-1)
+    by_weight_A = jnp.argsort(-weight_A)
+    order_A = by_weight_A[jnp.argsort(expert_A[by_weight_A], stable=True)]
+    sizes_E = jnp.bincount(expert_A, length=num_experts)
+    token_A = order_A // k
+    return order_A, token_A, expert_A[order_A], sizes_E
+
+
+def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+    """Dropless grouped matmul (`jax.lax.ragged_dot`) over assignments sorted by expert."""
+    del capacity
+    t, d = x_TxD.shape
+    order_A, token_A, _, sizes_E = _sort_by_expert(weights_TxK, idx_TxK, gate_ExDxF.shape[0])
+    x_AxD = x_TxD[token_A]
+    sizes_E = sizes_E.astype(jnp.int32)
+    h_AxF = _swiglu(jax.lax.ragged_dot(x_AxD, gate_ExDxF, sizes_E), jax.lax.ragged_dot(x_AxD, up_ExDxF, sizes_E))
+    y_AxD = jax.lax.ragged_dot(h_AxF, down_ExFxD, sizes_E)
+    w_A = weights_TxK.reshape(-1)[order_A].astype(y_AxD.dtype)
+    return jnp.zeros((t, d), y_AxD.dtype).at[token_A].add(y_AxD * w_A[:, None]), jnp.zeros((), jnp.float32)
+
+
+def dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+    """Fixed per-expert buffers [E, C, D] and batched einsums; overflow (lowest gates) is dropped.
+
+    Returns the output and the fraction of assignments dropped.
+    """
+    t, d = x_TxD.shape
+    e = gate_ExDxF.shape[0]
+    order_A, token_A, expert_A, sizes_E = _sort_by_expert(weights_TxK, idx_TxK, e)
+    starts_E = jnp.cumsum(sizes_E) - sizes_E
+    slot_A = jnp.arange(order_A.shape[0]) - starts_E[expert_A]
+    kept_A = slot_A < capacity
+    # Dropped assignments go to a scratch slot (index `capacity`) that is sliced away.
+    slot_A = jnp.where(kept_A, slot_A, capacity)
+    buf_ExCxD = jnp.zeros((e, capacity + 1, d), x_TxD.dtype).at[expert_A, slot_A].set(x_TxD[token_A])
+    buf_ExCxD = constrain(buf_ExCxD[:, :capacity], ('act_exp', None, 'act_embed'))
+    h_ExCxF = _swiglu(jnp.einsum('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF), jnp.einsum('ECD,EDF->ECF', buf_ExCxD, up_ExDxF))
+    y_ExCxD = jnp.einsum('ECF,EFD->ECD', h_ExCxF, down_ExFxD)
+    y_AxD = jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A]
+    w_A = (weights_TxK.reshape(-1)[order_A] * kept_A).astype(y_AxD.dtype)
+    y_TxD = jnp.zeros((t, d), y_AxD.dtype).at[token_A].add(y_AxD * w_A[:, None])
+    return y_TxD, 1.0 - kept_A.mean()
+
+
+DISPATCH = {
+    'dense': dispatch_dense,
+    'ragged': dispatch_ragged,
+    'capacity': dispatch_capacity,
+}
+
+
+def capacity_per_expert(tokens: int, cfg: ModelConfig) -> int:
+    """Slots per expert: capacity_factor x the balanced share, or every token when the factor is 0."""
+    if cfg.capacity_factor <= 0:
+        return tokens
+    return min(tokens, max(1, math.ceil(tokens * cfg.num_experts_per_tok / cfg.n_routed_experts * cfg.capacity_factor)))
+
+
+# ---------------------------------------------------------------- the layer
+
+class MoE(nn.Module):
+    """Shared experts + fine-grained routed experts. Returns (output, aux) with aux holding
+    `load` [E] (tokens per expert), `balance_loss` (alpha-weighted sum) and `dropped`."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, mask_BxL, deterministic: bool = True):
+        cfg = self.cfg
+        b, length, d = x_BxLxD.shape
+        e, f, k = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+        router_DxE = param(self, 'router', (d, e), ('embed', None), cfg)
+        bias = self.variable('moe_bias', 'bias',
+                             nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                             jax.random.PRNGKey(0), (e,), jnp.float32)
+        bias_E = nn.meta.unbox(bias.value)
+        logits_TxE = jnp.einsum('TD,DE->TE', x_BxLxD.reshape(-1, d).astype(jnp.float32),
+                                router_DxE.astype(jnp.float32))
+        scores_TxE = scores_from_logits(logits_TxE, cfg.scoring_func)
+        weights_TxK, idx_TxK = select_experts(scores_TxE, jax.lax.stop_gradient(bias_E), cfg)
+
+        gate_ExDxF = weight(self, 'gate', (e, d, f), ('exp', 'embed', 'mlp'), cfg)
+        up_ExDxF = weight(self, 'up', (e, d, f), ('exp', 'embed', 'mlp'), cfg)
+        down_ExFxD = weight(self, 'down', (e, f, d), ('exp', 'mlp', 'embed'), cfg)
+        dispatch = DISPATCH[cfg.moe_dispatch]
+        # V2 drops overflow only in training; evaluation never drops.
+        capacity = capacity_per_expert(b * length, cfg) if not deterministic else b * length
+        x_TxD = x_BxLxD.reshape(-1, d)
+        y_TxD, dropped = dispatch(x_TxD, weights_TxK.astype(x_TxD.dtype), idx_TxK, gate_ExDxF, up_ExDxF,
+                                  down_ExFxD, capacity)
+        y_BxLxD = y_TxD.reshape(b, length, d)
+        if cfg.n_shared_experts:
+            y_BxLxD = y_BxLxD + MLP(cfg, width=cfg.n_shared_experts * f, name='shared')(x_BxLxD)
+
+        mask = mask_BxL.astype(jnp.float32)
+        scores_BxLxE = scores_TxE.reshape(b, length, e)
+        idx_BxLxK = idx_TxK.reshape(b, length, k)
+        loss = jnp.zeros((), jnp.float32)
+        if cfg.aux_loss_alpha:
+            if cfg.seq_aux:
+                loss += cfg.aux_loss_alpha * sequence_balance_loss(scores_BxLxE, mask, k)
+            else:
+                loss += cfg.aux_loss_alpha * expert_balance_loss(scores_BxLxE, idx_BxLxK, mask, k)
+        if cfg.device_aux_alpha:
+            loss += cfg.device_aux_alpha * device_balance_loss(scores_BxLxE, idx_BxLxK, mask, k, cfg.n_group)
+        if cfg.comm_aux_alpha:
+            loss += cfg.comm_aux_alpha * comm_balance_loss(scores_BxLxE, idx_BxLxK, mask, cfg.n_group,
+                                                           cfg.topk_group)
+        aux = {'load': expert_counts(idx_TxK, mask.reshape(-1), e), 'balance_loss': loss, 'dropped': dropped}
+        return y_BxLxD, aux
