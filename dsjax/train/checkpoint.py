@@ -1,0 +1,207 @@
+"""Checkpoints with Orbax: the TrainState, the grain data-iterator state and the resolved config, per step.
+
+Layout of one run's checkpoint directory (Orbax's CheckpointManager with a Composite of three items):
+
+    DIR/<step>/state/    the TrainState pytree (StandardSave; each array written by the hosts that hold it)
+    DIR/<step>/data/     grain iterator state, one JSON file per process (grain's own Orbax handler)
+    DIR/<step>/config/   the resolved config as JSON
+    DIR/<step>/commit_success.txt   written last: a step without it is incomplete and is never restored
+
+Restoring takes abstract arrays that carry the *current* shardings, so a checkpoint written on one mesh
+restores onto any other mesh (Orbax reads each shard's slice directly into its target device).
+"""
+from typing import Any
+
+from absl import logging
+from etils import epath
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+# Orbax 0.12 writes this file as the last act of finalizing a step, in both of its atomicity modes
+# (rename of a tmp dir on local disks, commit file on object stores). A step directory that lacks it
+# was cut short (a crash mid-save, an interrupted copy) and must not be restored.
+_COMMIT_FILE = 'commit_success.txt'
+_STATE, _DATA, _CONFIG = 'state', 'data', 'config'
+
+
+def _scan(directory: epath.Path) -> tuple[list[int], list[epath.Path]]:
+    """The complete steps in `directory` (sorted) and the step-like directories that are not complete."""
+    if not directory.exists():
+        return [], []
+    complete, incomplete = [], []
+    for path in directory.iterdir():
+        # Orbax names a save in progress '<step>.orbax-checkpoint-tmp-<time>'; count it as a step dir.
+        if not path.name.split('.')[0].isdigit() or not path.is_dir():
+            continue
+        if path.name.isdigit() and (path / _COMMIT_FILE).exists():
+            complete.append(int(path.name))
+        else:
+            incomplete.append(path)
+    return sorted(complete), sorted(incomplete)
+
+
+def _check_shardings(abstract, what: str) -> None:
+    """Every leaf must carry the sharding it should be restored into."""
+    for keypath, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+        if getattr(leaf, 'sharding', None) is None:
+            name = jax.tree_util.keystr(keypath)
+            raise ValueError(
+                f'{what}: leaf {name} ({leaf!r}) has no sharding; pass jax.ShapeDtypeStruct(shape, dtype, '
+                'sharding=...) leaves so each array is restored directly onto the current mesh')
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints; the only writer of its directory."""
+
+    def __init__(self, directory, *, keep: int, async_save: bool = True):
+        """Opens (creating if needed) `directory`, keeping the newest `keep` complete checkpoints.
+
+        Unfinished or incomplete step directories are logged and ignored, never deleted: on an object
+        store an incomplete step may be another process's save still in flight.
+        """
+        if keep < 1:
+            raise ValueError(f'Checkpointer keep={keep!r} (train.keep_checkpoints): must be >= 1')
+        self.directory = epath.Path(directory)
+        self._warned: set[str] = set()
+        self._saved: set[int] = set()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=False)
+        self._mgr = ocp.CheckpointManager(self.directory, options=options)
+        self.latest_step()  # logs any incomplete step directories once, at startup
+
+    def _complete_steps(self) -> list[int]:
+        """Complete steps on disk, logging each incomplete step directory the first time it is seen."""
+        complete, incomplete = _scan(self.directory)
+        for path in incomplete:
+            if path.name not in self._warned and int(path.name.split('.')[0]) not in self._saved:
+                self._warned.add(path.name)
+                logging.warning('Checkpointer: skipping incomplete checkpoint %s (no %s); delete it when '
+                                'no save is in flight', path, _COMMIT_FILE)
+        return complete
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint step, or None if there is none."""
+        steps = self._complete_steps()
+        return steps[-1] if steps else None
+
+    def _resolve(self, step: int | None) -> int:
+        steps = self._complete_steps()
+        if not steps:
+            raise FileNotFoundError(f'Checkpointer: no complete checkpoint in {self.directory}')
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise ValueError(f'Checkpointer: step={step!r} is not a complete checkpoint in {self.directory}; '
+                             f'complete steps: {steps}')
+        return step
+
+    def save(self, step: int, state, *, data_iterator=None, config: dict | None = None,
+             force: bool = False) -> bool:
+        """Starts saving `state` (and the iterator state and config) as `step`; True if a save started.
+
+        With async saves this returns once the arrays are copied off the devices (the caller may donate
+        or overwrite `state` right away) and the iterator state is captured; the writes finish in the
+        background. Call `wait()` before reading the checkpoint back.
+
+        Args:
+          step: the training step this state is at.
+          state: the TrainState (a pytree of jax.Arrays, possibly sharded over a mesh).
+          data_iterator: a grain DatasetIterator (or DataLoaderIterator) whose position to save.
+          config: the resolved config as a JSON-able dict.
+          force: passed to Orbax: save even if its save-interval policy would skip this step.
+
+        Returns:
+          Whether a save was started (Orbax skips a step that is not newer than the latest one).
+        """
+        items = {_STATE: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items[_CONFIG] = ocp.args.JsonSave(config)
+        saved = self._mgr.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            self._saved.add(step)
+            return True
+        # Orbax refuses any step not newer than its latest, and it counts a plain '<step>' directory as
+        # a checkpoint even without the commit file; say so rather than silently stop checkpointing.
+        _, incomplete = _scan(self.directory)
+        blocking = [p for p in incomplete if p.name.isdigit() and int(p.name) >= step
+                    and int(p.name) not in self._saved]
+        if blocking:
+            raise ValueError(f'Checkpointer.save(step={step}): incomplete checkpoint directories '
+                             f'{[str(p) for p in blocking]} block newer saves; move or delete them')
+        return False
+
+    def restore(self, abstract_state, *, step: int | None = None, data_iterator=None):
+        """Restores the TrainState at `step` (default: latest complete) into `abstract_state`'s shardings.
+
+        Args:
+          abstract_state: TrainState pytree of jax.ShapeDtypeStruct, each with `.sharding` set; the
+            restored arrays land directly in those shardings, whatever mesh the checkpoint was saved on.
+          step: the step to restore; None for the newest complete one.
+          data_iterator: if given, its position is set in place to the saved one.
+
+        Returns:
+          The restored TrainState.
+        """
+        step = self._resolve(step)
+        _check_shardings(abstract_state, 'Checkpointer.restore(abstract_state)')
+        items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            if not (self.directory / str(step) / _DATA).exists():
+                raise ValueError(f'Checkpointer.restore: {self.directory / str(step)} holds no data-iterator '
+                                 'state (it was saved without data_iterator); restore without one')
+            items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self._mgr.restore(step, args=ocp.args.Composite(**items))[_STATE]
+
+    def restore_config(self, step: int | None = None) -> dict:
+        """The config dict saved with `step` (default: latest complete)."""
+        step = self._resolve(step)
+        if not (self.directory / str(step) / _CONFIG).exists():
+            raise ValueError(f'Checkpointer.restore_config: {self.directory / str(step)} was saved '
+                             'without a config')
+        return self._mgr.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+
+    def wait(self) -> None:
+        """Blocks until every async save has been written and finalized."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases Orbax's resources."""
+        self._mgr.close()
+
+
+def restore_params(directory, abstract_params, step: int | None = None) -> Any:
+    """Restores only the params subtree of another run's checkpoint (for `init.checkpoint`).
+
+    Reads nothing else (the optimizer state of the previous stage is neither needed nor read), and never
+    writes to `directory`.
+
+    Args:
+      directory: the previous run's checkpoint directory (the one its Checkpointer wrote).
+      abstract_params: params pytree of jax.ShapeDtypeStruct with `.sharding` set.
+      step: the step to read; None for the newest complete one.
+
+    Returns:
+      The params pytree, each array in the sharding of its abstract leaf.
+    """
+    directory = epath.Path(directory)
+    complete, incomplete = _scan(directory)
+    for path in incomplete:
+        logging.warning('restore_params: skipping incomplete checkpoint %s (no %s)', path, _COMMIT_FILE)
+    if not complete:
+        raise FileNotFoundError(f'init.checkpoint={str(directory)!r}: no complete checkpoint there '
+                                '(expected <step>/state/ directories written by dsjax.train.checkpoint)')
+    if step is None:
+        step = complete[-1]
+    elif step not in complete:
+        raise ValueError(f'init.checkpoint={str(directory)!r}: step {step!r} is not a complete checkpoint; '
+                         f'complete steps: {complete}')
+    _check_shardings(abstract_params, f'restore_params({str(directory)!r})')
+    item = {'params': abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(directory / str(step) / _STATE, args=args)['params']

@@ -1,0 +1,111 @@
+"""Optimizer and learning-rate schedules from `config.optim`: AdamW, global-norm clipping, warmup + decay."""
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ('cosine', 'multistep', 'constant')
+
+
+def _fail(field, value, valid):
+    raise ValueError(f'optim.{field}={value!r}: {valid}')
+
+
+def validate(optim_cfg) -> None:
+    """Raise ValueError naming the first bad `optim.*` field, its value and what is valid."""
+    c = optim_cfg
+    if not c.lr > 0:
+        _fail('lr', c.lr, 'the peak learning rate must be > 0')
+    if c.schedule not in SCHEDULES:
+        _fail('schedule', c.schedule, f'must be one of {SCHEDULES}')
+    if c.warmup_steps < 0:
+        _fail('warmup_steps', c.warmup_steps, 'must be >= 0')
+    if not c.decay_steps > 0:
+        _fail('decay_steps', c.decay_steps, 'must be > 0 (total steps of the schedule, usually train.steps)')
+    if c.schedule == 'cosine' and c.decay_steps <= c.warmup_steps:
+        _fail('decay_steps', c.decay_steps,
+              f'a cosine schedule needs decay_steps > warmup_steps={c.warmup_steps} (both count from step 0)')
+    if not 0 <= c.min_lr_ratio <= 1:
+        _fail('min_lr_ratio', c.min_lr_ratio, 'the cosine floor as a fraction of lr must be in [0, 1]')
+    for name in ('b1', 'b2'):
+        if not 0 <= c[name] < 1:
+            _fail(name, c[name], 'Adam betas must be in [0, 1)')
+    if not c.eps > 0:
+        _fail('eps', c.eps, 'must be > 0')
+    if c.weight_decay < 0:
+        _fail('weight_decay', c.weight_decay, 'must be >= 0')
+    if c.clip_norm < 0:
+        _fail('clip_norm', c.clip_norm, 'must be >= 0 (0 turns clipping off)')
+    milestones, factors = tuple(c.milestones), tuple(c.milestone_factors)
+    if any(not 0 < m < 1 for m in milestones) or any(a >= b for a, b in zip(milestones, milestones[1:])):
+        _fail('milestones', milestones, 'must be strictly increasing fractions of decay_steps in (0, 1)')
+    if c.schedule == 'multistep' and not milestones:
+        _fail('milestones', milestones, "schedule='multistep' needs at least one milestone, e.g. (0.8, 0.9)")
+    if len(factors) != len(milestones):
+        _fail('milestone_factors', factors, f'needs one factor per milestone ({len(milestones)}: {milestones})')
+    if any(not 0 < f <= 1 for f in factors):
+        _fail('milestone_factors', factors, 'each lr multiplier must be in (0, 1]')
+
+
+def _decay(c) -> optax.Schedule:
+    """The schedule after warmup, as a function of the step counted from step 0."""
+    if c.schedule == 'constant':
+        return optax.constant_schedule(c.lr)
+    if c.schedule == 'multistep':
+        # Factors are absolute multipliers of the peak lr (not cumulative): DeepSeek-LLM's
+        # (0.316, 0.1) means 31.6% of peak from 80% of the steps on and 10% from 90% on.
+        bounds = jnp.array([round(m * c.decay_steps) for m in c.milestones])
+        values = jnp.array((1.0,) + tuple(c.milestone_factors)) * c.lr
+
+        def multistep(step):
+            return values[jnp.sum(step >= bounds)]
+        return multistep
+    span, floor = c.decay_steps - c.warmup_steps, c.lr * c.min_lr_ratio
+
+    def cosine(step):
+        frac = jnp.clip((step - c.warmup_steps) / span, 0.0, 1.0)
+        return floor + (c.lr - floor) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+    return cosine
+
+
+def make_schedule(optim_cfg) -> optax.Schedule:
+    """Linear warmup 0 -> `lr` over `warmup_steps`, then the named decay (its end value held after)."""
+    validate(optim_cfg)
+    c = optim_cfg
+    decay = _decay(c)
+    if c.warmup_steps == 0:
+        return decay
+    warmup = c.warmup_steps
+
+    def schedule(step):
+        return jnp.where(step < warmup, c.lr * step / warmup, decay(step))
+    return schedule
+
+
+def decay_mask(params):
+    """True for the leaves that get weight decay: every parameter with ndim >= 2."""
+    # Matrices (including the embedding and the output head) are decayed; vectors (RMSNorm
+    # scales, biases) are not, as in Megatron/DeepSeek-style AdamW: shrinking a norm scale or a
+    # bias towards 0 is not a regulariser, it changes the function. Embeddings stay decayed
+    # because they are ordinary weight matrices and the DeepSeek papers name no exception.
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
+    """Global-norm clipping (if `clip_norm` > 0), then AdamW on `make_schedule` with decay on ndim >= 2 params.
+
+    Args:
+      optim_cfg: the `config.optim` section.
+      params: optional parameter pytree (arrays or ShapeDtypeStructs); when given the weight-decay
+        mask is fixed from it now, otherwise it is computed from the params at `init`/`update`.
+
+    Returns:
+      The optax transformation; the loop reads the lr of a step from `make_schedule`.
+    """
+    c = optim_cfg
+    mask = decay_mask if params is None else decay_mask(params)
+    adamw = optax.adamw(make_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)
+    if c.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(c.clip_norm), adamw)
+    return adamw
