@@ -94,7 +94,6 @@ def base_config() -> ml_collections.ConfigDict:
     o.eps = 1e-8
     o.weight_decay = 0.1
     o.clip_norm = 1.0
-    o.grad_accum_steps = 1
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
@@ -111,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.mtp_loss_weight_final = 0.0  # lambda after mtp_weight_switch (V3: 0.3 then 0.1)
     t.mtp_weight_switch = 1.0  # fraction of steps
     t.progress_bar = True
+    t.peak_flops = 0.0  # matmul FLOP/s for MFU; 0 measures this machine's at start-up
 
     c.init = i = ml_collections.ConfigDict()
     i.checkpoint = ''  # a previous stage's workdir/checkpoint dir to take params from
@@ -129,12 +129,10 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.vocab_size = 512
     m.hidden_size = 64
     m.intermediate_size = 128
-    m.num_hidden_layers = min(m.num_hidden_layers, 2 + m.first_k_dense_replace and 3)
+    gqa = m.num_key_value_heads != m.num_attention_heads
     m.num_attention_heads = 4
-    if m.num_key_value_heads not in (m.num_attention_heads,):
-        m.num_key_value_heads = 2
-    else:
-        m.num_key_value_heads = 4
+    m.num_key_value_heads = 2 if gqa else 4
+    m.num_hidden_layers = 2
     m.head_dim = 0
     m.max_position_embeddings = 256
     if m.attention_type == 'mla':
@@ -146,6 +144,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m.moe_intermediate_size = 32
         m.n_shared_experts = min(m.n_shared_experts, 1)
         m.first_k_dense_replace = min(m.first_k_dense_replace, 1)
+        m.num_hidden_layers = m.first_k_dense_replace + 2
         if m.n_group > 1:
             m.n_group, m.topk_group = 4, 2
     c.data.seq_len = 32

@@ -1,0 +1,202 @@
+"""The training loop, read top to bottom: build, restore, step, log, evaluate, checkpoint, stop."""
+import json
+import pathlib
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from dsjax import config as config_lib
+from dsjax import sharding
+from dsjax.data import pipeline
+from dsjax.data import tokenizer as tokenizer_lib
+from dsjax.model import flops, moe
+from dsjax.model.transformer import Transformer
+from dsjax.train import checkpoint, logger, optim
+from dsjax.train import step as step_lib
+from dsjax.train.state import TrainState
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradient became NaN/Inf; the last good checkpoint is kept."""
+
+
+def build_state_fns(model, optimizer, mesh, seq_len: int):
+    """Jitted init placed by the logical rules, plus the abstract (sharded) state for restores."""
+
+    def init_boxed(rng):
+        params_rng, state_rng = jax.random.split(rng)
+        variables = model.init(params_rng, jnp.zeros((1, seq_len), jnp.int32))
+        params = variables.pop('params')
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          rng=state_rng, buffers=dict(variables))
+
+    rng_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(init_boxed, rng_shape)
+    shardings = sharding.logical_sharding(boxed, mesh)
+    init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)
+    unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+                           boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
+    return init, abstract, shardings
+
+
+def _host(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit)."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate(eval_step, state, eval_batches, mesh):
+    """Validation loss and MaxVio over the whole validation set (load summed over batches)."""
+    loss_sum, tokens, load = 0.0, 0.0, None
+    for host_batch in eval_batches:
+        out = _host(eval_step(state, sharding.global_batch(host_batch, mesh)))
+        loss_sum += float(out['loss_sum'])
+        tokens += float(out['tokens'])
+        load = out['load'] if load is None else jax.tree.map(np.add, load, out['load'])
+    metrics = {'val_loss': loss_sum / max(tokens, 1.0)}
+    metrics['val_ppl'] = float(np.exp(min(metrics['val_loss'], 50.0)))
+    if load and 'moe_layers' in load:
+        metrics['maxvio_global'] = float(np.mean(moe.max_violation(load['moe_layers'])))
+        metrics['val_load'] = load['moe_layers']  # [layers, experts], for heatmaps
+    return metrics
+
+
+def run(config, workdir) -> dict:
+    """Runs the pre-training stage of `config` in `workdir`; returns the last logged metrics."""
+    config_lib.validate(config, jax.device_count())
+    workdir = pathlib.Path(workdir).resolve()  # Orbax needs absolute paths
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+
+    mesh = sharding.make_mesh(config.mesh)
+    model_cfg = config_lib.freeze_model(config.model)
+    model = Transformer(model_cfg)
+    tokenizer = tokenizer_lib.get_tokenizer(config.data)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise config_lib.ConfigError(
+            f'config.model.vocab_size={model_cfg.vocab_size} is invalid: the tokenizer has '
+            f'{tokenizer.vocab_size} tokens')
+    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = pipeline.make_train_iterator(config.data, tokenizer, **proc)
+    eval_batches = pipeline.make_eval_batches(config.data, tokenizer, num_batches=config.train.eval_batches, **proc)
+    schedule = optim.make_schedule(config.optim)
+    optimizer = optim.make_optimizer(config.optim)
+    ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints,
+                                   async_save=config.train.async_checkpoint)
+    tcfg = config.train
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        init, abstract_state, state_shardings = build_state_fns(model, optimizer, mesh, config.data.seq_len)
+        latest = ckpt.latest_step()
+        if latest is not None:
+            logging.info('Resuming from %s step %d', ckpt.directory, latest)
+            state = ckpt.restore(abstract_state, step=latest, data_iterator=train_iter)
+        else:
+            state = init(jax.random.PRNGKey(tcfg.seed))
+            if config.init.checkpoint:
+                params = checkpoint.restore_params(_checkpoint_dir(config.init.checkpoint), abstract_state.params)
+                state = state.replace(params=params)
+        n_params = sum(x.size for x in jax.tree.leaves(state.params))
+        logging.info('Model: %s parameters, %s activated matmul parameters per token', f'{n_params:,}',
+                     f'{flops.activated_matmul_params(model_cfg):,}')
+
+        batch_shardings = sharding.batch_sharding(mesh)
+        train_step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, tcfg),
+                             in_shardings=(state_shardings, batch_shardings),
+                             out_shardings=(state_shardings, None), donate_argnums=(0,))
+        eval_step = jax.jit(step_lib.make_eval_step(model), in_shardings=(state_shardings, batch_shardings))
+
+        tokens_per_step = config.data.batch_size * config.data.seq_len
+        flops_per_step = flops.train_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
+        peak = tcfg.peak_flops or flops.measured_matmul_peak(model_cfg.dtype)
+        metrics_log = logger.MetricsLogger(workdir, total_steps=tcfg.steps,
+                                           enable_progress=tcfg.progress_bar and jax.process_index() == 0)
+        stop = _StopSignal()
+        start = int(state.step)
+        last, good_step = {}, start
+        try:
+            if start == 0:
+                last = evaluate(eval_step, state, eval_batches, mesh)
+                metrics_log.log(0, _scalars(last))
+            pending, t_last, steps_since = None, time.perf_counter(), 0
+            for step in range(start, tcfg.steps):
+                state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
+                done = step + 1
+                if pending is not None:  # fetch the previous step's metrics: the device stays busy
+                    _check_finite(*pending, good_step, ckpt)
+                pending = (done - 1, metrics)
+                steps_since += 1
+                at_end = done == tcfg.steps
+                if done % tcfg.log_every == 0 or at_end or done % tcfg.checkpoint_every == 0 or stop.received:
+                    host = _check_finite(done, metrics, good_step, ckpt)
+                    pending = None
+                    if done % tcfg.log_every == 0 or at_end:
+                        now = time.perf_counter()
+                        elapsed, t_last, n = now - t_last, now, steps_since
+                        steps_since = 0
+                        host['ppl'] = float(np.exp(min(host['loss'], 50.0)))
+                        host['tokens_per_s'] = n * tokens_per_step / elapsed
+                        host['mfu'] = n * flops_per_step / elapsed / peak
+                        last = host
+                        metrics_log.log(done, host)
+                if done % tcfg.eval_every == 0 or at_end:
+                    evaluated = evaluate(eval_step, state, eval_batches, mesh)
+                    metrics_log.log(done, _scalars(evaluated))
+                    last = {**last, **evaluated}
+                    t_last = time.perf_counter()  # evaluation time is not training throughput
+                if done % tcfg.checkpoint_every == 0 or at_end or stop.received:
+                    ckpt.save(done, state, data_iterator=train_iter, config=config.to_dict(), force=True)
+                    good_step = done
+                if stop.received:
+                    logging.warning('%s received: saved step %d, exiting.', stop.received, done)
+                    break
+        finally:
+            stop.restore()
+            ckpt.wait()
+            ckpt.close()
+            metrics_log.close()
+    return last
+
+
+def _checkpoint_dir(path: str) -> pathlib.Path:
+    """A previous stage's workdir (holding checkpoints/) or its checkpoint directory itself."""
+    path = pathlib.Path(path)
+    return path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+def _check_finite(step: int, metrics, good_step: int, ckpt) -> dict:
+    """Host copy of one step's metrics; raises NonFiniteError (no checkpoint is written) on NaN/Inf."""
+    host = {k: float(v) for k, v in _host(metrics).items()}
+    if not (np.isfinite(host['loss']) and np.isfinite(host['grad_norm'])):
+        raise NonFiniteError(
+            f'Non-finite loss ({host["loss"]}) or grad norm ({host["grad_norm"]}) at step {step}. Stopped '
+            f'without saving; the last good checkpoint is step {good_step} in {ckpt.directory}. '
+            'Lower optim.lr, raise optim.warmup_steps, or check the data.')
+    return host

@@ -1,0 +1,38 @@
+"""Pre-training losses: masked next-token cross-entropy and its multi-token-prediction variant.
+
+Axis legend: B batch, L length, V vocab.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
+    """Summed weighted -log p(target) and the summed weight (so callers can average globally)."""
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return (nll_BxL * weights_BxL).sum(), weights_BxL.sum()
+
+
+def mtp_targets(targets_BxL, weights_BxL, depth: int):
+    """Targets and weights of MTP depth `depth` (1-based): token i+depth+1 for position i.
+
+    A position counts only if every step from i to i+depth+1 stays inside one document, i.e.
+    the next-token weights of positions i..i+depth are all 1.
+    """
+    pad = ((0, 0), (0, depth))
+    shifted_targets = jnp.pad(targets_BxL[:, depth:], pad)
+    w = weights_BxL
+    for j in range(1, depth + 1):
+        w = w * jnp.pad(weights_BxL[:, j:], pad)
+    return shifted_targets, w
+
+
+def mtp_loss(mtp_logits_DxBxLxV, targets_BxL, weights_BxL):
+    """(1/D) sum_k of the depth-k mean cross-entropy (the spec's L_MTP before lambda)."""
+    depths = mtp_logits_DxBxLxV.shape[0]
+    total = 0.0
+    for k in range(depths):
+        t, w = mtp_targets(targets_BxL, weights_BxL, k + 1)
+        loss_sum, weight_sum = cross_entropy(mtp_logits_DxBxLxV[k], t, w)
+        total += loss_sum / jnp.maximum(weight_sum, 1.0)
+    return total / depths

@@ -1,0 +1,90 @@
+"""The pre-training step and the evaluation step: pure functions of (state, batch).
+
+Batch (every array [B, L]): inputs, targets, segment_ids, positions, weights.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsjax.model import moe
+from dsjax.train import losses
+from dsjax.train.state import TrainState
+
+
+def _apply(model, params, buffers, batch, deterministic: bool):
+    return model.apply({'params': params, **buffers}, batch['inputs'], batch['positions'],
+                       batch['segment_ids'], batch['targets'], deterministic=deterministic)
+
+
+def _scheduled(value, final, switch_fraction, step, total_steps):
+    """`value` until `switch_fraction` of the run, then `final` (V3's lambda and gamma schedules)."""
+    return jnp.where(step < switch_fraction * total_steps, value, final)
+
+
+def layer_maxvio(load):
+    """MaxVio of the main MoE stack, averaged over its layers (0 for dense models)."""
+    if 'moe_layers' not in load:
+        return jnp.zeros((), jnp.float32)
+    return moe.max_violation(load['moe_layers']).mean()
+
+
+def update_routing_bias(buffers, load, rate):
+    """Auxiliary-loss-free balancing: each MoE stack's bias moves against its measured load."""
+    if 'moe_bias' not in buffers:
+        return buffers
+    new_bias = {}
+    for name, subtree in buffers['moe_bias'].items():
+        new_bias[name] = jax.tree.map(lambda b: moe.bias_update(b, load[name], rate), subtree)
+    return {**buffers, 'moe_bias': new_bias}
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, schedule, train_cfg):
+    """Returns step(state, batch) -> (state, metrics); jit it with explicit shardings."""
+    total_steps = train_cfg.steps
+
+    def step(state: TrainState, batch):
+        mtp_weight = _scheduled(train_cfg.mtp_loss_weight, train_cfg.mtp_loss_weight_final,
+                                train_cfg.mtp_weight_switch, state.step, total_steps)
+
+        def loss_fn(params):
+            logits, aux = _apply(model, params, state.buffers, batch, deterministic=False)
+            loss_sum, tokens = losses.cross_entropy(logits, batch['targets'], batch['weights'])
+            ce = loss_sum / jnp.maximum(tokens, 1.0)
+            total = ce + aux['balance_loss']
+            mtp = jnp.zeros((), jnp.float32)
+            if 'mtp_logits' in aux:
+                mtp = losses.mtp_loss(aux['mtp_logits'], batch['targets'], batch['weights'])
+                total = total + mtp_weight * mtp
+            return total, (ce, mtp, tokens, aux)
+
+        (total, (ce, mtp, tokens, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rate = _scheduled(train_cfg.bias_update_rate, 0.0, train_cfg.bias_update_until, state.step, total_steps)
+        buffers = update_routing_bias(state.buffers, aux['load'], rate)
+        metrics = {
+            'loss': ce,
+            'total_loss': total,
+            'balance_loss': aux['balance_loss'],
+            'mtp_loss': mtp,
+            'grad_norm': optax.global_norm(grads),
+            'lr': schedule(state.step),
+            'tokens': tokens,
+            'maxvio_batch': layer_maxvio(aux['load']),
+            'dropped': aux['dropped'],
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(model):
+    """Returns eval(state, batch) -> sums (loss, tokens, expert load) to accumulate over a set."""
+
+    def eval_step(state: TrainState, batch):
+        logits, aux = _apply(model, state.params, state.buffers, batch, deterministic=True)
+        loss_sum, tokens = losses.cross_entropy(logits, batch['targets'], batch['weights'])
+        return {'loss_sum': loss_sum, 'tokens': tokens, 'load': aux['load']}
+
+    return eval_step

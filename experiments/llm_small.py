@@ -1,0 +1,31 @@
+"""DeepSeek-LLM (dense, MHA) at laptop scale, pre-trained on the Python standard library.
+
+Run:      python -m dsjax.main --config=experiments/llm_small.py
+Hardware: 2 CPU cores, about 6 minutes.
+Expect:   validation loss from ~8.3 (ln 4096) to under 4.2 (at most half) in 300 steps.
+Variants: `:smoke` shrinks everything to a seconds-long run (tests).
+"""
+from dsjax import config as config_lib
+
+
+def get_config(arg=None):
+    c = config_lib.base_config()
+    m = c.model
+    m.vocab_size = 4096
+    m.hidden_size = 256
+    m.intermediate_size = 688
+    m.num_hidden_layers = 4
+    m.num_attention_heads = 4
+    m.num_key_value_heads = 4
+    m.max_position_embeddings = 1024
+    c.data.seq_len = 256
+    c.data.batch_size = 16
+    c.train.steps = 300
+    c.train.eval_every = 100
+    c.train.checkpoint_every = 100
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 30
+    c.optim.decay_steps = c.train.steps
+    if arg == 'smoke':
+        config_lib.smoke(c)
+    return c
