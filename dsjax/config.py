@@ -165,13 +165,13 @@ class ConfigError(ValueError):
     """A config field holds a value dsjax cannot use."""
 
 
-def _fail(field: str, value, valid: str):
+def fail(field: str, value, valid: str):
     raise ConfigError(f'config.{field}={value!r} is invalid: {valid}')
 
 
 def _check(ok: bool, field: str, value, valid: str):
     if not ok:
-        _fail(field, value, valid)
+        fail(field, value, valid)
 
 
 def _positive_int(c, field: str):
@@ -406,7 +406,7 @@ def freeze_model(m) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(m.keys()) - fields)
     if unknown:
-        _fail(f'model.{unknown[0]}', m[unknown[0]], f'unknown field; valid fields: {sorted(fields)}')
+        fail(f'model.{unknown[0]}', m[unknown[0]], f'unknown field; valid fields: {sorted(fields)}')
     values = {k: m[k] for k in m.keys()}
     values['rope_scaling'] = RopeScaling(**m.rope_scaling.to_dict())
     return ModelConfig(**values)

@@ -5,15 +5,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dsjax import config as config_lib
+
 SCHEDULES = ('cosine', 'multistep', 'constant')
 
 
 def _fail(field, value, valid):
-    raise ValueError(f'optim.{field}={value!r}: {valid}')
+    config_lib.fail(f'optim.{field}', value, valid)
 
 
 def validate(optim_cfg) -> None:
-    """Raise ValueError naming the first bad `optim.*` field, its value and what is valid."""
+    """Raise ConfigError naming the first bad `optim.*` field, its value and what is valid."""
     c = optim_cfg
     if not c.lr > 0:
         _fail('lr', c.lr, 'the peak learning rate must be > 0')

@@ -1,0 +1,88 @@
+"""Bad configs fail before anything compiles, with an error naming the field."""
+import pytest
+
+from dsjax import config as config_lib
+
+
+def _v3_like():
+    c = config_lib.base_config()
+    m = c.model
+    m.attention_type = 'mla'
+    m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim = 32, 32, 16, 8, 16
+    m.n_routed_experts, m.num_experts_per_tok, m.moe_intermediate_size = 8, 2, 32
+    m.scoring_func, m.topk_method, m.n_group, m.topk_group = 'sigmoid', 'noaux_tc', 4, 2
+    m.first_k_dense_replace = 1
+    return c
+
+
+BAD = [
+    ('model.hidden_size', lambda c: c.model.update(hidden_size=0)),
+    ('model.num_key_value_heads', lambda c: c.model.update(num_key_value_heads=3)),
+    ('model.attention_type', lambda c: c.model.update(attention_type='flash')),
+    ('model.dtype', lambda c: c.model.update(dtype='float64')),
+    ('model.remat_policy', lambda c: c.model.update(remat_policy='some')),
+    ('model.rope_scaling.type', lambda c: c.model.rope_scaling.update(type='ntk')),
+    ('model.rope_scaling.factor', lambda c: c.model.rope_scaling.update(type='yarn', factor=0.5)),
+    ('model.rms_norm_eps', lambda c: c.model.update(rms_norm_eps=0.0)),
+    ('data.seq_len', lambda c: c.data.update(seq_len=8192)),
+    ('data.source', lambda c: c.data.update(source='s3')),
+    ('data.paths', lambda c: c.data.update(source='text')),
+    ('data.val_fraction', lambda c: c.data.update(val_fraction=1.5)),
+    ('data.batch_size', lambda c: c.data.update(batch_size=12)),
+    ('train.steps', lambda c: c.train.update(steps=-1)),
+    ('train.mtp_loss_weight', lambda c: c.train.update(mtp_loss_weight=0.3)),
+    ('optim.lr', lambda c: c.optim.update(lr=-1.0)),
+    ('optim.schedule', lambda c: c.optim.update(schedule='linear')),
+    ('mesh.tensor', lambda c: c.mesh.update(tensor=8, data=1)),
+    ('mesh', lambda c: c.mesh.update(data=2, fsdp=2)),
+    ('mesh.expert', lambda c: c.mesh.update(expert=2)),
+]
+
+BAD_MOE = [
+    ('model.num_experts_per_tok', lambda c: c.model.update(num_experts_per_tok=9, topk_group=4)),
+    ('model.n_group', lambda c: c.model.update(n_group=3)),
+    ('model.topk_group', lambda c: c.model.update(topk_group=5)),
+    ('model.topk_group', lambda c: c.model.update(n_group=8, topk_group=1, num_experts_per_tok=2)),
+    ('model.scoring_func', lambda c: c.model.update(scoring_func='softmax')),
+    ('model.qk_rope_head_dim', lambda c: c.model.update(qk_rope_head_dim=7)),
+]
+
+
+@pytest.mark.parametrize('field,mutate', BAD, ids=[f for f, _ in BAD])
+def test_bad_config_names_field(field, mutate):
+    c = config_lib.base_config()
+    mutate(c)
+    with pytest.raises(config_lib.ConfigError, match=f'config.{field}='):
+        config_lib.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize('field,mutate', BAD_MOE, ids=[f for f, _ in BAD_MOE])
+def test_bad_moe_config_names_field(field, mutate):
+    c = _v3_like()
+    mutate(c)
+    with pytest.raises(config_lib.ConfigError, match=f'config.{field}='):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_expert_axis_must_divide_experts():
+    c = _v3_like()
+    c.mesh.update(expert=8, data=1)
+    c.model.n_routed_experts, c.model.n_group = 12, 4
+    with pytest.raises(config_lib.ConfigError, match='config.mesh.expert=8'):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_valid_configs_pass_and_mesh_fills():
+    config_lib.validate(config_lib.base_config(), num_devices=8)
+    config_lib.validate(_v3_like(), num_devices=8)
+    c = config_lib.base_config()
+    c.mesh.update(data=-1, fsdp=2, tensor=2)
+    assert config_lib.mesh_shape(c.mesh, 8) == {'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2}
+
+
+def test_unknown_model_field_is_named():
+    c = config_lib.base_config()
+    c.model.unlock()
+    c.model.num_layers = 3
+    with pytest.raises(config_lib.ConfigError, match='config.model.num_layers='):
+        config_lib.freeze_model(c.model)
