@@ -83,15 +83,17 @@ def evaluate(eval_step, state, eval_batches, mesh):
     return metrics
 
 
-def run(config, workdir) -> dict:
-    """Runs the pre-training stage of `config` in `workdir`; returns the last logged metrics."""
-    config_lib.validate(config, jax.device_count())
+def run(config, workdir, devices=None) -> dict:
+    """Runs the pre-training stage of `config` in `workdir` (on `devices`, default all); returns the
+    last logged metrics."""
+    devices = jax.devices() if devices is None else devices
+    config_lib.validate(config, len(devices))
     workdir = pathlib.Path(workdir).resolve()  # Orbax needs absolute paths
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     model_cfg = config_lib.freeze_model(config.model)
     model = Transformer(model_cfg)
     tokenizer = tokenizer_lib.get_tokenizer(config.data)

@@ -67,7 +67,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule, tr
             'total_loss': total,
             'balance_loss': aux['balance_loss'],
             'mtp_loss': mtp,
-            'grad_norm': optax.global_norm(grads),
+            'grad_norm': optax.tree.norm(grads),
             'lr': schedule(state.step),
             'tokens': tokens,
             'maxvio_batch': layer_maxvio(aux['load']),
