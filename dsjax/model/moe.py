@@ -1,7 +1,8 @@
 """DeepSeekMoE: routers (V2 softmax / V3 sigmoid with a selection bias), balance losses, dispatch.
 
 Axis legend: B batch, L length, T tokens (B*L), D model width, E routed experts, K experts per
-token, F expert ffn width, G expert groups (devices / nodes), A assignments (T*K), C capacity.
+token, F expert ffn width, G expert groups (devices / nodes), A assignments (T*K), C capacity;
+expert parallel: N expert shards, S rows per destination buffer, R rows received (N*S).
 All routing math runs in float32, as HF and DeepSeek's reference do.
 """
 import math
@@ -9,9 +10,11 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
 from dsjax.model.layers import MLP, constrain, param, weight
+from dsjax.sharding import BATCH_AXES
 
 
 # ---------------------------------------------------------------- routing (pure functions)
@@ -171,33 +174,97 @@ def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFx
     return jnp.zeros((t, d), y_AxD.dtype).at[token_A].add(y_AxD * w_A[:, None]), jnp.zeros((), jnp.float32)
 
 
+def _capacity_experts(x_AxD, expert_A, priority_A, gate_ExDxF, up_ExDxF, down_ExFxD, capacity: int,
+                      buffer_axes=('act_exp', None, 'act_embed')):
+    """Each assignment through its expert in fixed [E, C, D] buffers, filled highest priority first.
+
+    Returns y_AxD (zero for an assignment that found no slot) and kept_A.
+    """
+    a, d = x_AxD.shape
+    e = gate_ExDxF.shape[0]
+    order_A, _, expert_sorted_A, sizes_E = _sort_by_expert(priority_A[:, None], expert_A[:, None], e)
+    starts_E = jnp.cumsum(sizes_E) - sizes_E
+    slot_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(a) - starts_E[expert_sorted_A])
+    kept_A = slot_A < capacity
+    # Overflow goes to a scratch slot (index `capacity`) that is sliced away, so it reads back as 0.
+    slot_A = jnp.where(kept_A, slot_A, capacity)
+    buf_ExCxD = jnp.zeros((e, capacity + 1, d), x_AxD.dtype).at[expert_A, slot_A].set(x_AxD)[:, :capacity]
+    if buffer_axes:
+        buf_ExCxD = constrain(buf_ExCxD, buffer_axes)
+    h_ExCxF = _swiglu(jnp.einsum('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF), jnp.einsum('ECD,EDF->ECF', buf_ExCxD, up_ExDxF))
+    y_ExCxD = jnp.einsum('ECF,EFD->ECD', h_ExCxF, down_ExFxD)
+    return jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A], kept_A
+
+
 def dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
     """Fixed per-expert buffers [E, C, D] and batched einsums; overflow (lowest gates) is dropped.
 
     Returns the output and the fraction of assignments dropped.
     """
-    t, d = x_TxD.shape
-    e = gate_ExDxF.shape[0]
-    order_A, token_A, expert_A, sizes_E = _sort_by_expert(weights_TxK, idx_TxK, e)
-    starts_E = jnp.cumsum(sizes_E) - sizes_E
-    slot_A = jnp.arange(order_A.shape[0]) - starts_E[expert_A]
-    kept_A = slot_A < capacity
-    # Dropped assignments go to a scratch slot (index `capacity`) that is sliced away.
-    slot_A = jnp.where(kept_A, slot_A, capacity)
-    buf_ExCxD = jnp.zeros((e, capacity + 1, d), x_TxD.dtype).at[expert_A, slot_A].set(x_TxD[token_A])
-    buf_ExCxD = constrain(buf_ExCxD[:, :capacity], ('act_exp', None, 'act_embed'))
-    h_ExCxF = _swiglu(jnp.einsum('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF), jnp.einsum('ECD,EDF->ECF', buf_ExCxD, up_ExDxF))
-    y_ExCxD = jnp.einsum('ECF,EFD->ECD', h_ExCxF, down_ExFxD)
-    y_AxD = jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A]
-    w_A = (weights_TxK.reshape(-1)[order_A] * kept_A).astype(y_AxD.dtype)
-    y_TxD = jnp.zeros((t, d), y_AxD.dtype).at[token_A].add(y_AxD * w_A[:, None])
+    t, k = idx_TxK.shape
+    y_AxD, kept_A = _capacity_experts(jnp.repeat(x_TxD, k, axis=0), idx_TxK.reshape(-1), weights_TxK.reshape(-1),
+                                      gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
+    y_TxD = jnp.einsum('TKD,TK->TD', y_AxD.reshape(t, k, -1), weights_TxK.astype(y_AxD.dtype))
     return y_TxD, 1.0 - kept_A.mean()
+
+
+def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+    """Experts split over the mesh's `expert` axis (N shards); assignments travel by all_to_all.
+
+    Uses the mesh set by `jax.set_mesh`; tokens stay split over the batch axes, so each shard routes
+    its t local tokens. It packs them into N per-destination buffers of S = t * min(K, E/N) rows: an
+    expert takes a token at most once, so no destination can be owed more and transit never drops.
+    Each expert keeps its share of `capacity` (scaled to the tokens of its N-shard group) highest gate
+    first, as `dispatch_capacity` does; without a mesh it is `dispatch_capacity`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or 'expert' not in mesh.axis_names:
+        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
+    tokens, k = idx_TxK.shape
+    e, d = gate_ExDxF.shape[:2]
+    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    n, shards = mesh.shape['expert'], math.prod(mesh.shape[a] for a in batch_axes)
+    if e % n or tokens % shards:
+        raise ValueError(f'expert_parallel needs mesh.expert={n} to divide the {e} experts and the '
+                         f'{shards} batch shards {batch_axes} to divide the {tokens} tokens')
+    t, e_local = tokens // shards, e // n
+    rows = t * min(k, e_local)
+    group_capacity = min(t * n, math.ceil(capacity * t * n / tokens))
+
+    def local(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD):
+        dest_A, expert_A = jnp.divmod(idx_TxK.reshape(-1), e_local)
+        # Rank of each assignment among this shard's assignments bound for the same destination.
+        ranks_AxN = jnp.cumsum(jax.nn.one_hot(dest_A, n, dtype=jnp.int32), axis=0) - 1
+        slot_A = jnp.take_along_axis(ranks_AxN, dest_A[:, None], axis=1)[:, 0]
+
+        def exchange(values_A, fill):
+            """[A, ...] -> [N, S, ...] per-destination buffers, swapped along `expert`."""
+            buf = jnp.full((n, rows) + values_A.shape[1:], fill, values_A.dtype).at[dest_A, slot_A].set(values_A)
+            return jax.lax.all_to_all(buf, 'expert', 0, 0).reshape((n * rows,) + values_A.shape[1:])
+
+        x_RxD = exchange(jnp.repeat(x_TxD, k, axis=0), 0)
+        expert_R = exchange(expert_A, 0)
+        # Empty slots rank below every real assignment, so they never take a real one's slot.
+        priority_R = exchange(jax.lax.stop_gradient(weights_TxK.reshape(-1)), -jnp.inf)
+        y_RxD, kept_R = _capacity_experts(x_RxD, expert_R, priority_R, gate_ExDxF, up_ExDxF, down_ExFxD,
+                                          group_capacity, buffer_axes=None)
+        y_NxSxD = jax.lax.all_to_all(y_RxD.reshape(n, rows, d), 'expert', 0, 0)
+        y_TxKxD = y_NxSxD[dest_A, slot_A].reshape(t, k, d)
+        y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
+        dropped = jnp.sum(~kept_R & (priority_R > -jnp.inf), dtype=jnp.float32)
+        return y_TxD, jax.lax.psum(dropped, batch_axes)
+
+    tok, exp = P(batch_axes), P('expert')
+    y_TxD, dropped = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()))(
+        x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD)
+    return y_TxD, dropped / (tokens * k)
 
 
 DISPATCH = {
     'dense': dispatch_dense,
     'ragged': dispatch_ragged,
     'capacity': dispatch_capacity,
+    'expert_parallel': dispatch_expert_parallel,
 }
 
 
