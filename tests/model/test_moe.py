@@ -1,0 +1,328 @@
+"""DeepSeekMoE: routing by hand, balance losses and MaxVio against numpy, every dispatch vs dense."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsjax import config as config_lib
+from dsjax import sharding
+from dsjax.model import moe
+from dsjax.model.transformer import Transformer
+
+ROUTING = config_lib.ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_hidden_layers=1,
+                                 num_attention_heads=1, num_key_value_heads=1, n_routed_experts=8)
+STRATEGIES = ('ragged', 'capacity', 'expert_parallel')
+
+
+def _route(scores, bias=None, **fields):
+    cfg = dataclasses.replace(ROUTING, **fields)
+    scores = jnp.asarray(scores, jnp.float32)
+    bias = jnp.zeros(scores.shape[-1]) if bias is None else jnp.asarray(bias, jnp.float32)
+    weights, idx = moe.select_experts(scores, bias, cfg)
+    return np.asarray(weights), np.asarray(idx)
+
+
+def _as_sets(weights_TxK, idx_TxK):
+    """Each token's {expert: weight}, so the tests do not depend on top_k's output order."""
+    return [{int(i): pytest.approx(float(w), abs=1e-6) for w, i in zip(ws, ids)}
+            for ws, ids in zip(weights_TxK, idx_TxK)]
+
+
+# ---------------------------------------------------------------- routing
+
+V3 = dict(scoring_func='sigmoid', topk_method='noaux_tc', n_group=4, topk_group=2, num_experts_per_tok=2,
+          norm_topk_prob=True, routed_scaling_factor=2.5)
+
+
+def test_v3_noaux_tc_masks_groups_even_when_every_biased_score_is_negative():
+    s = [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+         [0.9, 0.8, 0.1, 0.1, 0.5, 0.45, 0.1, 0.1]]
+    bias = [-0.15, -2.2, -0.6, -0.75, -1.1, -1.1, -0.9, -1.2]
+    # Token 0, biased: [-.05, -2, -.3, -.35, -.6, -.5, -.2, -.4]. Group scores (sum of top-2):
+    # -2.05, -.65, -1.1, -.6 -> keep groups 3 and 1. Expert 0 has the best biased score but sits in a
+    # masked group; masking to 0 instead of -inf would pick experts 0 and 1 (0 > every kept score).
+    # Token 1, biased: [.75, -1.4, -.5, -.65, -.6, -.65, -.8, -1.1] -> groups 0 and 1 -> experts 0, 2;
+    # the unbiased top-2 would be 0 and 1. Weights come from the unbiased s, normalised, x 2.5.
+    weights, idx = _route(s, bias, **V3)
+    assert _as_sets(weights, idx) == [{6: 0.7 / 1.0 * 2.5, 2: 0.3 / 1.0 * 2.5},
+                                      {0: 0.9 / 1.0 * 2.5, 2: 0.1 / 1.0 * 2.5}]
+
+
+def test_v3_weights_are_normalised_unbiased_scores():
+    rng = np.random.default_rng(0)
+    s = rng.uniform(size=(16, 8)).astype(np.float32)
+    bias = rng.normal(size=8).astype(np.float32)
+    weights, idx = _route(s, bias, **V3)
+    picked = np.take_along_axis(s, idx, axis=1)
+    np.testing.assert_allclose(weights, picked / picked.sum(1, keepdims=True) * 2.5, rtol=1e-6)
+    np.testing.assert_allclose(weights.sum(1), 2.5, rtol=1e-6)
+
+
+V2_SCORES = [[0.30, 0.01, 0.12, 0.13, 0.02, 0.20, 0.11, 0.11]]
+
+
+def test_v2_group_limited_greedy_scores_groups_by_their_max():
+    # Group max: .30, .13, .20, .11 -> keep groups 0 and 2 (by group sum, group 1 would beat group 2).
+    weights, idx = _route(V2_SCORES, topk_method='group_limited_greedy', n_group=4, topk_group=2,
+                          num_experts_per_tok=3, routed_scaling_factor=16.0)
+    assert _as_sets(weights, idx) == [{0: 0.30 * 16, 5: 0.20 * 16, 4: 0.02 * 16}]
+
+
+def test_greedy_no_renormalisation_times_scaling():
+    weights, idx = _route(V2_SCORES, num_experts_per_tok=3, routed_scaling_factor=2.0)
+    assert _as_sets(weights, idx) == [{0: 0.30 * 2, 5: 0.20 * 2, 3: 0.13 * 2}]
+
+
+def test_bias_update_sign_and_magnitude():
+    load = jnp.array([[4.0, 2.0, 3.0, 3.0], [1.0, 1.0, 1.0, 5.0]])  # layer means 3 and 2
+    bias = jnp.array([[0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    new = moe.bias_update(bias, load, 0.01)
+    np.testing.assert_allclose(new - bias, [[-0.01, 0.01, 0.0, 0.0], [0.01, 0.01, 0.01, -0.01]], atol=1e-7)
+
+
+def test_max_violation_against_numpy():
+    load = np.random.default_rng(1).integers(0, 50, size=(3, 16)).astype(np.float32)
+    want = (load.max(-1) - load.mean(-1)) / load.mean(-1)
+    np.testing.assert_allclose(moe.max_violation(jnp.asarray(load)), want, rtol=1e-6)
+    assert float(moe.max_violation(jnp.full((8,), 5.0))) == 0.0
+
+
+# ---------------------------------------------------------------- balance losses vs numpy
+
+B, L, E, K, G, M = 3, 10, 8, 2, 4, 2
+
+
+@pytest.fixture(scope='module')
+def routed():
+    """Softmax scores, their top-k, and a padding mask with a different real length per sequence."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(B, L, E)).astype(np.float32)
+    scores = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    idx = np.argsort(-scores, axis=-1)[..., :K]
+    mask = (np.arange(L)[None] < np.array([L, 7, 3])[:, None]).astype(np.float32)
+    return scores, idx, mask
+
+
+def _np_f_p(scores, idx, mask, b):
+    """Expert-level f_i = E/(K T) * #tokens routed to i and P_i = mean s_i over the T real tokens."""
+    real = mask[b] > 0
+    t = real.sum()
+    f = np.zeros(E)
+    for token in np.flatnonzero(real):
+        for i in idx[b, token]:
+            f[i] += E / (K * t)
+    return f, scores[b][real].mean(0)
+
+
+def test_expert_balance_loss(routed):
+    scores, idx, mask = routed
+    want = np.mean([np.sum(np.multiply(*_np_f_p(scores, idx, mask, b))) for b in range(B)])
+    got = moe.expert_balance_loss(jnp.asarray(scores), jnp.asarray(idx), jnp.asarray(mask), K)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_device_balance_loss(routed):
+    scores, idx, mask = routed
+    per_seq = []
+    for b in range(B):
+        f, p = _np_f_p(scores, idx, mask, b)
+        devices = np.arange(E).reshape(G, E // G)
+        per_seq.append(sum(f[d].mean() * p[d].sum() for d in devices))
+    got = moe.device_balance_loss(jnp.asarray(scores), jnp.asarray(idx), jnp.asarray(mask), K, G)
+    np.testing.assert_allclose(got, np.mean(per_seq), rtol=1e-5)
+
+
+def test_comm_balance_loss(routed):
+    scores, idx, mask = routed
+    per_seq = []
+    for b in range(B):
+        real = np.flatnonzero(mask[b])
+        t = len(real)
+        sent = np.zeros(G)
+        for token in real:
+            for d in set(idx[b, token] // (E // G)):
+                sent[d] += 1
+        f2 = G / (M * t) * sent
+        p2 = scores[b][real].mean(0).reshape(G, E // G).sum(-1)
+        per_seq.append(np.sum(f2 * p2))
+    got = moe.comm_balance_loss(jnp.asarray(scores), jnp.asarray(idx), jnp.asarray(mask), G, M)
+    np.testing.assert_allclose(got, np.mean(per_seq), rtol=1e-5)
+
+
+def test_sequence_balance_loss_uses_normalised_sigmoid_scores(routed):
+    _, _, mask = routed
+    s = np.random.default_rng(3).uniform(0.05, 0.95, size=(B, L, E)).astype(np.float32)
+    top = np.argsort(-s, axis=-1)[..., :K]
+    per_seq = []
+    for b in range(B):
+        real = mask[b] > 0
+        f, _ = _np_f_p(s, top, mask, b)
+        p = (s[b] / s[b].sum(-1, keepdims=True))[real].mean(0)
+        per_seq.append(np.sum(f * p))
+    got = moe.sequence_balance_loss(jnp.asarray(s), jnp.asarray(mask), K)
+    np.testing.assert_allclose(got, np.mean(per_seq), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- dispatch strategies
+
+def _dispatch_inputs(seed, tokens=32, d=16, e=8, f=8, k=2):
+    """Random activations and expert weights; gates are top-k of softmax scores (all distinct)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    x = jax.random.normal(keys[0], (tokens, d))
+    weights, idx = jax.lax.top_k(jax.nn.softmax(2 * jax.random.normal(keys[1], (tokens, e))), k)
+    gate, up = (jax.random.normal(key, (e, d, f)) / d ** 0.5 for key in keys[2:4])
+    down = jax.random.normal(keys[4], (e, f, d)) / f ** 0.5
+    return x, weights, idx, gate, up, down
+
+
+def _sum_sq(dispatch, capacity):
+    """A scalar loss through `dispatch`, differentiable in x, gates and every expert weight."""
+    def loss(x, weights, gate, up, down, idx):
+        return jnp.sum(dispatch(x, weights, idx, gate, up, down, capacity)[0] ** 2)
+    return loss
+
+
+@pytest.mark.parametrize('strategy', STRATEGIES)
+@pytest.mark.parametrize('e,k', [(8, 2), (16, 4)])
+def test_dispatch_equals_dense_when_nothing_is_dropped(strategy, e, k):
+    run = jax.jit(moe.DISPATCH[strategy], static_argnums=6)
+    for seed in range(3):
+        x, weights, idx, gate, up, down = _dispatch_inputs(seed, e=e, k=k)
+        want, _ = moe.dispatch_dense(x, weights, idx, gate, up, down, None)
+        got, dropped = run(x, weights, idx, gate, up, down, x.shape[0])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert float(dropped) == 0.0
+
+
+def _np_capacity_reference(x, weights, idx, gate, up, down, capacity):
+    """Dense output with each expert's overflow (beyond `capacity`, lowest gates) zeroed."""
+    weights = np.asarray(weights).copy()
+    idx = np.asarray(idx)
+    dropped = 0
+    for expert in range(gate.shape[0]):
+        tokens, slots = np.nonzero(idx == expert)
+        ranked = np.argsort(-weights[tokens, slots], kind='stable')
+        for r in ranked[capacity:]:
+            weights[tokens[r], slots[r]] = 0.0
+            dropped += 1
+    y, _ = moe.dispatch_dense(x, jnp.asarray(weights), jnp.asarray(idx), gate, up, down, None)
+    return np.asarray(y), dropped / idx.size
+
+
+def test_capacity_drops_lowest_gates_and_reports_fraction():
+    x, weights, idx, gate, up, down = _dispatch_inputs(4)
+    capacity = 5  # the balanced share is 32 * 2 / 8 = 8: this forces drops
+    want, want_dropped = _np_capacity_reference(x, weights, idx, gate, up, down, capacity)
+    assert want_dropped > 0.1
+    got, dropped = jax.jit(moe.dispatch_capacity, static_argnums=6)(x, weights, idx, gate, up, down, capacity)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(dropped, want_dropped, rtol=1e-6)
+
+
+def test_capacity_keeps_the_higher_gate_of_two_tokens_on_one_expert():
+    x, _, _, gate, up, down = _dispatch_inputs(5, tokens=2, k=1)
+    idx = jnp.array([[3], [3]])
+    weights = jnp.array([[0.2], [0.7]])
+    got, dropped = jax.jit(moe.dispatch_capacity, static_argnums=6)(x, weights, idx, gate, up, down, 1)
+    want, _ = moe.dispatch_dense(x, weights, idx, gate, up, down, None)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-6)
+    np.testing.assert_array_equal(got[0], 0.0)
+    assert float(dropped) == 0.5
+
+
+# ---------------------------------------------------------------- expert parallel on 8 devices
+
+def _mesh(expert: int):
+    mesh_cfg = config_lib.base_config().mesh
+    mesh_cfg.expert = expert  # data fills the other 8 / expert devices
+    return sharding.make_mesh(mesh_cfg)
+
+
+def _under_mesh(fn, mesh):
+    """`fn` jitted and traced inside the mesh and logical rules, as the train step runs the model."""
+    def wrapped(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            return jax.jit(fn)(*args)
+    return wrapped
+
+
+@pytest.mark.parametrize('expert', [2, 4, 8])
+def test_expert_parallel_equals_dense_values_and_grads(expert):
+    x, weights, idx, gate, up, down = _dispatch_inputs(expert, e=16, k=4)
+    tokens = x.shape[0]
+    ep_loss = _sum_sq(moe.dispatch_expert_parallel, tokens)
+    dense_loss = _sum_sq(moe.dispatch_dense, None)
+    got = _under_mesh(jax.value_and_grad(ep_loss, argnums=(0, 1, 2, 3, 4)), _mesh(expert))(
+        x, weights, gate, up, down, idx)
+    want = jax.value_and_grad(dense_loss, argnums=(0, 1, 2, 3, 4))(x, weights, gate, up, down, idx)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_parallel_drops_like_capacity():
+    """With one expert group (data=1) the per-group capacity is the global one: same drops."""
+    x, weights, idx, gate, up, down = _dispatch_inputs(6)
+    capacity = 5
+    want, want_dropped = _np_capacity_reference(x, weights, idx, gate, up, down, capacity)
+    got, dropped = _under_mesh(lambda *a: moe.dispatch_expert_parallel(*a, capacity), _mesh(8))(
+        x, weights, idx, gate, up, down)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(dropped, want_dropped, rtol=1e-6)
+
+
+def _tiny_moe_config(dispatch, **fields):
+    c = config_lib.base_config().model
+    c.update(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+             moe_intermediate_size=16, scoring_func='sigmoid', topk_method='noaux_tc', n_group=4, topk_group=2,
+             norm_topk_prob=True, routed_scaling_factor=2.5, aux_loss_alpha=0.01, seq_aux=True,
+             initializer_range=0.1, moe_dispatch=dispatch)
+    c.update(**fields)
+    return config_lib.freeze_model(c)
+
+
+def _random_variables(model, *args):
+    """Variables of `model` filled from numpy (no compiled init), routing bias included."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape) * 0.1, v.dtype), shapes)
+
+
+def _moe_value_and_grad(dispatch):
+    """(loss, (y, load)), grads of a scalar loss through the MoE layer, balance loss included."""
+    model = moe.MoE(_tiny_moe_config(dispatch))
+
+    def loss(params, variables, x_BxLxD):
+        y, aux = model.apply({**variables, 'params': params}, x_BxLxD, jnp.ones(x_BxLxD.shape[:2]))
+        return jnp.sum(y ** 2) + aux['balance_loss'], (y, aux['load'])
+    return jax.value_and_grad(loss, has_aux=True)
+
+
+@pytest.fixture(scope='module')
+def moe_dense_reference():
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 32))
+    variables = _random_variables(moe.MoE(_tiny_moe_config('dense')), x, jnp.ones((8, 4)))
+    return variables, x, jax.jit(_moe_value_and_grad('dense'))(variables['params'], variables, x)
+
+
+@pytest.mark.parametrize('expert', [2, 4, 8])
+def test_moe_module_expert_parallel_equals_dense(moe_dense_reference, expert):
+    variables, x, want = moe_dense_reference
+    got = _under_mesh(_moe_value_and_grad('expert_parallel'), _mesh(expert))(variables['params'], variables, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_expert_parallel_equals_dense():
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (8, 6), 1, 61)
+    dense = Transformer(_tiny_moe_config('dense'))
+    variables = _random_variables(dense, tokens)
+    want, want_aux = jax.jit(dense.apply)(variables, tokens)
+    ep = Transformer(_tiny_moe_config('expert_parallel'))
+    got, aux = _under_mesh(ep.apply, _mesh(4))(variables, tokens)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(aux['load']['moe_layers'], want_aux['load']['moe_layers'])
+
