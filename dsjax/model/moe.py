@@ -304,8 +304,10 @@ class MoE(nn.Module):
         # V2 drops overflow only in training; evaluation never drops.
         capacity = capacity_per_expert(b * length, cfg) if not deterministic else b * length
         x_TxD = x_BxLxD.reshape(-1, d)
-        y_TxD, dropped = dispatch(x_TxD, weights_TxK.astype(x_TxD.dtype), idx_TxK, gate_ExDxF, up_ExDxF,
-                                  down_ExFxD, capacity)
+        # Padding gets zero gates: capacity is filled highest gate first, so padding can never push a
+        # real token out of an expert (its output is unused anyway).
+        gates_TxK = (weights_TxK * mask_BxL.reshape(-1, 1)).astype(x_TxD.dtype)
+        y_TxD, dropped = dispatch(x_TxD, gates_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
         y_BxLxD = y_TxD.reshape(b, length, d)
         if cfg.n_shared_experts:
             y_BxLxD = y_BxLxD + MLP(cfg, width=cfg.n_shared_experts * f, name='shared')(x_BxLxD)

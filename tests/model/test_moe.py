@@ -326,3 +326,18 @@ def test_transformer_expert_parallel_equals_dense():
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(aux['load']['moe_layers'], want_aux['load']['moe_layers'])
 
+
+@pytest.mark.parametrize('dispatch', ['capacity', 'expert_parallel'])
+def test_padding_never_takes_a_real_tokens_capacity(dispatch):
+    """Training-time dropping: what sits in padded positions must not change any real token's output."""
+    model = moe.MoE(_tiny_moe_config(dispatch, capacity_factor=1.0))
+    x = jax.random.normal(jax.random.PRNGKey(3), (8, 4, 32))
+    mask = jnp.ones((8, 4)).at[4:].set(0.0)
+    variables = _random_variables(model, x, mask)
+    apply = _under_mesh(lambda x: model.apply(variables, x, mask, deterministic=False), _mesh(8))
+    y, aux = apply(x)
+    assert float(aux['dropped']) > 0  # 32 * 2 / 8 = 8 slots per expert for 64 assignments
+    for seed in range(3):
+        noise = 3 * jax.random.normal(jax.random.PRNGKey(seed), x.shape)
+        y2, _ = apply(jnp.where(mask[..., None] > 0, x, noise))
+        np.testing.assert_allclose(y2[mask > 0], y[mask > 0], atol=1e-6)
