@@ -1,35 +1,28 @@
 """DeepSeek-LLM 7B Base at true size: 30 layers, d 4096, 32 heads (MHA), FFN 11008, vocab 102400.
 
-Build abstractly (no memory):  see tests/test_experiments.py, which reports ~6.9B parameters.
-Train: a TPU/GPU pod; the recipe is DeepSeek-LLM's: AdamW (0.9, 0.95), wd 0.1, clip 1.0,
-lr 4.2e-4, 2000 warmup steps, multi-step decay to 31.6% at 80% and 10% at 90% of tokens,
-batch 2304 x 4096 tokens.
+Builds abstractly here (tests/test_experiments.py: 6.91B parameters); trains on a pod:
+  python -m dsjax.main --config=experiments/llm_7b.py --workdir=gs://...
+Recipe (DeepSeek-LLM): AdamW (0.9, 0.95), wd 0.1, clip 1.0, lr 4.2e-4, 2000 warmup steps, steps down
+to 31.6% at 80% and 10% at 90% of 2T tokens, batch 2304 x 4096 tokens.
 """
 from dsjax import config as config_lib
 
+BATCH, TOKENS = 2304, 2_000_000_000_000
+
 
 def get_config(arg=None):
-    c = config_lib.base_config()
-    m = c.model
-    m.vocab_size = 102400
-    m.hidden_size = 4096
-    m.intermediate_size = 11008
-    m.num_hidden_layers = 30
-    m.num_attention_heads = 32
-    m.num_key_value_heads = 32
-    m.max_position_embeddings = 4096
-    m.initializer_range = 0.006
-    m.dtype = 'bfloat16'
-    m.remat_policy = 'save_dots'
+    c = config_lib.apply_preset(config_lib.base_config(), 'deepseek_llm_7b')
+    c.model.initializer_range = 0.006
+    c.model.dtype = 'bfloat16'
+    c.model.remat_policy = 'save_dots'
     c.data.seq_len = 4096
-    c.data.batch_size = 2304
-    c.data.vocab_size = m.vocab_size
+    c.data.batch_size = BATCH
     c.optim.lr = 4.2e-4
     c.optim.schedule = 'multistep'
     c.optim.warmup_steps = 2000
     c.optim.milestones = (0.8, 0.9)
     c.optim.milestone_factors = (0.316, 0.1)
-    c.train.steps = 2_000_000_000_000 // (2304 * 4096)
+    c.train.steps = TOKENS // (BATCH * c.data.seq_len)
     c.optim.decay_steps = c.train.steps
     c.mesh.data, c.mesh.fsdp = 1, -1
     if arg == 'smoke':

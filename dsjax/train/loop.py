@@ -67,15 +67,23 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
+POSITION_BUCKETS = 4
+
+
 def evaluate(eval_step, state, eval_batches, mesh):
-    """Validation loss and MaxVio over the whole validation set (load summed over batches)."""
-    loss_sum, tokens, load = 0.0, 0.0, None
+    """Validation loss (overall and by position-in-document quarter) and MaxVio over the whole
+    validation set (expert load summed over batches)."""
+    totals = None
     for host_batch in eval_batches:
         out = _host(eval_step(state, sharding.global_batch(host_batch, mesh)))
-        loss_sum += float(out['loss_sum'])
-        tokens += float(out['tokens'])
-        load = out['load'] if load is None else jax.tree.map(np.add, load, out['load'])
-    metrics = {'val_loss': loss_sum / max(tokens, 1.0)}
+        totals = out if totals is None else jax.tree.map(np.add, totals, out)
+    loss_p, tokens_p, load = totals['loss_by_pos'], totals['tokens_by_pos'], totals['load']
+    metrics = {'val_loss': float(loss_p.sum() / max(tokens_p.sum(), 1.0))}
+    for chunk_loss, chunk_tokens, chunk_pos in zip(np.array_split(loss_p, POSITION_BUCKETS),
+                                                   np.array_split(tokens_p, POSITION_BUCKETS),
+                                                   np.array_split(np.arange(len(loss_p)), POSITION_BUCKETS)):
+        if chunk_tokens.sum():
+            metrics[f'val_loss_pos{chunk_pos[0]}_{chunk_pos[-1]}'] = float(chunk_loss.sum() / chunk_tokens.sum())
     metrics['val_ppl'] = float(np.exp(min(metrics['val_loss'], 50.0)))
     if load and 'moe_layers' in load:
         metrics['maxvio_global'] = float(np.mean(moe.max_violation(load['moe_layers'])))
@@ -185,7 +193,7 @@ def run(config, workdir, devices=None) -> dict:
 
 def _checkpoint_dir(path: str) -> pathlib.Path:
     """A previous stage's workdir (holding checkpoints/) or its checkpoint directory itself."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).resolve()
     return path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
 
 

@@ -6,11 +6,15 @@ import jax
 import jax.numpy as jnp
 
 
+def token_nll(logits_BxLxV, targets_BxL):
+    """-log p(target) per position, in float32."""
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+
+
 def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
     """Summed weighted -log p(target) and the summed weight (so callers can average globally)."""
-    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-    return (nll_BxL * weights_BxL).sum(), weights_BxL.sum()
+    return (token_nll(logits_BxLxV, targets_BxL) * weights_BxL).sum(), weights_BxL.sum()
 
 
 def mtp_targets(targets_BxL, weights_BxL, depth: int):

@@ -80,11 +80,16 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule, tr
 
 
 def make_eval_step(model):
-    """Returns eval(state, batch) -> sums (loss, tokens, expert load) to accumulate over a set."""
+    """Returns eval(state, batch) -> sums to accumulate over a set: loss and tokens per position of
+    the document (`batch['positions']`, so long-context gains show), expert load."""
 
     def eval_step(state: TrainState, batch):
         logits, aux = _apply(model, state.params, state.buffers, batch, deterministic=True)
-        loss_sum, tokens = losses.cross_entropy(logits, batch['targets'], batch['weights'])
-        return {'loss_sum': loss_sum, 'tokens': tokens, 'load': aux['load']}
+        nll_BxL = losses.token_nll(logits, batch['targets']) * batch['weights']
+        length = batch['positions'].shape[1]
+        by_position = jax.nn.one_hot(batch['positions'], length, dtype=jnp.float32)  # [B, L, position]
+        return {'loss_by_pos': jnp.einsum('BL,BLP->P', nll_BxL, by_position),
+                'tokens_by_pos': jnp.einsum('BL,BLP->P', batch['weights'], by_position),
+                'load': aux['load']}
 
     return eval_step

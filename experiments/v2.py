@@ -1,0 +1,35 @@
+"""DeepSeek-V2 (236B total, 21B activated) at true size: MLA, 2 shared + 160 routed experts (top-6),
+softmax gating, device-limited routing (8 groups, 3 kept), expert/device/communication balance losses.
+
+Builds abstractly here (tests/test_experiments.py); trains on a pod with expert parallelism.
+Recipe (V2 paper 3.1.2): AdamW (0.9, 0.95), wd 0.1, clip 1.0, lr 2.4e-4, 2K warmup, x0.316 at ~60% and
+~90% of 8.1T tokens; alpha1/2/3 = 0.003/0.05/0.02; capacity factor 1.0 at the device level.
+"""
+from dsjax import config as config_lib
+
+BATCH, TOKENS = 9216, 8_100_000_000_000
+
+
+def get_config(arg=None):
+    c = config_lib.apply_preset(config_lib.base_config(), 'deepseek_v2')
+    m = c.model
+    m.rope_scaling.type = 'none'  # pre-training runs at 4K; YaRN comes with the long-context stage
+    m.max_position_embeddings = 4096
+    m.dtype = 'bfloat16'
+    m.remat_policy = 'full'
+    m.moe_dispatch = 'expert_parallel'
+    m.capacity_factor = 1.0
+    c.data.seq_len = 4096
+    c.data.batch_size = BATCH
+    c.optim.lr = 2.4e-4
+    c.optim.schedule = 'multistep'
+    c.optim.warmup_steps = 2000
+    c.optim.milestones = (0.6, 0.9)
+    c.optim.milestone_factors = (0.316, 0.1)
+    c.train.steps = TOKENS // (BATCH * c.data.seq_len)
+    c.optim.decay_steps = c.train.steps
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, -1, 8
+    if arg == 'smoke':
+        config_lib.smoke(c)
+        c.mesh.data, c.mesh.fsdp, c.mesh.expert = -1, 1, 1
+    return c

@@ -1,0 +1,39 @@
+"""DeepSeek-V3 (671B total, 37B activated) at true size: MLA, 1 shared + 256 routed experts (top-8),
+sigmoid gating with node-limited routing (8 groups, 4 kept), auxiliary-loss-free bias balancing
+(gamma 0.001, off for the last 500B tokens), sequence-wise balance loss 1e-4, one MTP depth
+(lambda 0.3 then 0.1).
+
+Builds abstractly here (tests/test_experiments.py); trains on a pod with expert parallelism.
+Recipe (V3 paper 4.2): AdamW (0.9, 0.95), wd 0.1, clip 1.0; lr 2.2e-4 after 2K warmup, cosine to
+2.2e-5; 14.8T tokens at 4K context. Long context follows as a separate stage (YaRN, 32K then 128K).
+"""
+from dsjax import config as config_lib
+
+BATCH, TOKENS = 15360, 14_800_000_000_000
+
+
+def get_config(arg=None):
+    c = config_lib.apply_preset(config_lib.base_config(), 'deepseek_v3')
+    m = c.model
+    m.rope_scaling.type = 'none'  # pre-training runs at 4K; YaRN comes with the long-context stage
+    m.max_position_embeddings = 4096
+    m.dtype = 'bfloat16'
+    m.remat_policy = 'full'
+    m.moe_dispatch = 'expert_parallel'
+    c.data.seq_len = 4096
+    c.data.batch_size = BATCH
+    c.optim.lr = 2.2e-4
+    c.optim.warmup_steps = 2000
+    c.optim.min_lr_ratio = 0.1
+    c.train.steps = TOKENS // (BATCH * c.data.seq_len)
+    c.optim.decay_steps = c.train.steps
+    c.train.bias_update_rate = 0.001
+    c.train.bias_update_until = 14.3 / 14.8
+    c.train.mtp_loss_weight = 0.3
+    c.train.mtp_loss_weight_final = 0.1
+    c.train.mtp_weight_switch = 10.0 / 14.8
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, -1, 64
+    if arg == 'smoke':
+        config_lib.smoke(c)
+        c.mesh.data, c.mesh.fsdp, c.mesh.expert = -1, 1, 1
+    return c

@@ -1,0 +1,33 @@
+"""Long-context extension of v3_small with YaRN, as DeepSeek-V3 did (4K -> 32K -> 128K, 1000 steps each).
+
+Continues the v3_small checkpoint (its params, through `init.checkpoint`) at 4x the context:
+seq_len 256 -> 1024, YaRN factor 4 over the 256 positions it was trained on (beta_fast 32, beta_slow 1,
+mscale_all_dim 1 so the softmax scale gets mscale^2 as in V3), a small constant learning rate.
+
+Run:      python -m dsjax.main --config=experiments/v3_small.py
+          python -m dsjax.main --config=experiments/v3_long.py
+Hardware: 2 CPU cores, a few minutes.
+Expect:   `val_loss_pos*` (validation loss by position within a document, in quarters of 1024) at
+          step 0 (YaRN zero-shot) against the end: the later quarters, beyond the 256 positions
+          v3_small ever saw, improve the most.
+"""
+from dsjax import config as config_lib
+
+
+def get_config(arg=None):
+    # Start from the base run's own config, so the two never drift apart.
+    c = config_lib.load_experiment(__file__, 'v3_small', arg)
+    original = c.data.seq_len
+    c.init.checkpoint = 'runs/v3_small' + (f'_{arg}' if arg else '')
+    c.data.seq_len = original * 4
+    c.data.batch_size = max(c.data.batch_size // 4, 8)
+    c.model.max_position_embeddings = original * 4
+    c.model.rope_scaling.update(type='yarn', factor=4.0, original_max_position_embeddings=original,
+                                beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+    c.optim.schedule = 'constant'
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 0
+    c.train.steps = 100 if arg != 'smoke' else 2
+    c.train.eval_every = 50 if arg != 'smoke' else 2
+    c.optim.decay_steps = c.train.steps
+    return c
