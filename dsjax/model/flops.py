@@ -22,13 +22,16 @@ def _ffn_params(cfg: ModelConfig, moe: bool) -> int:
     return d * cfg.n_routed_experts + 3 * d * f * (cfg.num_experts_per_tok + cfg.n_shared_experts)
 
 
-def activated_matmul_params(cfg: ModelConfig) -> int:
-    """Weights multiplied per token: every layer, the head, MTP; not the embedding lookup."""
+def activated_matmul_params(cfg: ModelConfig, include_mtp: bool = True) -> int:
+    """Weights multiplied per token: every layer, the head, MTP (optional); not the embedding lookup.
+
+    Without MTP this is what DeepSeek reports as "activated parameters" (V3: 36.6B, quoted as 37B).
+    """
     attn = _attention_params(cfg)
     layers = cfg.num_dense_layers * (attn + _ffn_params(cfg, False))
     layers += cfg.num_moe_layers * (attn + _ffn_params(cfg, True))
     head = cfg.hidden_size * cfg.vocab_size
-    mtp = cfg.num_nextn_predict_layers * (
+    mtp = include_mtp * cfg.num_nextn_predict_layers * (
         2 * cfg.hidden_size ** 2 + attn + _ffn_params(cfg, cfg.num_moe_layers > 0) + head)
     return layers + head + mtp
 
