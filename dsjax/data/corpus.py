@@ -25,21 +25,21 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-  name: str
-  text: str
+    name: str
+    text: str
 
 
 @dataclasses.dataclass
 class _Counts:
-  """What was skipped or repaired while reading; logged once per load."""
-  empty_files: int = 0
-  empty_records: int = 0
-  files_with_bad_utf8: int = 0
-  docs_split: int = 0
+    """What was skipped or repaired while reading; logged once per load."""
+    empty_files: int = 0
+    empty_records: int = 0
+    files_with_bad_utf8: int = 0
+    docs_split: int = 0
 
 
 def load_documents(data_cfg, split: str) -> list[Document]:
-  """Returns the documents of `split` ('train' or 'validation'), in a fixed order.
+    """Returns the documents of `split` ('train' or 'validation'), in a fixed order.
 
   Args:
     data_cfg: the `config.data` section; reads source, paths, jsonl_field,
@@ -52,155 +52,152 @@ def load_documents(data_cfg, split: str) -> list[Document]:
     consecutive pieces named '<name>#<k>'; all pieces of one document fall in
     the same split.
   """
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  if not 0.0 < data_cfg.val_fraction < 1.0:
-    raise ValueError(f"data.val_fraction must be in (0, 1), got {data_cfg.val_fraction!r}")
-  if data_cfg.max_doc_chars <= 0:
-    raise ValueError(f"data.max_doc_chars must be positive, got {data_cfg.max_doc_chars!r}")
-  counts = _Counts()
-  want_validation = split == "validation"
-  docs = []
-  for doc in _read_source(data_cfg, counts):
-    if is_validation(doc.name, data_cfg.val_fraction) != want_validation:
-      continue
-    pieces = split_text(doc.text, data_cfg.max_doc_chars)
-    if len(pieces) == 1:
-      docs.append(doc)
-    else:
-      counts.docs_split += 1
-      docs.extend(Document(f"{doc.name}#{k}", piece) for k, piece in enumerate(pieces))
-  logging.info(
-      "data.source=%s split=%s: %d documents; skipped %d empty files and %d empty "
-      "records; %d files had invalid UTF-8 (replaced with U+FFFD); %d documents "
-      "longer than data.max_doc_chars=%d were split into pieces.",
-      data_cfg.source, split, len(docs), counts.empty_files, counts.empty_records,
-      counts.files_with_bad_utf8, counts.docs_split, data_cfg.max_doc_chars)
-  return docs
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 < data_cfg.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {data_cfg.val_fraction!r}")
+    if data_cfg.max_doc_chars <= 0:
+        raise ValueError(f"data.max_doc_chars must be positive, got {data_cfg.max_doc_chars!r}")
+    counts = _Counts()
+    want_validation = split == "validation"
+    docs = []
+    for doc in _read_source(data_cfg, counts):
+        if is_validation(doc.name, data_cfg.val_fraction) != want_validation:
+            continue
+        pieces = split_text(doc.text, data_cfg.max_doc_chars)
+        if len(pieces) == 1:
+            docs.append(doc)
+        else:
+            counts.docs_split += 1
+            docs.extend(Document(f"{doc.name}#{k}", piece) for k, piece in enumerate(pieces))
+    logging.info(
+        "data.source=%s split=%s: %d documents; skipped %d empty files and %d empty "
+        "records; %d files had invalid UTF-8 (replaced with U+FFFD); %d documents "
+        "longer than data.max_doc_chars=%d were split into pieces.", data_cfg.source, split, len(docs),
+        counts.empty_files, counts.empty_records, counts.files_with_bad_utf8, counts.docs_split,
+        data_cfg.max_doc_chars)
+    return docs
 
 
 def is_validation(name: str, val_fraction: float) -> bool:
-  """True if the document named `name` belongs to the validation split."""
-  # sha256, not hash(): Python salts str hashes per process.
-  digest = hashlib.sha256(name.encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction
+    """True if the document named `name` belongs to the validation split."""
+    # sha256, not hash(): Python salts str hashes per process.
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
-  """Cuts `text` into pieces of at most `max_chars` characters, at a newline when one is near."""
-  pieces = []
-  start = 0
-  while len(text) - start > max_chars:
-    cut = text.rfind("\n", start, start + max_chars) + 1
-    # Only cut at a newline in the back half, so pieces stay reasonably long.
-    if cut <= start + max_chars // 2:
-      cut = start + max_chars
-    pieces.append(text[start:cut])
-    start = cut
-  pieces.append(text[start:])
-  return pieces
+    """Cuts `text` into pieces of at most `max_chars` characters, at a newline when one is near."""
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        cut = text.rfind("\n", start, start + max_chars) + 1
+        # Only cut at a newline in the back half, so pieces stay reasonably long.
+        if cut <= start + max_chars // 2:
+            cut = start + max_chars
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 def stdlib_files() -> list[pathlib.Path]:
-  """The standard library's own .py files on this machine (no site/dist-packages), sorted."""
-  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  excluded = {"site-packages", "dist-packages"}
-  return sorted(
-      path for path in root.rglob("*.py")
-      if path.is_file() and not excluded & set(path.relative_to(root).parts))
+    """The standard library's own .py files on this machine (no site/dist-packages), sorted."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    excluded = {"site-packages", "dist-packages"}
+    return sorted(path for path in root.rglob("*.py")
+                  if path.is_file() and not excluded & set(path.relative_to(root).parts))
 
 
 def _read_source(data_cfg, counts: _Counts) -> Iterator[Document]:
-  """Yields every non-empty document of the configured source, in a fixed order."""
-  if data_cfg.source == "stdlib":
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    for path in stdlib_files():
-      text = _read_text(path, counts)
-      if text:
-        yield Document(path.relative_to(root).as_posix(), text)
-  elif data_cfg.source == "text":
-    for path, name in _match_paths(data_cfg.paths):
-      text = _read_text(path, counts)
-      if text:
-        yield Document(name, text)
-  elif data_cfg.source == "jsonl":
-    for path, name in _match_paths(data_cfg.paths):
-      yield from _read_jsonl(path, name, data_cfg.jsonl_field, counts)
-  else:
-    raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
+    """Yields every non-empty document of the configured source, in a fixed order."""
+    if data_cfg.source == "stdlib":
+        root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+        for path in stdlib_files():
+            text = _read_text(path, counts)
+            if text:
+                yield Document(path.relative_to(root).as_posix(), text)
+    elif data_cfg.source == "text":
+        for path, name in _match_paths(data_cfg.paths):
+            text = _read_text(path, counts)
+            if text:
+                yield Document(name, text)
+    elif data_cfg.source == "jsonl":
+        for path, name in _match_paths(data_cfg.paths):
+            yield from _read_jsonl(path, name, data_cfg.jsonl_field, counts)
+    else:
+        raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
 
 
 def _match_paths(patterns) -> list[tuple[pathlib.Path, str]]:
-  """Expands `data.paths` into sorted, de-duplicated (file, portable name) pairs."""
-  if isinstance(patterns, str):
-    raise ValueError(f"data.paths must be a tuple of paths or globs, got the string {patterns!r}")
-  if not patterns:
-    raise ValueError("data.paths is empty; give at least one file path or glob pattern")
-  found = {}
-  for pattern in patterns:
-    pattern = os.path.expanduser(str(pattern))
-    matches = sorted(glob.glob(pattern, recursive=True))
-    if not matches:
-      kind = "glob matches no file" if _GLOB_CHARS.search(pattern) else "file does not exist"
-      raise ValueError(f"data.paths: {pattern!r}: {kind}")
-    base = _fixed_dir(pattern)
-    for match in matches:
-      path = pathlib.Path(match)
-      if path.is_dir():
-        if not _GLOB_CHARS.search(pattern):
-          raise ValueError(
-              f"data.paths: {pattern!r} is a directory; give files or a glob such as "
-              f"'{pattern.rstrip('/')}/**/*.txt'")
-        continue  # A glob such as 'dir/*' also matches subdirectories; only files are documents.
-      found.setdefault(path.resolve(), (path, os.path.relpath(path, base)))
-  return sorted(found.values(), key=lambda pair: pair[1:] + (str(pair[0]),))
+    """Expands `data.paths` into sorted, de-duplicated (file, portable name) pairs."""
+    if isinstance(patterns, str):
+        raise ValueError(f"data.paths must be a tuple of paths or globs, got the string {patterns!r}")
+    if not patterns:
+        raise ValueError("data.paths is empty; give at least one file path or glob pattern")
+    found = {}
+    for pattern in patterns:
+        pattern = os.path.expanduser(str(pattern))
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            kind = "glob matches no file" if _GLOB_CHARS.search(pattern) else "file does not exist"
+            raise ValueError(f"data.paths: {pattern!r}: {kind}")
+        base = _fixed_dir(pattern)
+        for match in matches:
+            path = pathlib.Path(match)
+            if path.is_dir():
+                if not _GLOB_CHARS.search(pattern):
+                    raise ValueError(f"data.paths: {pattern!r} is a directory; give files or a glob such as "
+                                     f"'{pattern.rstrip('/')}/**/*.txt'")
+                continue  # A glob such as 'dir/*' also matches subdirectories; only files are documents.
+            found.setdefault(path.resolve(), (path, os.path.relpath(path, base)))
+    return sorted(found.values(), key=lambda pair: pair[1:] + (str(pair[0]), ))
 
 
 def _fixed_dir(pattern: str) -> str:
-  """The directory part of `pattern` before its first glob character."""
-  parts = pathlib.PurePath(pattern).parts
-  fixed = []
-  for part in parts[:-1]:
-    if _GLOB_CHARS.search(part):
-      break
-    fixed.append(part)
-  return str(pathlib.PurePath(*fixed)) if fixed else "."
+    """The directory part of `pattern` before its first glob character."""
+    parts = pathlib.PurePath(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if _GLOB_CHARS.search(part):
+            break
+        fixed.append(part)
+    return str(pathlib.PurePath(*fixed)) if fixed else "."
 
 
 def _read_text(path: pathlib.Path, counts: _Counts) -> str:
-  """Reads `path` as UTF-8, replacing invalid bytes; counts empty and repaired files."""
-  data = path.read_bytes()
-  if not data.strip():
-    counts.empty_files += 1
-    logging.info("Skipping empty file %s", path)
-    return ""
-  try:
-    return data.decode("utf-8")
-  except UnicodeDecodeError:
-    counts.files_with_bad_utf8 += 1
-    return data.decode("utf-8", errors="replace")
+    """Reads `path` as UTF-8, replacing invalid bytes; counts empty and repaired files."""
+    data = path.read_bytes()
+    if not data.strip():
+        counts.empty_files += 1
+        logging.debug("Skipping empty file %s", path)
+        return ""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        counts.files_with_bad_utf8 += 1
+        return data.decode("utf-8", errors="replace")
 
 
 def _read_jsonl(path: pathlib.Path, name: str, field: str, counts: _Counts) -> Iterator[Document]:
-  """Yields one document per JSONL record; a bad line is an error naming file and line."""
-  text = _read_text(path, counts)
-  for line_no, line in enumerate(text.splitlines(), start=1):
-    if not line.strip():
-      continue  # Blank lines (e.g. a trailing newline) are not records.
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{line_no}: malformed JSON line ({e.msg})") from e
-    if not isinstance(record, dict) or field not in record:
-      keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise ValueError(
-          f"{path}:{line_no}: record has no field data.jsonl_field={field!r} (found: {keys})")
-    value = record[field]
-    if not isinstance(value, str):
-      raise ValueError(
-          f"{path}:{line_no}: field data.jsonl_field={field!r} must hold a string, "
-          f"got {type(value).__name__}")
-    if not value:
-      counts.empty_records += 1
-      continue
-    yield Document(f"{name}:{line_no}", value)
+    """Yields one document per JSONL record; a bad line is an error naming file and line."""
+    text = _read_text(path, counts)
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # Blank lines (e.g. a trailing newline) are not records.
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: malformed JSON line ({e.msg})") from e
+        if not isinstance(record, dict) or field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(
+                f"{path}:{line_no}: record has no field data.jsonl_field={field!r} (found: {keys})")
+        value = record[field]
+        if not isinstance(value, str):
+            raise ValueError(f"{path}:{line_no}: field data.jsonl_field={field!r} must hold a string, "
+                             f"got {type(value).__name__}")
+        if not value:
+            counts.empty_records += 1
+            continue
+        yield Document(f"{name}:{line_no}", value)

@@ -31,7 +31,7 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 
 def pack_documents(token_lists: Iterable[Sequence[int]], seq_len: int) -> Iterator[dict]:
-  """Packs token lists (each already [bos, ..., eos]) into rows; see the module docstring.
+    """Packs token lists (each already [bos, ..., eos]) into rows; see the module docstring.
 
   Args:
     token_lists: documents as token ids, in packing order.
@@ -41,18 +41,21 @@ def pack_documents(token_lists: Iterable[Sequence[int]], seq_len: int) -> Iterat
     One dict per row with FIELDS as numpy arrays of shape [seq_len]; the last
     row is padded.
   """
-  packer = _RowPacker(seq_len)
-  for tokens in token_lists:
-    packer.add(tokens)
-    while packer.ready():
-      yield packer.pop_row()
-  while packer.ready(final=True):
-    yield packer.pop_row()
+    packer = _RowPacker(seq_len)
+    for tokens in token_lists:
+        packer.add(tokens)
+        while packer.ready():
+            yield packer.pop_row()
+    while packer.ready(final=True):
+        yield packer.pop_row()
 
 
-def make_train_iterator(data_cfg, tokenizer: Tokenizer, *, process_index: int = 0,
+def make_train_iterator(data_cfg,
+                        tokenizer: Tokenizer,
+                        *,
+                        process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
-  """An endless, checkpointable iterator over this host's training batches.
+    """An endless, checkpointable iterator over this host's training batches.
 
   Args:
     data_cfg: the `config.data` section.
@@ -65,189 +68,190 @@ def make_train_iterator(data_cfg, tokenizer: Tokenizer, *, process_index: int = 
     each [data.batch_size // process_count, data.seq_len]. Host p's documents
     are shuffled with seed data.shuffle_seed + epoch and repeat forever.
   """
-  rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
-  if not 0 <= data_cfg.shuffle_seed < 2**32:
-    raise ValueError(f"data.shuffle_seed must be in [0, 2**32), got {data_cfg.shuffle_seed!r}")
-  docs = host_documents(corpus.load_documents(data_cfg, "train"), process_index, process_count)
-  if not docs:
-    raise ValueError(
-        f"host {process_index} of {process_count} has no training documents; data.paths "
-        f"{tuple(data_cfg.paths)} with data.val_fraction={data_cfg.val_fraction} leaves too few")
-  # grain's shuffle seeds epoch e with shuffle_seed + e once repeated past one epoch.
-  tokens = (grain.MapDataset.source(docs)
-            .shuffle(seed=data_cfg.shuffle_seed)
-            .repeat()
-            .map(lambda doc: tokenize_document(tokenizer, doc.text)))
-  rows = _PackIterDataset(tokens.to_iter_dataset(_READ_OPTIONS), data_cfg.seq_len)
-  return iter(rows.batch(rows_per_host))
+    rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
+    if not 0 <= data_cfg.shuffle_seed < 2**32:
+        raise ValueError(f"data.shuffle_seed must be in [0, 2**32), got {data_cfg.shuffle_seed!r}")
+    docs = host_documents(corpus.load_documents(data_cfg, "train"), process_index, process_count)
+    if not docs:
+        raise ValueError(
+            f"host {process_index} of {process_count} has no training documents; data.paths "
+            f"{tuple(data_cfg.paths)} with data.val_fraction={data_cfg.val_fraction} leaves too few")
+    # grain's shuffle seeds epoch e with shuffle_seed + e once repeated past one epoch.
+    tokens = (grain.MapDataset.source(docs).shuffle(
+        seed=data_cfg.shuffle_seed).repeat().map(lambda doc: tokenize_document(tokenizer, doc.text)))
+    rows = _PackIterDataset(tokens.to_iter_dataset(_READ_OPTIONS), data_cfg.seq_len)
+    return iter(rows.batch(rows_per_host))
 
 
-def make_eval_batches(data_cfg, tokenizer: Tokenizer, *, num_batches: int, process_index: int = 0,
+def make_eval_batches(data_cfg,
+                      tokenizer: Tokenizer,
+                      *,
+                      num_batches: int,
+                      process_index: int = 0,
                       process_count: int = 1) -> list[dict]:
-  """The fixed validation batches for this host: the same on every call.
+    """The fixed validation batches for this host: the same on every call.
 
   Returns up to `num_batches` batches of FIELDS, each [data.batch_size //
   process_count, data.seq_len]; fewer when the validation split is smaller.
   The last batch is padded with weight-0 rows if the split runs out.
   """
-  rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
-  if num_batches < 1:
-    raise ValueError(f"num_batches must be at least 1, got {num_batches}")
-  docs = corpus.load_documents(data_cfg, "validation")
-  if not docs:
-    raise ValueError(
-        f"the validation split is empty: raise data.val_fraction (now {data_cfg.val_fraction}) "
-        f"or add documents to data.paths")
-  wanted = num_batches * data_cfg.batch_size
-  rows = []
-  # Documents are tokenised lazily, so only what the batches need is encoded.
-  for row in pack_documents((tokenize_document(tokenizer, d.text) for d in docs), data_cfg.seq_len):
-    rows.append(row)
-    if len(rows) == wanted:
-      break
-  num_batches = math.ceil(len(rows) / data_cfg.batch_size)
-  rows.extend([_empty_row(data_cfg.seq_len)] * (num_batches * data_cfg.batch_size - len(rows)))
-  start = process_index * rows_per_host
-  batches = []
-  for b in range(num_batches):
-    global_rows = rows[b * data_cfg.batch_size:(b + 1) * data_cfg.batch_size]
-    batches.append(_stack(global_rows[start:start + rows_per_host]))
-  return batches
+    rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+    docs = corpus.load_documents(data_cfg, "validation")
+    if not docs:
+        raise ValueError(
+            f"the validation split is empty: raise data.val_fraction (now {data_cfg.val_fraction}) "
+            f"or add documents to data.paths")
+    wanted = num_batches * data_cfg.batch_size
+    rows = []
+    # Documents are tokenised lazily, so only what the batches need is encoded.
+    for row in pack_documents((tokenize_document(tokenizer, d.text) for d in docs), data_cfg.seq_len):
+        rows.append(row)
+        if len(rows) == wanted:
+            break
+    num_batches = math.ceil(len(rows) / data_cfg.batch_size)
+    rows.extend([_empty_row(data_cfg.seq_len)] * (num_batches * data_cfg.batch_size - len(rows)))
+    start = process_index * rows_per_host
+    batches = []
+    for b in range(num_batches):
+        global_rows = rows[b * data_cfg.batch_size:(b + 1) * data_cfg.batch_size]
+        batches.append(_stack(global_rows[start:start + rows_per_host]))
+    return batches
 
 
 def tokenize_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
-  """[bos] + encode(text) + [eos] as int32."""
-  return np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], np.int32)
+    """[bos] + encode(text) + [eos] as int32."""
+    return np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], np.int32)
 
 
 def host_documents(docs: list, process_index: int, process_count: int) -> list:
-  """Host `process_index`'s disjoint share of `docs`: every process_count-th one."""
-  return docs[process_index::process_count]
+    """Host `process_index`'s disjoint share of `docs`: every process_count-th one."""
+    return docs[process_index::process_count]
 
 
 def _rows_per_host(data_cfg, process_index: int, process_count: int) -> int:
-  """data.batch_size // process_count, after checking the host layout and shapes."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
-  if data_cfg.seq_len < 1:
-    raise ValueError(f"data.seq_len must be positive, got {data_cfg.seq_len!r}")
-  if data_cfg.batch_size < 1 or data_cfg.batch_size % process_count:
-    raise ValueError(
-        f"data.batch_size={data_cfg.batch_size!r} must be a positive multiple of the "
-        f"process count {process_count}")
-  return data_cfg.batch_size // process_count
+    """data.batch_size // process_count, after checking the host layout and shapes."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    if data_cfg.seq_len < 1:
+        raise ValueError(f"data.seq_len must be positive, got {data_cfg.seq_len!r}")
+    if data_cfg.batch_size < 1 or data_cfg.batch_size % process_count:
+        raise ValueError(f"data.batch_size={data_cfg.batch_size!r} must be a positive multiple of the "
+                         f"process count {process_count}")
+    return data_cfg.batch_size // process_count
 
 
 def _stack(rows: list[dict]) -> dict:
-  """Stacks per-row dicts into one batch dict of [rows, seq_len] arrays."""
-  return {k: np.stack([row[k] for row in rows]) for k in FIELDS}
+    """Stacks per-row dicts into one batch dict of [rows, seq_len] arrays."""
+    return {k: np.stack([row[k] for row in rows]) for k in FIELDS}
 
 
 def _empty_row(seq_len: int) -> dict:
-  """A padding row: contributes nothing to any loss."""
-  return {k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in FIELDS}
+    """A padding row: contributes nothing to any loss."""
+    return {k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in FIELDS}
 
 
 class _RowPacker:
-  """Incremental packer; documents carry an opaque tag (the pipeline's resume point)."""
+    """Incremental packer; documents carry an opaque tag (the pipeline's resume point)."""
 
-  def __init__(self, seq_len: int, offset: int = 0):
-    self.seq_len = seq_len
-    # (tokens_T, tag) for documents not yet fully consumed; the next row starts
-    # at pending[0].tokens[offset].
-    self.pending = collections.deque()
-    self.offset = offset
-    self._available = 0  # Tokens in `pending` from the start of the next row.
+    def __init__(self, seq_len: int, offset: int = 0):
+        self.seq_len = seq_len
+        # (tokens_T, tag) for documents not yet fully consumed; the next row starts
+        # at pending[0].tokens[offset].
+        self.pending = collections.deque()
+        self.offset = offset
+        self._available = 0  # Tokens in `pending` from the start of the next row.
 
-  def add(self, tokens: Sequence[int], tag: Any = None) -> None:
-    tokens_T = np.asarray(tokens, np.int32)
-    if not self.pending:
-      # `offset` may be set ahead of the first document, when resuming inside it.
-      self._available = -self.offset
-    self.pending.append((tokens_T, tag))
-    self._available += len(tokens_T)
+    def add(self, tokens: Sequence[int], tag: Any = None) -> None:
+        tokens_T = np.asarray(tokens, np.int32)
+        if not self.pending:
+            # `offset` may be set ahead of the first document, when resuming inside it.
+            self._available = -self.offset
+        self.pending.append((tokens_T, tag))
+        self._available += len(tokens_T)
 
-  def ready(self, final: bool = False) -> bool:
-    """A full row is available, or (at the end) at least one input/target pair is left."""
-    return self._available >= (2 if final else self.seq_len + 1)
+    def ready(self, final: bool = False) -> bool:
+        """A full row is available, or (at the end) at least one input/target pair is left."""
+        return self._available >= (2 if final else self.seq_len + 1)
 
-  def head(self) -> tuple[Any, int]:
-    """(tag of the document the next row starts in, token offset into it)."""
-    return self.pending[0][1], self.offset
+    def head(self) -> tuple[Any, int]:
+        """(tag of the document the next row starts in, token offset into it)."""
+        return self.pending[0][1], self.offset
 
-  def pop_row(self) -> dict:
-    """Builds the next row and advances the stream by seq_len tokens."""
-    width = self.seq_len + 1
-    row_tokens = np.zeros(width, np.int32)
-    segment = np.zeros(width, np.int32)
-    position = np.zeros(width, np.int32)
-    filled, start = 0, self.offset
-    for segment_id, (tokens_T, _) in enumerate(self.pending, start=1):
-      take = min(len(tokens_T) - start, width - filled)
-      row_tokens[filled:filled + take] = tokens_T[start:start + take]
-      segment[filled:filled + take] = segment_id
-      position[filled:filled + take] = np.arange(take)
-      filled += take
-      start = 0
-      if filled == width:
-        break
-    self._advance(self.seq_len)
-    inputs_segment = segment[:-1]
-    # A target counts only if it is the next token of the same document.
-    weights = (inputs_segment != 0) & (inputs_segment == segment[1:])
-    return {
-        "inputs": row_tokens[:-1],
-        "targets": row_tokens[1:],
-        "segment_ids": inputs_segment,
-        "positions": position[:-1],
-        "weights": weights.astype(np.float32),
-    }
+    def pop_row(self) -> dict:
+        """Builds the next row and advances the stream by seq_len tokens."""
+        width = self.seq_len + 1
+        row_tokens = np.zeros(width, np.int32)
+        segment = np.zeros(width, np.int32)
+        position = np.zeros(width, np.int32)
+        filled, start = 0, self.offset
+        for segment_id, (tokens_T, _) in enumerate(self.pending, start=1):
+            take = min(len(tokens_T) - start, width - filled)
+            row_tokens[filled:filled + take] = tokens_T[start:start + take]
+            segment[filled:filled + take] = segment_id
+            position[filled:filled + take] = np.arange(take)
+            filled += take
+            start = 0
+            if filled == width:
+                break
+        self._advance(self.seq_len)
+        inputs_segment = segment[:-1]
+        # A target counts only if it is the next token of the same document.
+        weights = (inputs_segment != 0) & (inputs_segment == segment[1:])
+        return {
+            "inputs": row_tokens[:-1],
+            "targets": row_tokens[1:],
+            "segment_ids": inputs_segment,
+            "positions": position[:-1],
+            "weights": weights.astype(np.float32),
+        }
 
-  def _advance(self, n: int) -> None:
-    """Moves the row start n tokens on, dropping documents left behind."""
-    self._available -= n
-    self.offset += n
-    while self.pending and self.offset >= len(self.pending[0][0]):
-      self.offset -= len(self.pending.popleft()[0])
-    if not self.pending:
-      self.offset, self._available = 0, 0
+    def _advance(self, n: int) -> None:
+        """Moves the row start n tokens on, dropping documents left behind."""
+        self._available -= n
+        self.offset += n
+        while self.pending and self.offset >= len(self.pending[0][0]):
+            self.offset -= len(self.pending.popleft()[0])
+        if not self.pending:
+            self.offset, self._available = 0, 0
 
 
 class _PackIterDataset(grain.IterDataset):
-  """Packs a stream of token arrays into rows, resumable from a saved state."""
+    """Packs a stream of token arrays into rows, resumable from a saved state."""
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int):
-    super().__init__(parent)
-    self._seq_len = seq_len
+    def __init__(self, parent: grain.IterDataset, seq_len: int):
+        super().__init__(parent)
+        self._seq_len = seq_len
 
-  def __iter__(self) -> grain.DatasetIterator:
-    return _PackIterator(self._parent.__iter__(), self._seq_len)
+    def __iter__(self) -> grain.DatasetIterator:
+        return _PackIterator(self._parent.__iter__(), self._seq_len)
 
-  def __str__(self) -> str:
-    return f"_PackIterDataset(seq_len={self._seq_len})"
+    def __str__(self) -> str:
+        return f"_PackIterDataset(seq_len={self._seq_len})"
 
 
 class _PackIterator(grain.DatasetIterator):
-  """State = the parent's state before the document the next row starts in, plus the offset."""
+    """State = the parent's state before the document the next row starts in, plus the offset."""
 
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int):
-    super().__init__(parent)
-    self._packer = _RowPacker(seq_len)
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+        super().__init__(parent)
+        self._packer = _RowPacker(seq_len)
 
-  def __next__(self) -> dict:
-    while not self._packer.ready():
-      # Tag each document with the parent state that re-reads it, so get_state is exact.
-      before = copy.deepcopy(self._parent.get_state())
-      self._packer.add(next(self._parent), tag=before)
-    return self._packer.pop_row()
+    def __next__(self) -> dict:
+        while not self._packer.ready():
+            # Tag each document with the parent state that re-reads it, so get_state is exact.
+            before = copy.deepcopy(self._parent.get_state())
+            self._packer.add(next(self._parent), tag=before)
+        return self._packer.pop_row()
 
-  def get_state(self) -> dict:
-    if self._packer.pending:
-      parent_state, offset = self._packer.head()
-    else:
-      parent_state, offset = self._parent.get_state(), self._packer.offset
-    return {"parent": parent_state, "offset": int(offset)}
+    def get_state(self) -> dict:
+        if self._packer.pending:
+            parent_state, offset = self._packer.head()
+        else:
+            parent_state, offset = self._parent.get_state(), self._packer.offset
+        return {"parent": parent_state, "offset": int(offset)}
 
-  def set_state(self, state: dict) -> None:
-    self._parent.set_state(state["parent"])
-    self._packer = _RowPacker(self._packer.seq_len, offset=state["offset"])
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._packer = _RowPacker(self._packer.seq_len, offset=state["offset"])
