@@ -23,12 +23,13 @@ def mtp_targets(targets_BxL, weights_BxL, depth: int):
     A position counts only if every step from i to i+depth+1 stays inside one document, i.e.
     the next-token weights of positions i..i+depth are all 1.
     """
-    pad = ((0, 0), (0, depth))
-    shifted_targets = jnp.pad(targets_BxL[:, depth:], pad)
+    def shift(x, j):
+        return jnp.pad(x[:, j:], ((0, 0), (0, j)))
+
     w = weights_BxL
     for j in range(1, depth + 1):
-        w = w * jnp.pad(weights_BxL[:, j:], pad)
-    return shifted_targets, w
+        w = w * shift(weights_BxL, j)
+    return shift(targets_BxL, depth), w
 
 
 def mtp_loss(mtp_logits_DxBxLxV, targets_BxL, weights_BxL):
