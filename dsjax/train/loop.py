@@ -14,6 +14,7 @@ from dsjax import config as config_lib
 from dsjax import sharding
 from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
+from dsjax.interop import hf
 from dsjax.model import flops, moe
 from dsjax.model.transformer import Transformer
 from dsjax.train import checkpoint, logger, optim
@@ -127,8 +128,7 @@ def run(config, workdir, devices=None) -> dict:
         else:
             state = init(jax.random.PRNGKey(tcfg.seed))
             if config.init.checkpoint:
-                params = checkpoint.restore_params(_checkpoint_dir(config.init.checkpoint), abstract_state.params)
-                state = state.replace(params=params)
+                state = start_from(config.init.checkpoint, model_cfg, abstract_state, state)
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         logging.info('Model: %s parameters, %s activated matmul parameters per token', f'{n_params:,}',
                      f'{flops.activated_matmul_params(model_cfg):,}')
@@ -189,6 +189,16 @@ def run(config, workdir, devices=None) -> dict:
             ckpt.close()
             metrics_log.close()
     return last
+
+
+def start_from(path: str, model_cfg, abstract_state, state):
+    """`state` with the weights of `init.checkpoint`: a HF directory (params and routing bias, each
+    device reading only its slice) or a previous stage's Orbax checkpoint (params)."""
+    if hf.is_hf_checkpoint(path):
+        logging.info('Starting from the HF checkpoint %s', path)
+        params, buffers = hf.load_into(path, model_cfg, abstract_state.params, abstract_state.buffers)
+        return state.replace(params=params, buffers=buffers)
+    return state.replace(params=checkpoint.restore_params(_checkpoint_dir(path), abstract_state.params))
 
 
 def _checkpoint_dir(path: str) -> pathlib.Path:
