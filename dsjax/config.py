@@ -12,6 +12,7 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn')
 STAGES = ('pretrain',)
 SOURCES = ('stdlib', 'text', 'jsonl')
+TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
@@ -74,8 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.val_fraction = 0.02
     d.seq_len = 256
     d.batch_size = 16
-    d.tokenizer = 'sentencepiece'
-    d.tokenizer_path = ''
+    d.tokenizer = 'sentencepiece'  # or 'hf': a checkpoint's tokenizer.json (DeepSeek's byte-level BPE)
+    d.tokenizer_path = ''  # sentencepiece: '' trains one on the corpus; hf: tokenizer.json or its directory
     d.vocab_size = m.get_ref('vocab_size')
     d.cache_dir = ''
     d.shuffle_seed = 0
@@ -113,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.peak_flops = 0.0  # matmul FLOP/s for MFU; 0 measures this machine's at start-up
 
     c.init = i = ml_collections.ConfigDict()
-    i.checkpoint = ''  # a previous stage's workdir/checkpoint dir to take params from
+    i.checkpoint = ''  # params from a previous stage's workdir/checkpoint dir, or a HF checkpoint directory
 
     c.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # -1: all devices not used by the other axes
@@ -340,6 +341,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice(d.source, 'data.source', SOURCES)
     if d.source != 'stdlib':
         _check(len(d.paths) > 0, 'data.paths', d.paths, f'data.source={d.source!r} needs at least one path')
+    _choice(d.tokenizer, 'data.tokenizer', TOKENIZERS)
+    _check(d.tokenizer != 'hf' or bool(d.tokenizer_path), 'data.tokenizer_path', d.tokenizer_path,
+           "data.tokenizer='hf' needs a tokenizer.json file or a HF checkpoint directory holding one")
     _check(0 < d.val_fraction < 1, 'data.val_fraction', d.val_fraction, 'must be in (0, 1)')
     for f in ('seq_len', 'batch_size', 'max_doc_chars'):
         _positive_int(c, f'data.{f}')

@@ -14,6 +14,7 @@ import numpy as np
 import sentencepiece as spm
 
 from dsjax.data import corpus
+from dsjax.data import hf_tokenizer
 
 # Bump when the training recipe below changes, so cached models are retrained.
 TRAINER_VERSION = 1
@@ -135,11 +136,14 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str) 
 def get_tokenizer(data_cfg) -> Tokenizer:
     """The tokenizer of `config.data`: loaded from `data.tokenizer_path`, else trained once and cached.
 
-  The cache key covers the source, paths, vocab size and a fingerprint of the
-  training split's content, so a changed corpus gets a new model.
-  """
+    `data.tokenizer='hf'` reads a HF tokenizer.json (or a checkpoint directory holding one) with its
+    special tokens and chat template. For sentencepiece, the cache key covers the source, paths,
+    vocab size and a fingerprint of the training split's content, so a changed corpus gets a new model.
+    """
+    if data_cfg.tokenizer == "hf":
+        return hf_tokenizer.HFTokenizer(data_cfg.tokenizer_path)
     if data_cfg.tokenizer != "sentencepiece":
-        raise ValueError(f"data.tokenizer must be 'sentencepiece', got {data_cfg.tokenizer!r}")
+        raise ValueError(f"data.tokenizer must be 'sentencepiece' or 'hf', got {data_cfg.tokenizer!r}")
     if data_cfg.tokenizer_path:
         if not os.path.isfile(data_cfg.tokenizer_path):
             raise ValueError(
