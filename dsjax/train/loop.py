@@ -151,6 +151,7 @@ def run(config, workdir, devices=None) -> dict:
             if start == 0:
                 last = evaluate(eval_step, state, eval_batches, mesh)
                 metrics_log.log(0, _scalars(last))
+                _save_expert_load(workdir, 0, last)
             pending, t_last, steps_since = None, time.perf_counter(), 0
             for step in range(start, tcfg.steps):
                 state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
@@ -175,6 +176,7 @@ def run(config, workdir, devices=None) -> dict:
                 if done % tcfg.eval_every == 0 or at_end:
                     evaluated = evaluate(eval_step, state, eval_batches, mesh)
                     metrics_log.log(done, _scalars(evaluated))
+                    _save_expert_load(workdir, done, evaluated)
                     last = {**last, **evaluated}
                     t_last = time.perf_counter()  # evaluation time is not training throughput
                 if done % tcfg.checkpoint_every == 0 or at_end or stop.received:
@@ -205,6 +207,13 @@ def _checkpoint_dir(path: str) -> pathlib.Path:
     """A previous stage's workdir (holding checkpoints/) or its checkpoint directory itself."""
     path = pathlib.Path(path).resolve()
     return path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+
+
+def _save_expert_load(workdir: pathlib.Path, step: int, metrics: dict) -> None:
+    """Validation expert load [layers, experts] of this evaluation, for the report's heatmaps."""
+    if 'val_load' in metrics and jax.process_index() == 0:
+        (workdir / 'expert_load').mkdir(exist_ok=True)
+        np.save(workdir / 'expert_load' / f'step_{step:08d}.npy', metrics['val_load'])
 
 
 def _scalars(metrics: dict) -> dict:

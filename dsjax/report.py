@@ -1,0 +1,98 @@
+"""Run dashboard: python -m dsjax.report --workdir=DIR renders DIR/report.png from the run's metrics.
+
+Panels: train and validation loss, learning rate, gradient norm, tokens/s and MFU, MaxVio (batch and
+global), and for MoE runs the validation expert load per layer at the last evaluation (a heatmap of
+load / mean load: 1.0 is perfect balance) and MaxVio per layer over evaluations.
+"""
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from dsjax.train import logger  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory holding metrics.jsonl.')
+_OUT = flags.DEFINE_string('out', None, 'PNG path (default: WORKDIR/report.png).')
+
+
+def _series(records, key):
+    points = [(r['step'], r[key]) for r in records if key in r and np.isfinite(r[key])]
+    return tuple(map(list, zip(*points))) if points else ([], [])
+
+
+def expert_loads(workdir) -> list[tuple[int, np.ndarray]]:
+    """(step, load [layers, experts]) of every saved evaluation, by step."""
+    files = sorted((pathlib.Path(workdir) / 'expert_load').glob('step_*.npy'))
+    return [(int(f.stem.split('_')[1]), np.load(f)) for f in files]
+
+
+def render(workdir, out=None) -> pathlib.Path:
+    """Draws the dashboard PNG and returns its path."""
+    workdir = pathlib.Path(workdir)
+    records = logger.read_metrics(workdir)
+    loads = expert_loads(workdir)
+    rows = 3 if loads else 2
+    fig, axes = plt.subplots(rows, 3, figsize=(16, 4.2 * rows), squeeze=False)
+    panels = [
+        ('loss', [('loss', 'train'), ('val_loss', 'validation')], 'linear'),
+        ('learning rate', [('lr', 'lr')], 'linear'),
+        ('gradient norm', [('grad_norm', 'global norm')], 'log'),
+        ('throughput', [('tokens_per_s', 'tokens/s')], 'linear'),
+        ('MFU', [('mfu', 'achieved / measured matmul peak')], 'linear'),
+        ('MaxVio (expert load imbalance)', [('maxvio_batch', 'batch'), ('maxvio_global', 'validation set')], 'linear'),
+    ]
+    for ax, (title, keys, scale) in zip(axes[:2].flat, panels):
+        for key, label in keys:
+            steps, values = _series(records, key)
+            if steps:
+                ax.plot(steps, values, marker='.' if key.startswith(('val', 'maxvio_g')) else None, label=label)
+        ax.set_title(title)
+        ax.set_xlabel('step')
+        ax.set_yscale(scale if any(_series(records, k)[0] for k, _ in keys) else 'linear')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if loads:
+        step, load = loads[-1]
+        ratio = load / np.maximum(load.mean(axis=1, keepdims=True), 1e-9)
+        im = axes[2, 0].imshow(ratio, aspect='auto', cmap='RdBu_r', vmin=0, vmax=2)
+        axes[2, 0].set_title(f'validation load / mean, step {step}')
+        axes[2, 0].set_xlabel('expert')
+        axes[2, 0].set_ylabel('MoE layer')
+        axes[2, 0].set_yticks(range(load.shape[0]))
+        fig.colorbar(im, ax=axes[2, 0])
+        steps = [s for s, _ in loads]
+        per_layer = np.array([(l.max(1) - l.mean(1)) / np.maximum(l.mean(1), 1e-9) for _, l in loads])
+        for layer in range(per_layer.shape[1]):
+            axes[2, 1].plot(steps, per_layer[:, layer], marker='.', label=f'layer {layer}')
+        axes[2, 1].set_title('MaxVio per MoE layer (validation)')
+        axes[2, 1].set_xlabel('step')
+        axes[2, 1].legend(fontsize=7)
+        axes[2, 1].grid(alpha=0.3)
+        first = loads[0][1]
+        axes[2, 2].bar(np.arange(first.shape[1]) - 0.2, first.sum(0) / first.sum() * first.shape[1], 0.4,
+                       label=f'step {loads[0][0]}')
+        axes[2, 2].bar(np.arange(load.shape[1]) + 0.2, load.sum(0) / load.sum() * load.shape[1], 0.4,
+                       label=f'step {step}')
+        axes[2, 2].axhline(1.0, color='k', lw=0.8)
+        axes[2, 2].set_title('load per expert / mean, all layers')
+        axes[2, 2].legend(fontsize=8)
+    fig.suptitle(str(workdir))
+    fig.tight_layout()
+    out = pathlib.Path(out) if out else workdir / 'report.png'
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def main(argv):
+    del argv
+    print(render(_WORKDIR.value, _OUT.value))
+
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['workdir'])
+    app.run(main)
