@@ -3,6 +3,11 @@
 Axis legend: B batch, L query length, S key length, D model width, N query heads, G kv heads,
 Q = N/G queries per kv head, K qk head width, U value head width,
 C query latent rank (q_lora_rank), R kv latent rank (kv_lora_rank), P rope width, J = P/2.
+
+Cached decoding: a layer's cache is a dict of [B, S, ...] arrays whose slot s holds the entry of the
+token at position s (`cache_entry_shapes`). A cached call writes its L new entries at their positions,
+then attends over all S slots, seeing slot s from position p iff s <= p. Slots past a row's position
+may hold stale entries (padding, rejected drafts); they are masked until overwritten.
 """
 import flax.linen as nn
 import jax
@@ -24,6 +29,32 @@ def attention_mask(segment_ids_BxL) -> jax.Array:
     return causal_LxL[None] & same_doc_BxLxL
 
 
+def cache_entry_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Per token per layer cache entries: K and V per kv head (MHA/GQA); MLA only the normed latent
+    and the roped shared key."""
+    if cfg.attention_type == 'mla':
+        return {'latent': (cfg.kv_lora_rank,), 'rope_key': (cfg.qk_rope_head_dim,)}
+    return {'k': (cfg.num_key_value_heads, cfg.attn_head_dim), 'v': (cfg.num_key_value_heads, cfg.attn_head_dim)}
+
+
+def cache_entry_axes(cfg: ModelConfig) -> dict[str, tuple[str | None, ...]]:
+    """Logical axes of the per-token entries (after [B, S]); the MLA latent has no head axis to split."""
+    if cfg.attention_type == 'mla':
+        return {'latent': (None,), 'rope_key': (None,)}
+    return {'k': ('act_kv_heads', None), 'v': ('act_kv_heads', None)}
+
+
+def cache_mask(positions_BxL, length: int) -> jax.Array:
+    """[B, L, S] True where a query at position p may see cache slot s: s <= p."""
+    return jnp.arange(length)[None, None, :] <= positions_BxL[:, :, None]
+
+
+def write_cache(cache_BxSxX, new_BxLxX, positions_BxL) -> jax.Array:
+    """Writes each row's L new entries into the slots of their positions (out-of-range writes drop)."""
+    rows_Bx1 = jnp.arange(new_BxLxX.shape[0])[:, None]
+    return cache_BxSxX.at[rows_Bx1, positions_BxL].set(new_BxLxX.astype(cache_BxSxX.dtype), mode='drop')
+
+
 def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float):
     """Softmax attention in float32, grouped so kv heads are shared by Q query heads."""
     logits = jnp.einsum('BLGQK,BSGK->BGQLS', q_BxLxGxQxK, k_BxSxGxK,
@@ -38,7 +69,9 @@ class MHA(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos, sin, mask_BxLxS):
+    def __call__(self, x_BxLxD, cos, sin, mask_BxLxS, cache=None, positions_BxL=None):
+        """Self-attention over x; with `cache` ({'k', 'v'} [B, S, G, K]) over the cache, which is
+        returned updated with x's entries at `positions`: (out, cache)."""
         cfg = self.cfg
         d, n, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
         b, length = x_BxLxD.shape[:2]
@@ -48,23 +81,31 @@ class MHA(nn.Module):
         q_BxLxNxK = rope.apply_rope(q_BxLxNxK, cos, sin, cfg.rope_interleave)
         k_BxLxGxK = rope.apply_rope(k_BxLxGxK, cos, sin, cfg.rope_interleave)
         q_BxLxNxK = constrain(q_BxLxNxK, ('batch', 'act_len', 'act_heads', None))
-        k_BxLxGxK = constrain(k_BxLxGxK, ('batch', 'act_len', 'act_kv_heads', None))
+        k_BxSxGxK = constrain(k_BxLxGxK, ('batch', 'act_len', 'act_kv_heads', None))
+        v_BxSxGxK = v_BxLxGxK
+        if cache is not None:
+            cache = {'k': write_cache(cache['k'], k_BxSxGxK, positions_BxL),
+                     'v': write_cache(cache['v'], v_BxSxGxK, positions_BxL)}
+            k_BxSxGxK, v_BxSxGxK = cache['k'], cache['v']
+            mask_BxLxS = cache_mask(positions_BxL, k_BxSxGxK.shape[1])
         scale = rope.softmax_scale(k, cfg.rope_scaling)
-        out = dot_product_attention(q_BxLxNxK.reshape(b, length, g, n // g, k), k_BxLxGxK, v_BxLxGxK,
+        out = dot_product_attention(q_BxLxNxK.reshape(b, length, g, n // g, k), k_BxSxGxK, v_BxSxGxK,
                                     mask_BxLxS, scale)
         out_BxLxNxK = out.reshape(b, length, n, k)
         o_NxKxD = weight(self, 'o', (n, k, d), ('heads', 'head_dim', 'embed'), cfg)
-        return jnp.einsum('BLNK,NKD->BLD', out_BxLxNxK, o_NxKxD)
+        out_BxLxD = jnp.einsum('BLNK,NKD->BLD', out_BxLxNxK, o_NxKxD)
+        return out_BxLxD if cache is None else (out_BxLxD, cache)
 
 
 class MLA(nn.Module):
     """Multi-head Latent Attention: low-rank queries, one shared kv latent plus a shared RoPE key.
 
     The rope slices use the checkpoint's pair convention (`rope_interleave`), so HF weights load
-    unpermuted. The naive path is used here (training, prefill): keys and values are expanded
-    from the latent per head.
+    unpermuted. Training uses the naive path (keys and values expanded from the latent per head);
+    cached decoding defaults to the absorbed path (`absorb`), which never expands them.
     """
     cfg: ModelConfig
+    absorb: bool = True
 
     def setup(self):
         cfg = self.cfg
@@ -108,11 +149,9 @@ class MLA(nn.Module):
     def scale(self):
         return rope.softmax_scale(self.cfg.qk_nope_head_dim + self.cfg.qk_rope_head_dim, self.cfg.rope_scaling)
 
-    def __call__(self, x_BxLxD, cos, sin, mask_BxLxS):
+    def expanded_attention(self, q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS):
+        """Naive MLA: per-head keys and values expanded from the latent [B, S, R]; returns [B, L, N, U]."""
         cfg = self.cfg
-        n = cfg.num_attention_heads
-        q_nope, q_rope = self.queries(x_BxLxD, cos, sin)
-        c_BxSxR, k_rope_BxSxP = self.latent(x_BxLxD, cos, sin)
         kv_BxSxNxK = jnp.einsum('BSR,RNK->BSNK', c_BxSxR, self.w(self.kv_b))
         k_nope, v_BxSxNxU = jnp.split(kv_BxSxNxK, [cfg.qk_nope_head_dim], axis=-1)
         k_rope_BxSxNxP = jnp.broadcast_to(k_rope_BxSxP[:, :, None, :], k_nope.shape[:3] + (cfg.qk_rope_head_dim,))
@@ -121,5 +160,35 @@ class MLA(nn.Module):
                               ('batch', 'act_len', 'act_heads', None))
         # Every query head has its own key head: grouped attention with N groups of one query.
         out = dot_product_attention(q_BxLxNxK[:, :, :, None, :], k_BxSxNxK, v_BxSxNxU, mask_BxLxS, self.scale())
-        out_BxLxNxU = out[:, :, :, 0, :]
-        return jnp.einsum('BLNU,NUD->BLD', out_BxLxNxU, self.w(self.o))
+        return out[:, :, :, 0, :]
+
+    def absorbed_attention(self, q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS):
+        """MLA attending in latent space: W_UK folded into the query, W_UV applied to the attended
+        latent, so the cost per cached token is R + P per head instead of expanding K and V."""
+        cfg = self.cfg
+        w_uk_RxNxK, w_uv_RxNxU = jnp.split(self.w(self.kv_b), [cfg.qk_nope_head_dim], axis=-1)
+        q_lat_BxLxNxR = jnp.einsum('BLNK,RNK->BLNR', q_nope, w_uk_RxNxK)
+        logits_BxNxLxS = (
+            jnp.einsum('BLNR,BSR->BNLS', q_lat_BxLxNxR, c_BxSxR, preferred_element_type=jnp.float32)
+            + jnp.einsum('BLNP,BSP->BNLS', q_rope, k_rope_BxSxP, preferred_element_type=jnp.float32)
+        ) * self.scale()
+        logits_BxNxLxS = jnp.where(mask_BxLxS[:, None], logits_BxNxLxS, _MASK_VALUE)
+        probs_BxNxLxS = jax.nn.softmax(logits_BxNxLxS, axis=-1).astype(c_BxSxR.dtype)
+        o_lat_BxLxNxR = jnp.einsum('BNLS,BSR->BLNR', probs_BxNxLxS, c_BxSxR)
+        return jnp.einsum('BLNR,RNU->BLNU', o_lat_BxLxNxR, w_uv_RxNxU)
+
+    def __call__(self, x_BxLxD, cos, sin, mask_BxLxS, cache=None, positions_BxL=None):
+        """Self-attention over x; with `cache` ({'latent' [B, S, R], 'rope_key' [B, S, P]}) over the
+        cache, which is returned updated with x's entries at `positions`: (out, cache)."""
+        q_nope, q_rope = self.queries(x_BxLxD, cos, sin)
+        c_BxSxR, k_rope_BxSxP = self.latent(x_BxLxD, cos, sin)
+        attend = self.expanded_attention
+        if cache is not None:
+            cache = {'latent': write_cache(cache['latent'], c_BxSxR, positions_BxL),
+                     'rope_key': write_cache(cache['rope_key'], k_rope_BxSxP, positions_BxL)}
+            c_BxSxR, k_rope_BxSxP = cache['latent'], cache['rope_key']
+            mask_BxLxS = cache_mask(positions_BxL, c_BxSxR.shape[1])
+            attend = self.absorbed_attention if self.absorb else self.expanded_attention
+        out_BxLxNxU = attend(q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS)
+        out_BxLxD = jnp.einsum('BLNU,NUD->BLD', out_BxLxNxU, self.w(self.o))
+        return out_BxLxD if cache is None else (out_BxLxD, cache)

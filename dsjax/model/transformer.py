@@ -4,6 +4,10 @@ Axis legend: B batch, L length, D model width, V vocab, E routed experts, M MoE 
 `Transformer.apply(variables, tokens)` returns (logits [B, L, V] float32, aux) where aux holds
 `balance_loss` (scalar), `load` ({stack name: tokens per expert, [M, E] or [E]}), `dropped`,
 `hidden` (pre-norm final hidden state) and, with MTP, `mtp_logits` [D, B, L, V].
+
+Cached decoding: pass `cache` ({stack name: {entry: [layers, B, S, ...]}}, see dsjax/infer/cache.py)
+and the tokens' `positions`; aux['cache'] holds it updated. MTP does not run then: `MTPDraft` runs
+it on its own cache, once the tokens it needs are known (speculative decoding).
 """
 import flax.linen as nn
 import jax
@@ -22,34 +26,50 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(.)) with a dense MLP or MoE."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(.)) with a dense MLP or MoE.
+
+    With `cache` (this layer's) the attention reads and extends it; aux['cache'] holds it updated.
+    """
     cfg: ModelConfig
     use_moe: bool
     deterministic: bool = True
+    absorb: bool = True
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL):
+    def __call__(self, x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache=None, positions_BxL=None):
         cfg = self.cfg
-        attn = MLA(cfg, name='attn') if cfg.attention_type == 'mla' else MHA(cfg, name='attn')
-        h_BxLxD = x_BxLxD + attn(RMSNorm(cfg, name='input_norm')(x_BxLxD), cos, sin, mask_BxLxL)
+        attn = MLA(cfg, self.absorb, name='attn') if cfg.attention_type == 'mla' else MHA(cfg, name='attn')
+        normed = RMSNorm(cfg, name='input_norm')(x_BxLxD)
+        if cache is None:
+            h_BxLxD = x_BxLxD + attn(normed, cos, sin, mask_BxLxL)
+        else:
+            attended, cache = attn(normed, cos, sin, mask_BxLxL, cache, positions_BxL)
+            h_BxLxD = x_BxLxD + attended
         normed = RMSNorm(cfg, name='post_attn_norm')(h_BxLxD)
         if self.use_moe:
             y_BxLxD, aux = MoE(cfg, name='mlp')(normed, token_mask_BxL, self.deterministic)
         else:
             y_BxLxD, aux = MLP(cfg, name='mlp')(normed), {}
         out = constrain(h_BxLxD + y_BxLxD, ('batch', 'act_len', 'act_embed'))
+        if cache is not None:
+            aux = {**aux, 'cache': cache}
         return out, aux
 
 
 class Stack(nn.Module):
-    """`length` identical Blocks, scanned (one compiled body), with the configured remat."""
+    """`length` identical Blocks, scanned (one compiled body), with the configured remat.
+
+    A cache is scanned with the layers: each Block reads its [B, S, ...] slice of the [layers, B, S, ...]
+    arrays, and aux['cache'] stacks the updated slices back.
+    """
     cfg: ModelConfig
     use_moe: bool
     length: int
     deterministic: bool = True
+    absorb: bool = True
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL):
+    def __call__(self, x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache=None, positions_BxL=None):
         block = Block
         if self.cfg.remat_policy != 'none':
             block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[self.cfg.remat_policy])
@@ -57,38 +77,62 @@ class Stack(nn.Module):
             block,
             variable_axes={'params': 0, 'moe_bias': 0},
             split_rngs={'params': True},
-            in_axes=(nn.broadcast,) * 4,
+            in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
             length=self.length,
             metadata_params={nn.PARTITION_NAME: 'layers'},
         )
-        return scanned(self.cfg, self.use_moe, self.deterministic, name='layers')(
-            x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL)
+        return scanned(self.cfg, self.use_moe, self.deterministic, self.absorb, name='layers')(
+            x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache, positions_BxL)
 
 
 class MTPLayer(nn.Module):
     """One multi-token-prediction depth: h' = W[enorm(emb(t_{i+k})); hnorm(h_i)], then a full block."""
     cfg: ModelConfig
     deterministic: bool = True
+    absorb: bool = True
 
     @nn.compact
-    def __call__(self, h_BxLxD, emb_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL):
+    def __call__(self, h_BxLxD, emb_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache=None, positions_BxL=None):
         cfg = self.cfg
         d = cfg.hidden_size
         # The checkpoint's order is [embedding; hidden] (the paper's eq. 21 writes the reverse).
         both = jnp.concatenate([RMSNorm(cfg, name='enorm')(emb_BxLxD), RMSNorm(cfg, name='hnorm')(h_BxLxD)], -1)
         x_BxLxD = jnp.einsum('BLX,XD->BLD', both, weight(self, 'eh_proj', (2 * d, d), (None, 'embed'), cfg))
-        return Block(cfg, use_moe=cfg.num_moe_layers > 0, deterministic=self.deterministic, name='block')(
-            x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL)
+        block = Block(cfg, use_moe=cfg.num_moe_layers > 0, deterministic=self.deterministic, absorb=self.absorb,
+                      name='block')
+        return block(x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache, positions_BxL)
+
+
+def _output_head(module: nn.Module, cfg: ModelConfig, embed: Embed):
+    """head(h, norm_name): float32 logits of a pre-norm hidden state, through the (maybe tied) head."""
+    if cfg.tie_word_embeddings:
+        unembed = embed.attend
+    else:
+        head_DxV = weight(module, 'lm_head', (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), cfg)
+        unembed = lambda x: jnp.einsum('BLD,DV->BLV', x, head_DxV)
+
+    def head(h_BxLxD, norm_name):
+        logits = unembed(RMSNorm(cfg, name=norm_name)(h_BxLxD))
+        return constrain(logits, ('batch', 'act_len', 'act_vocab')).astype(jnp.float32)
+    return head
 
 
 class Transformer(nn.Module):
-    """DeepSeek-LLM (dense), DeepSeek-V2 and DeepSeek-V3, chosen by the config's fields."""
+    """DeepSeek-LLM (dense), DeepSeek-V2 and DeepSeek-V3, chosen by the config's fields.
+
+    `absorb` picks the MLA attention of cached calls: absorbed weights (default) or naive expansion.
+    """
     cfg: ModelConfig
+    absorb: bool = True
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, next_tokens_BxL=None,
-                 deterministic: bool = True):
-        """Forward pass. `next_tokens` (the targets) feeds MTP; without it MTP sees shifted inputs."""
+                 deterministic: bool = True, cache=None):
+        """Forward pass. `next_tokens` (the targets) feeds MTP; without it MTP sees shifted inputs.
+
+        With `cache`, the tokens sit at `positions` (default 0..L-1) and attend to the cache, not to
+        each other by segment; `segment_ids` then only marks padding (0) for the MoE.
+        """
         cfg = self.cfg
         b, length = tokens_BxL.shape
         if positions_BxL is None:
@@ -96,33 +140,36 @@ class Transformer(nn.Module):
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones((b, length), jnp.int32)
         cos, sin = rope.cos_sin(positions_BxL, cfg)
-        mask_BxLxL = attention_mask(segment_ids_BxL)
+        # A cached call's attention masks by position over the cache slots instead.
+        mask_BxLxL = attention_mask(segment_ids_BxL) if cache is None else None
         token_mask_BxL = segment_ids_BxL != 0
 
         embed = Embed(cfg, name='embed')
         x_BxLxD = embed(tokens_BxL)
-        if cfg.tie_word_embeddings:
-            unembed = embed.attend
-        else:
-            head_DxV = weight(self, 'lm_head', (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), cfg)
-            unembed = lambda x: jnp.einsum('BLD,DV->BLV', x, head_DxV)
-
-        def head(h_BxLxD, norm_name):
-            """Logits in float32 from a pre-norm hidden state."""
-            logits = unembed(RMSNorm(cfg, name=norm_name)(h_BxLxD))
-            return constrain(logits, ('batch', 'act_len', 'act_vocab')).astype(jnp.float32)
+        head = _output_head(self, cfg, embed)
 
         args = (cos, sin, mask_BxLxL, token_mask_BxL)
         aux = {'balance_loss': jnp.zeros((), jnp.float32), 'load': {}, 'dropped': jnp.zeros((), jnp.float32)}
-        if cfg.num_dense_layers:
-            x_BxLxD, _ = Stack(cfg, False, cfg.num_dense_layers, deterministic, name='dense_layers')(x_BxLxD, *args)
-        if cfg.num_moe_layers:
-            x_BxLxD, moe_aux = Stack(cfg, True, cfg.num_moe_layers, deterministic, name='moe_layers')(x_BxLxD, *args)
-            aux['balance_loss'] += moe_aux['balance_loss'].sum()
-            aux['load']['moe_layers'] = moe_aux['load']
-            aux['dropped'] = moe_aux['dropped'].mean()
+        new_cache = None if cache is None else dict(cache)
+        for name, use_moe, length in (('dense_layers', False, cfg.num_dense_layers),
+                                      ('moe_layers', True, cfg.num_moe_layers)):
+            if not length:
+                continue
+            stack = Stack(cfg, use_moe, length, deterministic, self.absorb, name=name)
+            if cache is None:
+                x_BxLxD, stack_aux = stack(x_BxLxD, *args)
+            else:
+                x_BxLxD, stack_aux = stack(x_BxLxD, *args, cache[name], positions_BxL)
+                new_cache[name] = stack_aux['cache']
+            if use_moe:
+                aux['balance_loss'] += stack_aux['balance_loss'].sum()
+                aux['load']['moe_layers'] = stack_aux['load']
+                aux['dropped'] = stack_aux['dropped'].mean()
         aux['hidden'] = x_BxLxD
         logits = head(x_BxLxD, 'final_norm')
+        if cache is not None:
+            aux['cache'] = new_cache
+            return logits, aux
 
         if cfg.num_nextn_predict_layers:
             if next_tokens_BxL is None:
@@ -139,3 +186,27 @@ class Transformer(nn.Module):
                 mtp_logits.append(head(h_BxLxD, f'mtp_{depth}_norm'))
             aux['mtp_logits'] = jnp.stack(mtp_logits)
         return logits, aux
+
+
+class MTPDraft(nn.Module):
+    """MTP depth 0 on its own, with its cache: drafts the token after next for speculative decoding.
+
+    Reads the Transformer's own variables (the same names: embed, mtp_0, mtp_0_norm, lm_head). At
+    position i it combines the main model's pre-norm hidden state h_i with the embedding of token
+    i+1 and returns logits for token i+2, plus the cache with 'mtp_0' updated.
+    """
+    cfg: ModelConfig
+    absorb: bool = True
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD, next_tokens_BxL, positions_BxL, token_mask_BxL, cache):
+        cfg = self.cfg
+        if not cfg.num_nextn_predict_layers:
+            raise ValueError('MTPDraft needs model.num_nextn_predict_layers >= 1 (this model has no MTP module)')
+        cos, sin = rope.cos_sin(positions_BxL, cfg)
+        embed = Embed(cfg, name='embed')
+        layer = MTPLayer(cfg, absorb=self.absorb, name='mtp_0')
+        h_BxLxD, aux = layer(hidden_BxLxD, embed(next_tokens_BxL), cos, sin, None, token_mask_BxL,
+                             cache['mtp_0'], positions_BxL)
+        logits = _output_head(self, cfg, embed)(h_BxLxD, 'mtp_0_norm')
+        return logits, {**cache, 'mtp_0': aux['cache']}
