@@ -7,6 +7,7 @@ Both directions stream: one HF tensor (and its block of our arrays) is in host m
 The Orbax side is what `--config.init.checkpoint=DIR` starts a run from (a HF directory works there
 too, without converting). `--to=hf` exports a training run's checkpoint or a converted one.
 """
+import ctypes
 import re
 import shutil
 import sys
@@ -64,9 +65,26 @@ def _describe(cfg) -> str:
     return f'{hf_mapping.hf_config_from_model(cfg)["model_type"]}, {cfg.num_hidden_layers} layers'
 
 
+def _return_freed_buffers_to_the_os() -> None:
+    """Makes glibc serve every buffer over 1 MiB with mmap, so freeing it returns it to the OS.
+
+    glibc raises its mmap threshold to the size of the largest buffer freed (up to 32 MiB); after the
+    first big tensor, tensor-sized buffers then come from per-thread arenas (tensorstore's threads)
+    that keep freed memory, and RSS grows with the number of tensors converted instead of staying
+    near the largest one (benchmarks/convert_memory.py, Orbax -> HF: 0.61 GB -> 0.52 GB peak).
+    """
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:  # not glibc: nothing to tune
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments {argv[1:]}')
+    _return_freed_buffers_to_the_os()
     try:
         convert()
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:

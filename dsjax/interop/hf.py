@@ -424,8 +424,10 @@ def write_hf(directory, cfg: ModelConfig, fetch: Callable[[Path, tuple], np.ndar
                 w8, scales = st.quantize_fp8(x, block)
                 writer.write(name, w8)
                 writer.write(st.scale_name(name), scales)
+                del w8, scales
             else:
                 writer.write(name, x.astype(out_dtype(name), copy=False))
+            del x, blocks  # before the next fetch, so two tensors never coexist
         writer.close()
     except BaseException:
         writer.abort()

@@ -125,9 +125,11 @@ def hf_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, step: int = 0, **m
         x = source.read(name)
         for t in source.table[name]:
             if not t.copy:
-                block = hf.our_block(x, t, shapes[t.path][len(t.index):]).astype(_leaf_dtype(t.path, cfg))
+                block = hf.our_block(x, t, shapes[t.path][len(t.index):])
+                block = block.astype(_leaf_dtype(t.path, cfg), copy=False)
                 arrays[t.path][t.index].write(block).result()
-        del x
+                del block
+        del x  # before the next read, so two tensors never coexist
         logging.log_every_n_seconds(logging.INFO, 'Converted %d / %d tensors', 30, i + 1, len(order))
     (tmp / _COMMIT_FILE).write_text(f'converted from {pathlib.Path(hf_dir).resolve()}\n')
     tmp.rename(final)

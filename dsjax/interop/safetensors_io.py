@@ -27,6 +27,7 @@ _CODES = {dtype: code for code, dtype in DTYPES.items()}
 INDEX_FILE = 'model.safetensors.index.json'
 # Formats that unpickle on load: opening one can run arbitrary code, so dsjax never does.
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl')
+_WRITE_SLAB_BYTES = 32 << 20
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 
 
@@ -280,7 +281,13 @@ class ShardedWriter:
             if self._file is not None:
                 self._close_shard()
             self._open_shard(k)
-        self._file.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
+        if x.flags.c_contiguous or x.ndim == 0:
+            self._file.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
+        else:
+            # A transposed view ([in, out] -> [out, in]) is copied a slab of rows at a time, never whole.
+            rows = max(1, _WRITE_SLAB_BYTES // max(1, x[0].nbytes))
+            for i in range(0, x.shape[0], rows):
+                self._file.write(memoryview(np.ascontiguousarray(x[i:i + rows]).reshape(-1).view(np.uint8)))
         self._next += 1
 
     def close(self):
