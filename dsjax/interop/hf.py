@@ -6,7 +6,7 @@
 
 Loading walks `hf_mapping.name_map`: each of our leaves is assembled from the HF tensors holding its
 pieces, one device slice at a time, so a device receives only its slice and the host holds that
-slice (or one layer of it, past `max_host_bytes`) plus one HF tensor. FP8 weights are dequantised
+slice (or, past `max_host_bytes`, a piece of it) plus one HF tensor. FP8 weights are dequantised
 with their block scales as they are read. Saving streams each HF tensor out of the (possibly
 sharded) arrays into shards on disk, one tensor in host memory at a time.
 """
@@ -241,12 +241,12 @@ def host_block(read, pieces, shape, index: tuple[slice, ...], dtype) -> np.ndarr
     return block
 
 
-def _set_row(buf, row, i):
-    return jax.lax.dynamic_update_index_in_dim(buf, row, i, 0)
+def _set_rows(buf, rows, start):
+    return jax.lax.dynamic_update_slice_in_dim(buf, rows, start, 0)
 
 
 # In place on the device: the buffer is donated, so a leaf never exists twice there.
-_set_row_donated = jax.jit(_set_row, donate_argnums=0)
+_set_rows_donated = jax.jit(_set_rows, donate_argnums=0)
 
 
 def _place(read, pieces, shape, dtype, sharding, max_host_bytes: int) -> jax.Array:
@@ -255,23 +255,26 @@ def _place(read, pieces, shape, dtype, sharding, max_host_bytes: int) -> jax.Arr
     for device, index in sharding.addressable_devices_indices_map(shape).items():
         key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))  # (start, stop): slices are unhashable
         groups.setdefault(key, []).append(device)
+    itemsize = np.dtype(dtype).itemsize
     arrays = {}
     for key, devices in groups.items():
         index = tuple(slice(*bounds) for bounds in key)
         sizes = tuple(s.stop - s.start for s in index)
-        if not sizes or sizes[0] == 1 or math.prod(sizes) * np.dtype(dtype).itemsize <= max_host_bytes:
+        step = max(1, max_host_bytes // max(1, math.prod(sizes[1:]) * itemsize)) if sizes else 1
+        if not sizes or sizes[0] <= step:
             block = host_block(read, pieces, shape, index, dtype)
             for d in devices:
                 arrays[d] = jax.device_put(block, d)
             continue
-        # Too large for one host buffer: fill the device buffer one leading index (layer) at a time.
+        # Too large for one host buffer: fill the device buffer a few leading rows (layers) at a time.
         for d in devices:
             arrays[d] = jnp.zeros(sizes, dtype, device=d)
-        for i in range(sizes[0]):
-            row = host_block(read, pieces, shape, (slice(index[0].start + i, index[0].start + i + 1),) + index[1:],
-                             dtype)[0]
+        for r in range(0, sizes[0], step):
+            rows = slice(index[0].start + r, index[0].start + min(sizes[0], r + step))
+            block = host_block(read, pieces, shape, (rows,) + index[1:], dtype)
             for d in devices:
-                arrays[d] = _set_row_donated(arrays[d], jax.device_put(row, d), i)
+                arrays[d] = _set_rows_donated(arrays[d], jax.device_put(block, d), r)
+            del block
     return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in arrays])
 
 
@@ -326,7 +329,8 @@ def load(path, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None = Non
       mesh: place each leaf on this mesh by `rules` (each device reads only its slice); None puts
         everything on the first device.
       rules: logical-axis rules (dsjax.sharding.DEFAULT_RULES).
-      max_host_bytes: a device slice larger than this is filled on the device one layer at a time.
+      max_host_bytes: a device slice larger than this is filled on the device a few rows (layers)
+        at a time, each piece at most this size (or one row).
       **model_overrides: other ModelConfig fields (moe_dispatch, remat_policy, ...). An MTP layer is
         loaded when the checkpoint has one (layer num_hidden_layers), unless num_nextn_predict_layers=0.
 

@@ -379,7 +379,7 @@ def test_sharded_load_gives_each_device_only_its_slice(checkpoints, monkeypatch)
             assert np.array_equal(np.asarray(shard.data), whole_np[shard.index])
     experts = sharded['params']['moe_layers']['layers']['mlp']['gate']  # [M, E, D, F] over (-, expert, fsdp, tensor)
     assert experts.addressable_shards[0].data.shape == (2, 4, 16, 8)
-    # The host never built more than one device's slice of a leaf, and slices over 2 KB one layer at a time.
+    # The host never built more than one device's slice of a leaf, nor more than 2 KB of it (or one row) at once.
     shard_size = {}
     for spec, x in zip(jax.tree.leaves(want_shardings), jax.tree.leaves(whole)):
         shard_size[x.shape] = max(shard_size.get(x.shape, 0), math.prod(spec.shard_shape(x.shape)))
