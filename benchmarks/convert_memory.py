@@ -122,30 +122,29 @@ def main():
     try:
         start = time.perf_counter()
         total, largest, count = write_random_checkpoint(scratch / 'hf', args.fp8)
-        print(f'wrote {count} tensors, {gb(total)} in {time.perf_counter() - start:.0f} s; largest tensor {gb(largest)}')
-        rows = [('baseline (imports only)',) + peak_rss([], scratch)]
-        rows.append(('HF -> Orbax',) + peak_rss(['--to=orbax', f'--hf_dir={scratch / "hf"}',
-                                                  f'--orbax_dir={scratch / "orbax"}'], scratch))
-        rows.append(('Orbax -> HF (1 GB shards)',) + peak_rss(
-            ['--to=hf', f'--orbax_dir={scratch / "orbax"}', f'--hf_dir={scratch / "back"}', '--max_shard_size=1GB'],
-            scratch))
-        same = all(np.array_equal(st.SafetensorsDir(scratch / 'back').read(n).view(np.uint8),
-                                  st.SafetensorsDir(scratch / 'hf').read(n).view(np.uint8))
-                   for n in st.SafetensorsDir(scratch / 'back').tensors) if not args.fp8 else None
+        print(f'wrote {count} tensors, {gb(total)} in {time.perf_counter() - start:.0f} s; '
+              f'largest tensor {gb(largest)}')
+        hf_dir, orbax_dir, back_dir = scratch / 'hf', scratch / 'orbax', scratch / 'back'
+        runs = {'baseline (imports only)': [],
+                'HF -> Orbax': ['--to=orbax', f'--hf_dir={hf_dir}', f'--orbax_dir={orbax_dir}'],
+                'Orbax -> HF (1 GB shards)': ['--to=hf', f'--orbax_dir={orbax_dir}', f'--hf_dir={back_dir}',
+                                              '--max_shard_size=1GB']}
+        measured = {label: peak_rss(argv, scratch) for label, argv in runs.items()}
         stacked = 3 * 32 * 2048 * 1408 * 2  # one stacked expert leaf (gate of the 3 MoE layers), bf16
-        base = rows[0][1]
+        base = measured['baseline (imports only)'][0]
         lines = [f'# Conversion memory{" (FP8 source)" if args.fp8 else ""}', '',
-                 f'Random V3-shaped checkpoint: {count} tensors, {gb(total)} on disk '
-                 f'(Orbax copy {gb(du(scratch / "orbax"))}); largest HF tensor {gb(largest)}; largest stacked '
-                 f'leaf of ours (one expert weight of all MoE layers) {gb(stacked)}. Peak RSS (VmHWM) of a fresh process'
-                 f', on {os.cpu_count()} CPU cores.', '',
-                 '| run | peak RSS | above baseline | above baseline / largest tensor | seconds |', '|---|---|---|---|---|']
-        for label, rss, seconds in rows:
-            above = rss - base
-            lines.append(f'| {label} | {gb(rss)} | {gb(above) if rss != base else "-"} | '
-                         f'{above / largest:.2f}x |' if rss != base else f'| {label} | {gb(rss)} | - | - |')
-            lines[-1] += f' {seconds:.0f} |'
-        if same is not None:
+                 f'Random V3-shaped checkpoint: {count} tensors, {gb(total)} on disk (Orbax copy {gb(du(orbax_dir))}); '
+                 f'largest HF tensor {gb(largest)}; largest stacked leaf of ours (one expert weight of all MoE '
+                 f'layers) {gb(stacked)}. Peak RSS (VmHWM) of a fresh process, on {os.cpu_count()} CPU cores.', '',
+                 '| run | peak RSS | above baseline | above baseline / largest tensor | seconds |',
+                 '|---|---|---|---|---|']
+        for label, (rss, seconds) in measured.items():
+            above = (f'{gb(rss - base)} | {(rss - base) / largest:.2f}x' if rss != base else '- | -')
+            lines.append(f'| {label} | {gb(rss)} | {above} | {seconds:.0f} |')
+        if not args.fp8:  # an FP8 source comes back as bf16, so only the plain one can match bit for bit
+            src, back = st.SafetensorsDir(hf_dir), st.SafetensorsDir(back_dir)
+            same = sorted(src.tensors) == sorted(back.tensors) and all(
+                np.array_equal(back.read(n).view(np.uint8), src.read(n).view(np.uint8)) for n in src.tensors)
             lines += ['', f'HF -> Orbax -> HF bit-exact on every tensor: {same}.']
         text = '\n'.join(lines) + '\n'
         print(text)

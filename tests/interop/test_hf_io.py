@@ -335,7 +335,8 @@ def test_bad_checkpoints_fail_naming_file_and_tensor(checkpoints, tmp_path):
         hf.load(pickled)
 
     no_mtp = checkpoints['llm']['bf16']
-    with pytest.raises(KeyError, match=r'model.layers.4.enorm.weight is missing.*has 1 MTP layers: load with num_nextn_predict_layers=1'):
+    with pytest.raises(KeyError, match=r'model.layers.4.enorm.weight is missing.*has 1 MTP layers: load with '
+                                       r'num_nextn_predict_layers=1'):
         hf.load(checkpoints['v3']['bf16'], num_nextn_predict_layers=2)
     assert not hf.is_hf_checkpoint(tmp_path) and hf.is_hf_checkpoint(no_mtp)
 
