@@ -480,6 +480,10 @@ def save(model: Transformer, variables, path, *, dtype: str | None = None, fused
     for name, tree in trees.items():
         for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             flat[(name,) + _keys(kp)] = leaf
+    missing = sorted(set(hf_mapping.our_shapes(model.cfg)) - set(flat))
+    if missing:
+        raise ValueError(f'variables lack {"/".join(missing[0])} (and {len(missing) - 1} more leaves) of this '
+                         "model: pass model.init's or hf.load's {'params', 'moe_bias'}")
     dtypes = {p: (ml_dtypes.bfloat16 if fp8 else x.dtype) for p, x in flat.items()}
     write_hf(path, model.cfg, array_fetcher(flat), dtypes, dtype=dtype, fused_experts=fused_experts, fp8=fp8,
              max_shard_bytes=max_shard_bytes)

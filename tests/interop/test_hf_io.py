@@ -9,10 +9,12 @@ import math
 import pathlib
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import optax
 import pytest
 import safetensors.torch
 import torch
@@ -190,6 +192,9 @@ def test_round_trip_is_bit_exact(checkpoints, tmp_path, family):
         assert variables['moe_bias']['moe_layers']['layers']['mlp']['bias'].dtype == jnp.float32
     hf.save(model, variables, tmp_path / 'bf16')
     assert_same_files(tmp_path / 'bf16', src)
+    if family == 'v3':
+        with pytest.raises(ValueError, match=r'variables lack moe_bias/'):
+            hf.save(model, {'params': variables['params']}, tmp_path / 'no_bias')
     model32, variables32 = hf.load(src, dtype='float32')
     hf.save(model32, variables32, tmp_path / 'from_fp32', dtype='bfloat16')
     assert_same_files(tmp_path / 'from_fp32', src)
@@ -404,8 +409,8 @@ def test_convert_cli_round_trip_through_orbax(checkpoints, tmp_path):
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2, tensor=1))
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
     shardings = sharding.logical_sharding(boxed, mesh)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            jax.tree.map(lambda b: b.value, boxed, is_leaf=lambda b: hasattr(b, 'names')), shardings)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
+                            shardings)
     restored = checkpoint.restore_params(tmp_path / 'orbax', abstract['params'])
     jax.tree.map(np.testing.assert_array_equal, restored, variables['params'])
     with flagsaver.flagsaver(to='hf', hf_dir=str(tmp_path / 'back'), orbax_dir=str(tmp_path / 'orbax'),
@@ -443,8 +448,6 @@ def test_init_checkpoint_from_a_hf_directory(checkpoints):
     c.model.update(moe_dispatch='capacity', remat_policy='full')  # training choices may differ
     model_cfg = config_lib.freeze_model(c.model)
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2, tensor=1))
-    import flax.linen as nn
-    import optax
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         _, abstract, _ = loop.build_state_fns(Transformer(model_cfg), optax.sgd(0.1), mesh, seq_len=8)
     blank = TrainState(step=None, params=None, opt_state=None, rng=None, buffers={})
