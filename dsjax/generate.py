@@ -1,0 +1,76 @@
+"""Generate text from a trained run or a HF checkpoint.
+
+    python -m dsjax.generate --model=runs/v3_small --prompt='def fibonacci(n):' --max_new_tokens=64
+    python -m dsjax.generate --model=/ckpt/DeepSeek-V2-Lite --prompt=a --prompt=b --temperature=0.6 --top_p=0.95
+    python -m dsjax.generate --model=runs/v3_small --prompt='import os' --speculative   # MTP drafts
+
+--model is a dsjax run directory (or its checkpoints/ directory) written by `dsjax.main`, or a HF
+checkpoint directory (config.json + safetensors + tokenizer.json). Each prompt is framed like the
+training documents ([bos] + tokens) and continued until EOS or --max_new_tokens.
+"""
+import json
+import sys
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+
+from dsjax.infer import decode, loading, speculative
+
+_FLAGS = loading.define_flags()
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for a batch.')
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A text file with one prompt per line.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Most tokens generated per prompt.')
+_SPECULATIVE = flags.DEFINE_bool('speculative', False, 'Greedy decoding with the MTP module drafting (V3).')
+_CACHE_LENGTH = flags.DEFINE_integer('cache_length', None, 'KV cache slots (default: prompt + new tokens).')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per prompt (text, tokens, logprobs).')
+
+
+def _prompts() -> list[str]:
+    prompts = list(_PROMPT.value)
+    if _PROMPTS_FILE.value:
+        prompts += [line.rstrip('\n') for line in open(_PROMPTS_FILE.value, encoding='utf-8') if line.strip()]
+    if not prompts:
+        raise app.UsageError('give --prompt=TEXT (repeatable) or --prompts_file=FILE')
+    return prompts
+
+
+def main(argv):
+    del argv
+    try:
+        loaded, sampling = loading.load_from_flags(_FLAGS)
+    except ValueError as e:
+        raise app.UsageError(str(e))
+    if _SPECULATIVE.value and not sampling.greedy:
+        raise app.UsageError('--speculative decodes greedily: drop --temperature (or set it to 0)')
+    texts = _prompts()
+    tok = loaded.tokenizer
+    prompts = [loading.encode_prompt(tok, t) for t in texts]
+    kwargs = dict(max_new_tokens=_MAX_NEW.value, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                  cache_length=_CACHE_LENGTH.value)
+    start = time.perf_counter()
+    stats = None
+    if _SPECULATIVE.value:
+        out, stats = speculative.generate_speculative(loaded.cfg, loaded.variables, prompts, **kwargs)
+    else:
+        out = decode.generate(loaded.cfg, loaded.variables, prompts, jax.random.PRNGKey(_FLAGS['seed'].value),
+                              sampling=sampling, **kwargs)
+    tokens, mask, logprobs = (np.asarray(x) for x in (out.tokens, out.mask, out.logprobs))
+    seconds = time.perf_counter() - start
+    for text, row_tokens, row_mask, row_logprobs in zip(texts, tokens, mask, logprobs):
+        ids = row_tokens[row_mask].tolist()
+        completion = tok.decode(ids)
+        if _JSON.value:
+            print(json.dumps({'prompt': text, 'completion': completion, 'tokens': ids,
+                              'logprobs': [round(float(x), 5) for x in row_logprobs[row_mask]]}))
+        else:
+            print(f'{text}{completion}\n')
+    summary = f'{int(mask.sum())} tokens in {seconds:.2f} s (compile included)'
+    if stats:
+        summary += f"; MTP drafts accepted {stats['acceptance_rate']:.0%}, {stats['tokens_per_step']:.2f} tokens/step"
+    print(summary, file=sys.stderr)
+
+
+if __name__ == '__main__':
+    app.run(main)
