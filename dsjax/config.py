@@ -14,6 +14,7 @@ STAGES = ('pretrain',)
 SOURCES = ('stdlib', 'text', 'jsonl')
 TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+NONFINITE_POLICIES = ('stop', 'skip')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -105,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500
     t.keep_checkpoints = 2
     t.async_checkpoint = True
+    # A NaN/Inf loss or gradient norm: 'stop' exits (the last good checkpoint stays the latest);
+    # 'skip' drops that step's update, counts it (metric `nonfinite_skips`) and trains on.
+    t.nonfinite_policy = 'stop'
     t.bias_update_rate = 0.0  # gamma of auxiliary-loss-free balancing; 0 turns it off
     t.bias_update_until = 1.0  # fraction of steps after which gamma is 0 (V3: 14.3T of 14.8T tokens)
     t.mtp_loss_weight = 0.0  # lambda
@@ -355,6 +359,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     t = c.train
     for f in ('steps', 'log_every', 'eval_every', 'eval_batches', 'checkpoint_every', 'keep_checkpoints'):
         _positive_int(c, f'train.{f}')
+    _choice(t.nonfinite_policy, 'train.nonfinite_policy', NONFINITE_POLICIES)
     _check(t.bias_update_rate >= 0, 'train.bias_update_rate', t.bias_update_rate, 'must be >= 0')
     _check(t.mtp_loss_weight >= 0, 'train.mtp_loss_weight', t.mtp_loss_weight, 'must be >= 0')
     _check(t.mtp_loss_weight == 0 or m.num_nextn_predict_layers > 0, 'train.mtp_loss_weight',

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 # was cut short (a crash mid-save, an interrupted copy) and must not be restored.
 _COMMIT_FILE = 'commit_success.txt'
 _STATE, _DATA, _CONFIG = 'state', 'data', 'config'
+_TMP_MARK = '.orbax-checkpoint-tmp'  # in the name of a step directory whose save has not finished
 
 
 def _scan(directory: epath.Path) -> tuple[list[int], list[epath.Path]]:
@@ -54,20 +55,28 @@ def _check_shardings(abstract, what: str) -> None:
 class Checkpointer:
     """Saves and restores one run's checkpoints; the only writer of its directory."""
 
-    def __init__(self, directory, *, keep: int, async_save: bool = True):
+    def __init__(self, directory, *, keep: int, async_save: bool = True, remove_unfinished: bool = False):
         """Opens (creating if needed) `directory`, keeping the newest `keep` complete checkpoints.
 
-        Unfinished or incomplete step directories are logged and ignored, never deleted: on an object
-        store an incomplete step may be another process's save still in flight.
+        Unfinished or incomplete step directories are logged and ignored, never deleted: a reader (an
+        evaluation job) must not delete a save the trainer has in flight. The training run, the only
+        writer, sets `remove_unfinished`: on a restart, saves that a kill cut short are removed (they
+        can be as large as a checkpoint, and a preemptible run is killed many times).
         """
         if keep < 1:
             raise ValueError(f'Checkpointer keep={keep!r} (train.keep_checkpoints): must be >= 1')
         self.directory = epath.Path(directory)
         self._warned: set[str] = set()
         self._saved: set[int] = set()
+        if remove_unfinished:
+            for path in _scan(self.directory)[1]:
+                if _TMP_MARK in path.name:
+                    self._warned.add(path.name)
+                    logging.warning('Checkpointer: removing unfinished checkpoint %s (a save that was cut short)',
+                                    path)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=False)
+            cleanup_tmp_directories=remove_unfinished)
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
         self.latest_step()  # logs any incomplete step directories once, at startup
 
@@ -155,6 +164,46 @@ class Checkpointer:
                                  'state (it was saved without data_iterator); restore without one')
             items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self._mgr.restore(step, args=ocp.args.Composite(**items))[_STATE]
+
+    def restore_latest(self, abstract_state, *, data_iterator=None):
+        """(step, state) of the newest complete checkpoint that reads back, or None if there is none.
+
+        A complete checkpoint that fails to read (truncated or deleted files: disk or copy faults) is
+        logged and the next older one is tried. When an older one reads, the unreadable newer ones are
+        moved to DIR/corrupt/, so later saves of those steps are not refused; when none reads, nothing is
+        moved and the newest one's error is raised (a wrong model config fails every checkpoint alike).
+        On several processes the first error is raised: all of them must restore the same step.
+        """
+        steps = self._complete_steps()
+        if not steps:
+            return None
+        failed = []
+        for step in reversed(steps):
+            try:
+                state = self.restore(abstract_state, step=step, data_iterator=data_iterator)
+            except Exception as e:  # noqa: BLE001  (any read failure; re-raised below when nothing reads)
+                if jax.process_count() > 1:
+                    raise
+                logging.warning('Checkpointer: checkpoint %s does not read back (%s: %s); trying an older one',
+                                self.directory / str(step), type(e).__name__, str(e)[:500])
+                failed.append((step, e))
+                continue
+            for bad, _ in failed:
+                self._move_aside(bad)
+            return step, state
+        raise failed[0][1]
+
+    def _move_aside(self, step: int) -> None:
+        """Moves an unreadable step directory to DIR/corrupt/<step>[.<n>], out of Orbax's view."""
+        target_dir = self.directory / 'corrupt'
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target, n = target_dir / str(step), 0
+        while target.exists():
+            n += 1
+            target = target_dir / f'{step}.{n}'
+        (self.directory / str(step)).rename(target)
+        logging.warning('Checkpointer: moved unreadable checkpoint step %d to %s', step, target)
+        self._mgr.reload()
 
     def restore_config(self, step: int | None = None) -> dict:
         """The config dict saved with `step` (default: latest complete)."""

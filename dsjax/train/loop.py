@@ -34,7 +34,7 @@ def build_state_fns(model, optimizer, mesh, seq_len: int):
         variables = model.init(params_rng, jnp.zeros((1, seq_len), jnp.int32))
         params = variables.pop('params')
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                          rng=state_rng, buffers=dict(variables))
+                          rng=state_rng, buffers=dict(variables), nonfinite_skips=jnp.zeros((), jnp.int32))
 
     rng_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     boxed = jax.eval_shape(init_boxed, rng_shape)
@@ -62,6 +62,9 @@ class _StopSignal:
     def _handle(self, signum, frame):
         del frame
         self.received = signal.Signals(signum).name
+        # A second signal gets the default behaviour (a second Ctrl-C ends the run at once); that is
+        # safe because a checkpoint only counts once it is complete.
+        self.restore()
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -116,15 +119,15 @@ def run(config, workdir, devices=None) -> dict:
     schedule = optim.make_schedule(config.optim)
     optimizer = optim.make_optimizer(config.optim)
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints,
-                                   async_save=config.train.async_checkpoint)
+                                   async_save=config.train.async_checkpoint, remove_unfinished=True)
     tcfg = config.train
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         init, abstract_state, state_shardings = build_state_fns(model, optimizer, mesh, config.data.seq_len)
-        latest = ckpt.latest_step()
-        if latest is not None:
-            logging.info('Resuming from %s step %d', ckpt.directory, latest)
-            state = ckpt.restore(abstract_state, step=latest, data_iterator=train_iter)
+        restored = ckpt.restore_latest(abstract_state, data_iterator=train_iter)
+        if restored is not None:
+            logging.info('Resuming from %s step %d', ckpt.directory, restored[0])
+            state = restored[1]
         else:
             state = init(jax.random.PRNGKey(tcfg.seed))
             if config.init.checkpoint:
@@ -157,12 +160,12 @@ def run(config, workdir, devices=None) -> dict:
                 state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
                 done = step + 1
                 if pending is not None:  # fetch the previous step's metrics: the device stays busy
-                    _check_finite(*pending, good_step, ckpt)
+                    _check_finite(*pending, good_step, ckpt, tcfg.nonfinite_policy)
                 pending = (done - 1, metrics)
                 steps_since += 1
                 at_end = done == tcfg.steps
                 if done % tcfg.log_every == 0 or at_end or done % tcfg.checkpoint_every == 0 or stop.received:
-                    host = _check_finite(done, metrics, good_step, ckpt)
+                    host = _check_finite(done, metrics, good_step, ckpt, tcfg.nonfinite_policy)
                     pending = None
                     if done % tcfg.log_every == 0 or at_end:
                         now = time.perf_counter()
@@ -220,12 +223,18 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if np.ndim(v) == 0}
 
 
-def _check_finite(step: int, metrics, good_step: int, ckpt) -> dict:
-    """Host copy of one step's metrics; raises NonFiniteError (no checkpoint is written) on NaN/Inf."""
+def _check_finite(step: int, metrics, good_step: int, ckpt, policy: str) -> dict:
+    """Host copy of one step's metrics. On NaN/Inf: policy 'stop' raises NonFiniteError (no checkpoint
+    is written); 'skip' logs that the step already dropped its update."""
     host = {k: float(v) for k, v in _host(metrics).items()}
-    if not (np.isfinite(host['loss']) and np.isfinite(host['grad_norm'])):
-        raise NonFiniteError(
-            f'Non-finite loss ({host["loss"]}) or grad norm ({host["grad_norm"]}) at step {step}. Stopped '
-            f'without saving; the last good checkpoint is step {good_step} in {ckpt.directory}. '
-            'Lower optim.lr, raise optim.warmup_steps, or check the data.')
-    return host
+    if np.isfinite(host['loss']) and np.isfinite(host['grad_norm']):
+        return host
+    if policy == 'skip':
+        logging.warning('Non-finite loss (%s) or grad norm (%s) at step %d: update skipped (%d skipped so '
+                        'far).', host['loss'], host['grad_norm'], step, host['nonfinite_skips'])
+        return host
+    raise NonFiniteError(
+        f'Non-finite loss ({host["loss"]}) or grad norm ({host["grad_norm"]}) at step {step}. Stopped '
+        f'without saving; the last good checkpoint is step {good_step} in {ckpt.directory}. '
+        'Lower optim.lr, raise optim.warmup_steps, check the data, or set '
+        "train.nonfinite_policy='skip' to drop such steps' updates.")

@@ -11,9 +11,10 @@ from dsjax.train import losses
 from dsjax.train.state import TrainState
 
 
-def _apply(model, params, buffers, batch, deterministic: bool):
+def _apply(model, params, buffers, batch, deterministic: bool, rng=None):
     return model.apply({'params': params, **buffers}, batch['inputs'], batch['positions'],
-                       batch['segment_ids'], batch['targets'], deterministic=deterministic)
+                       batch['segment_ids'], batch['targets'], deterministic=deterministic,
+                       rngs=None if rng is None else {'dropout': rng})
 
 
 def _scheduled(value, final, switch_fraction, step, total_steps):
@@ -38,16 +39,25 @@ def update_routing_bias(buffers, load, rate):
     return {**buffers, 'moe_bias': new_bias}
 
 
+def keep_if_finite(finite, new, old):
+    """`new` where `finite` (a scalar bool), else `old`, leaf by leaf (a skipped update)."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, schedule, train_cfg):
     """Returns step(state, batch) -> (state, metrics); jit it with explicit shardings."""
     total_steps = train_cfg.steps
+    skip_nonfinite = train_cfg.nonfinite_policy == 'skip'
 
     def step(state: TrainState, batch):
         mtp_weight = _scheduled(train_cfg.mtp_loss_weight, train_cfg.mtp_loss_weight_final,
                                 train_cfg.mtp_weight_switch, state.step, total_steps)
+        # Randomness is a function of (seed, step), never of how many steps this process has run, so
+        # a resumed run draws exactly what an uninterrupted one does.
+        step_rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
-            logits, aux = _apply(model, params, state.buffers, batch, deterministic=False)
+            logits, aux = _apply(model, params, state.buffers, batch, deterministic=False, rng=step_rng)
             loss_sum, tokens = losses.cross_entropy(logits, batch['targets'], batch['weights'])
             ce = loss_sum / jnp.maximum(tokens, 1.0)
             total = ce + aux['balance_loss']
@@ -58,22 +68,32 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule, tr
             return total, (ce, mtp, tokens, aux)
 
         (total, (ce, mtp, tokens, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rate = _scheduled(train_cfg.bias_update_rate, 0.0, train_cfg.bias_update_until, state.step, total_steps)
         buffers = update_routing_bias(state.buffers, aux['load'], rate)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        skips = state.nonfinite_skips + jnp.where(finite, 0, 1).astype(state.nonfinite_skips.dtype)
+        if skip_nonfinite:
+            # As if the batch had not been seen: params, optimizer moments and count (so its schedule),
+            # and the routing bias stay; only `step` moves on, so the data and a resumed run stay in step.
+            params, opt_state, buffers = keep_if_finite(
+                finite, (params, opt_state, buffers), (state.params, state.opt_state, state.buffers))
         metrics = {
             'loss': ce,
             'total_loss': total,
             'balance_loss': aux['balance_loss'],
             'mtp_loss': mtp,
-            'grad_norm': optax.tree.norm(grads),
+            'grad_norm': grad_norm,
             'lr': schedule(state.step),
             'tokens': tokens,
             'maxvio_batch': layer_maxvio(aux['load']),
             'dropped': aux['dropped'],
+            'nonfinite_skips': skips,
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers,
+                                  nonfinite_skips=skips)
         return new_state, metrics
 
     return step
