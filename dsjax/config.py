@@ -247,9 +247,50 @@ def _choice(value, field: str, choices):
     _check(value in choices, field, value, f'must be one of {choices}')
 
 
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_name(default) -> str:
+    if isinstance(default, bool):
+        return 'a bool'
+    if isinstance(default, int):
+        return 'an int'
+    return {float: 'a number', str: 'a string', tuple: 'a tuple'}[type(default)]
+
+
+def _check_types(section, defaults, prefix: str) -> None:
+    """Every field of `section` known to `defaults` has its default's type: a None or a bool where a
+    number belongs (ConfigDict lets both through) fails here, not deep inside the run."""
+    for key in defaults.keys():
+        if key not in section:
+            continue
+        value, default, field = section[key], defaults[key], f'{prefix}.{key}' if prefix else key
+        if isinstance(default, ml_collections.ConfigDict):
+            _check(isinstance(value, (dict, ml_collections.ConfigDict)), field, value, 'must be a section')
+            _check_types(value, default, field)
+        elif isinstance(default, bool):
+            _check(isinstance(value, bool), field, value, 'must be a bool')
+        elif isinstance(default, int):
+            _check(isinstance(value, int) and not isinstance(value, bool), field, value, 'must be an int')
+        elif isinstance(default, float):
+            _check(_real(value), field, value, 'must be a number')
+        elif isinstance(default, str):
+            _check(isinstance(value, str), field, value, 'must be a string')
+        elif isinstance(default, tuple):
+            _check(isinstance(value, (tuple, list)), field, value, 'must be a tuple')
+            # An empty default (data.paths) says nothing about its elements; those are checked by name.
+            if default:
+                element = _type_name(default[0])
+                for x in value:
+                    _check(_real(x) if element == 'a number' else isinstance(x, type(default[0])), field, value,
+                           f'every element must be {element}')
+
+
 def validate_model(m) -> None:
     """Raises ConfigError naming the first bad model field."""
-    for f in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
+    _check_types(m, base_config().model, 'model')
+    for f in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
               'max_position_embeddings'):
         _positive_int({'model': m}, f'model.{f}')
     _choice(m.attention_type, 'model.attention_type', ATTENTION_TYPES)
@@ -258,6 +299,7 @@ def validate_model(m) -> None:
     _choice(m.remat_policy, 'model.remat_policy', REMAT_POLICIES)
     _check(m.rms_norm_eps > 0, 'model.rms_norm_eps', m.rms_norm_eps, 'must be > 0')
     _check(m.rope_theta > 0, 'model.rope_theta', m.rope_theta, 'must be > 0')
+    _check(m.initializer_range > 0, 'model.initializer_range', m.initializer_range, 'must be > 0')
     if m.attention_type == 'mha':
         _check(m.num_key_value_heads > 0 and m.num_attention_heads % m.num_key_value_heads == 0,
                'model.num_key_value_heads', m.num_key_value_heads,
@@ -338,6 +380,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks every section before anything compiles; raises ConfigError naming the field."""
     from dsjax.train import optim  # optim owns its own checks
 
+    _check_types(c, base_config(), '')
     _choice(c.stage, 'stage', STAGES)
     m = c.model
     validate_model(m)
@@ -345,12 +388,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _choice(d.source, 'data.source', SOURCES)
     if d.source != 'stdlib':
         _check(len(d.paths) > 0, 'data.paths', d.paths, f'data.source={d.source!r} needs at least one path')
+    _check(all(isinstance(p, str) and p for p in d.paths), 'data.paths', d.paths,
+           'every entry must be a non-empty file path or glob string')
     _choice(d.tokenizer, 'data.tokenizer', TOKENIZERS)
     _check(d.tokenizer != 'hf' or bool(d.tokenizer_path), 'data.tokenizer_path', d.tokenizer_path,
            "data.tokenizer='hf' needs a tokenizer.json file or a HF checkpoint directory holding one")
     _check(0 < d.val_fraction < 1, 'data.val_fraction', d.val_fraction, 'must be in (0, 1)')
     for f in ('seq_len', 'batch_size', 'max_doc_chars'):
         _positive_int(c, f'data.{f}')
+    _check(0 <= d.shuffle_seed < 2**32, 'data.shuffle_seed', d.shuffle_seed, 'must be in [0, 2**32)')
     _check(d.vocab_size == m.vocab_size, 'data.vocab_size', d.vocab_size,
            f'must equal model.vocab_size={m.vocab_size}')
     _check(m.rope_scaling.type == 'yarn' or d.seq_len <= m.max_position_embeddings, 'data.seq_len',
@@ -361,6 +407,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _positive_int(c, f'train.{f}')
     _choice(t.nonfinite_policy, 'train.nonfinite_policy', NONFINITE_POLICIES)
     _check(t.bias_update_rate >= 0, 'train.bias_update_rate', t.bias_update_rate, 'must be >= 0')
+    for f in ('bias_update_until', 'mtp_weight_switch'):
+        _check(0 <= t[f] <= 1, f'train.{f}', t[f], 'a fraction of train.steps must be in [0, 1]')
+    _check(t.peak_flops >= 0, 'train.peak_flops', t.peak_flops, 'must be >= 0 (0 measures this machine)')
     _check(t.mtp_loss_weight >= 0, 'train.mtp_loss_weight', t.mtp_loss_weight, 'must be >= 0')
     _check(t.mtp_loss_weight == 0 or m.num_nextn_predict_layers > 0, 'train.mtp_loss_weight',
            t.mtp_loss_weight, 'needs model.num_nextn_predict_layers > 0')

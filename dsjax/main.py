@@ -6,6 +6,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dsjax import config as config_lib
+from dsjax.data import corpus
 from dsjax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/v3_small.py[:smoke].',
@@ -35,7 +36,7 @@ def main(argv):
     logging.info('Workdir: %s', workdir)
     try:
         loop.run(_CONFIG.value, workdir)
-    except (config_lib.ConfigError, loop.NonFiniteError) as e:
+    except (config_lib.ConfigError, corpus.DataError, loop.NonFiniteError) as e:
         logging.error('%s', e)
         sys.exit(f'error: {e}')
 

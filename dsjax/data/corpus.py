@@ -23,6 +23,10 @@ SPLITS = ("train", "validation")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
+class DataError(ValueError):
+    """The data that `config.data` names cannot be read or used; the message names the file or field."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Document:
     name: str
@@ -53,11 +57,11 @@ def load_documents(data_cfg, split: str) -> list[Document]:
     the same split.
   """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     if not 0.0 < data_cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {data_cfg.val_fraction!r}")
+        raise DataError(f"data.val_fraction must be in (0, 1), got {data_cfg.val_fraction!r}")
     if data_cfg.max_doc_chars <= 0:
-        raise ValueError(f"data.max_doc_chars must be positive, got {data_cfg.max_doc_chars!r}")
+        raise DataError(f"data.max_doc_chars must be positive, got {data_cfg.max_doc_chars!r}")
     counts = _Counts()
     want_validation = split == "validation"
     docs = []
@@ -126,29 +130,29 @@ def _read_source(data_cfg, counts: _Counts) -> Iterator[Document]:
         for path, name in _match_paths(data_cfg.paths):
             yield from _read_jsonl(path, name, data_cfg.jsonl_field, counts)
     else:
-        raise ValueError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
+        raise DataError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
 
 
 def _match_paths(patterns) -> list[tuple[pathlib.Path, str]]:
     """Expands `data.paths` into sorted, de-duplicated (file, portable name) pairs."""
     if isinstance(patterns, str):
-        raise ValueError(f"data.paths must be a tuple of paths or globs, got the string {patterns!r}")
+        raise DataError(f"data.paths must be a tuple of paths or globs, got the string {patterns!r}")
     if not patterns:
-        raise ValueError("data.paths is empty; give at least one file path or glob pattern")
+        raise DataError("data.paths is empty; give at least one file path or glob pattern")
     found = {}
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
             kind = "glob matches no file" if _GLOB_CHARS.search(pattern) else "file does not exist"
-            raise ValueError(f"data.paths: {pattern!r}: {kind}")
+            raise DataError(f"data.paths: {pattern!r}: {kind}")
         base = _fixed_dir(pattern)
         for match in matches:
             path = pathlib.Path(match)
             if path.is_dir():
                 if not _GLOB_CHARS.search(pattern):
-                    raise ValueError(f"data.paths: {pattern!r} is a directory; give files or a glob such as "
-                                     f"'{pattern.rstrip('/')}/**/*.txt'")
+                    raise DataError(f"data.paths: {pattern!r} is a directory; give files or a glob such as "
+                                    f"'{pattern.rstrip('/')}/**/*.txt'")
                 continue  # A glob such as 'dir/*' also matches subdirectories; only files are documents.
             found.setdefault(path.resolve(), (path, os.path.relpath(path, base)))
     return sorted(found.values(), key=lambda pair: pair[1:] + (str(pair[0]), ))
@@ -167,7 +171,10 @@ def _fixed_dir(pattern: str) -> str:
 
 def _read_text(path: pathlib.Path, counts: _Counts) -> str:
     """Reads `path` as UTF-8, replacing invalid bytes; counts empty and repaired files."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # unreadable, vanished since the glob, or a broken link
+        raise DataError(f"data.paths: cannot read {str(path)!r}: {e.strerror or e}") from e
     if not data.strip():
         counts.empty_files += 1
         logging.debug("Skipping empty file %s", path)
@@ -188,15 +195,15 @@ def _read_jsonl(path: pathlib.Path, name: str, field: str, counts: _Counts) -> I
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: malformed JSON line ({e.msg})") from e
+            raise DataError(f"{path}:{line_no}: malformed JSON line ({e.msg})") from e
         if not isinstance(record, dict) or field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(
+            raise DataError(
                 f"{path}:{line_no}: record has no field data.jsonl_field={field!r} (found: {keys})")
         value = record[field]
         if not isinstance(value, str):
-            raise ValueError(f"{path}:{line_no}: field data.jsonl_field={field!r} must hold a string, "
-                             f"got {type(value).__name__}")
+            raise DataError(f"{path}:{line_no}: field data.jsonl_field={field!r} must hold a string, "
+                            f"got {type(value).__name__}")
         if not value:
             counts.empty_records += 1
             continue

@@ -15,6 +15,8 @@ import jinja2.sandbox
 import numpy as np
 import tokenizers
 
+from dsjax.data import corpus
+
 TOKENIZER_FILE = 'tokenizer.json'
 CONFIG_FILE = 'tokenizer_config.json'
 SPECIAL_TOKENS_FILE = 'special_tokens_map.json'
@@ -45,12 +47,13 @@ class HFTokenizer:
         p = pathlib.Path(path)
         file = p / TOKENIZER_FILE if p.is_dir() else p
         if not file.is_file():
-            raise ValueError(f'data.tokenizer_path={self.path!r}: no {file} (give a tokenizer.json file or a '
-                             'HF checkpoint directory that holds one)')
+            raise corpus.DataError(f'data.tokenizer_path={self.path!r}: no {file} (give a tokenizer.json file or a '
+                                   'HF checkpoint directory that holds one)')
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
-            raise ValueError(f'data.tokenizer_path={self.path!r}: {file} is not a tokenizers JSON file: {e}') from e
+            raise corpus.DataError(
+                f'data.tokenizer_path={self.path!r}: {file} is not a tokenizers JSON file: {e}') from e
         config = self._read_json(file.parent / CONFIG_FILE)
         special = self._read_json(file.parent / SPECIAL_TOKENS_FILE)
         self.special_tokens = {key: _token_text(config.get(key) or special.get(key))
@@ -59,8 +62,9 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         missing = [k for k in ('bos_token', 'eos_token') if k not in self.special_tokens]
         if missing:
-            raise ValueError(f'data.tokenizer_path={self.path!r}: {" and ".join(missing)} not set in '
-                             f'{file.parent / CONFIG_FILE} or {SPECIAL_TOKENS_FILE}; dsjax frames documents with both')
+            raise corpus.DataError(
+                f'data.tokenizer_path={self.path!r}: {" and ".join(missing)} not set in '
+                f'{file.parent / CONFIG_FILE} or {SPECIAL_TOKENS_FILE}; dsjax frames documents with both')
         self.bos_id = self._id('bos_token')
         self.eos_id = self._id('eos_token')
         # Padding is masked by segment ids, so its id only needs to be a real one; DeepSeek pads with eos.
@@ -77,13 +81,13 @@ class HFTokenizer:
         try:
             return json.loads(path.read_text(encoding='utf-8'))
         except json.JSONDecodeError as e:
-            raise ValueError(f'{path} is not valid JSON: {e}') from e
+            raise corpus.DataError(f'{path} is not valid JSON: {e}') from e
 
     def _id(self, key: str) -> int:
         text = self.special_tokens[key]
         token_id = self._tok.token_to_id(text)
         if token_id is None:
-            raise ValueError(f'data.tokenizer_path={self.path!r}: {key}={text!r} is not in the vocabulary')
+            raise corpus.DataError(f'data.tokenizer_path={self.path!r}: {key}={text!r} is not in the vocabulary')
         return token_id
 
     def encode(self, text: str) -> list[int]:
@@ -99,7 +103,7 @@ class HFTokenizer:
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         """The checkpoint's chat template rendered for `messages` ([{'role', 'content'}, ...])."""
         if not self.chat_template:
-            raise ValueError(f'data.tokenizer_path={self.path!r}: {CONFIG_FILE} has no chat_template')
+            raise corpus.DataError(f'data.tokenizer_path={self.path!r}: {CONFIG_FILE} has no chat_template')
         return _compiled(self.chat_template).render(
             messages=list(messages), add_generation_prompt=add_generation_prompt,
             **self.special_tokens, **kwargs)

@@ -70,10 +70,10 @@ def make_train_iterator(data_cfg,
   """
     rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
     if not 0 <= data_cfg.shuffle_seed < 2**32:
-        raise ValueError(f"data.shuffle_seed must be in [0, 2**32), got {data_cfg.shuffle_seed!r}")
+        raise corpus.DataError(f"data.shuffle_seed must be in [0, 2**32), got {data_cfg.shuffle_seed!r}")
     docs = host_documents(corpus.load_documents(data_cfg, "train"), process_index, process_count)
     if not docs:
-        raise ValueError(
+        raise corpus.DataError(
             f"host {process_index} of {process_count} has no training documents; data.paths "
             f"{tuple(data_cfg.paths)} with data.val_fraction={data_cfg.val_fraction} leaves too few")
     # grain's shuffle seeds epoch e with shuffle_seed + e once repeated past one epoch.
@@ -97,10 +97,10 @@ def make_eval_batches(data_cfg,
   """
     rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
     if num_batches < 1:
-        raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+        raise corpus.DataError(f"num_batches must be at least 1, got {num_batches}")
     docs = corpus.load_documents(data_cfg, "validation")
     if not docs:
-        raise ValueError(
+        raise corpus.DataError(
             f"the validation split is empty: raise data.val_fraction (now {data_cfg.val_fraction}) "
             f"or add documents to data.paths")
     wanted = num_batches * data_cfg.batch_size
@@ -133,12 +133,12 @@ def host_documents(docs: list, process_index: int, process_count: int) -> list:
 def _rows_per_host(data_cfg, process_index: int, process_count: int) -> int:
     """data.batch_size // process_count, after checking the host layout and shapes."""
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+        raise corpus.DataError(f"process_index must be in [0, {process_count}), got {process_index}")
     if data_cfg.seq_len < 1:
-        raise ValueError(f"data.seq_len must be positive, got {data_cfg.seq_len!r}")
+        raise corpus.DataError(f"data.seq_len must be positive, got {data_cfg.seq_len!r}")
     if data_cfg.batch_size < 1 or data_cfg.batch_size % process_count:
-        raise ValueError(f"data.batch_size={data_cfg.batch_size!r} must be a positive multiple of the "
-                         f"process count {process_count}")
+        raise corpus.DataError(f"data.batch_size={data_cfg.batch_size!r} must be a positive multiple of the "
+                               f"process count {process_count}")
     return data_cfg.batch_size // process_count
 
 

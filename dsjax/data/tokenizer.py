@@ -54,12 +54,12 @@ class SentencePieceTokenizer:
         # Padding is id 0 whatever the model calls it, so it must not be a token encode can produce.
         self.pad_id = 0
         if not (self._sp.is_control(0) or self._sp.is_unknown(0) or self._sp.is_unused(0)):
-            raise ValueError(f"data.tokenizer_path={self.model_path!r}: id 0 is the real piece "
-                             f"{self._sp.id_to_piece(0)!r}, but dsjax pads with id 0; use a model whose "
-                             "id 0 is <pad>, <unk> or another control piece")
+            raise corpus.DataError(f"data.tokenizer_path={self.model_path!r}: id 0 is the real piece "
+                                   f"{self._sp.id_to_piece(0)!r}, but dsjax pads with id 0; use a model whose "
+                                   "id 0 is <pad>, <unk> or another control piece")
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"data.tokenizer_path={self.model_path!r}: the model needs bos and eos ids "
-                             f"(got bos_id={self.bos_id}, eos_id={self.eos_id})")
+            raise corpus.DataError(f"data.tokenizer_path={self.model_path!r}: the model needs bos and eos ids "
+                                   f"(got bos_id={self.bos_id}, eos_id={self.eos_id})")
         bytes_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _META_SPACE.encode("utf-8")]
         # Without byte pieces a literal U+2581 cannot round-trip; it then encodes as a space.
         self._meta_space_ids = bytes_ids if all(self._sp.is_byte(i) for i in bytes_ids) else None
@@ -101,7 +101,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str) 
   """
     sample = _sample_chunks(texts, SAMPLE_CHARS)
     if not sample:
-        raise ValueError("cannot train a tokenizer: the training texts are empty")
+        raise corpus.DataError("cannot train a tokenizer: the training texts are empty")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -127,7 +127,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str) 
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece training failed for vocab_size={vocab_size}: {e}") from e
+        raise corpus.DataError(f"sentencepiece training failed for vocab_size={vocab_size}: {e}") from e
     path = pathlib.Path(out_prefix + ".model")
     _write_atomically(path, model.getvalue())
     return str(path)
@@ -143,10 +143,10 @@ def get_tokenizer(data_cfg) -> Tokenizer:
     if data_cfg.tokenizer == "hf":
         return hf_tokenizer.HFTokenizer(data_cfg.tokenizer_path)
     if data_cfg.tokenizer != "sentencepiece":
-        raise ValueError(f"data.tokenizer must be 'sentencepiece' or 'hf', got {data_cfg.tokenizer!r}")
+        raise corpus.DataError(f"data.tokenizer must be 'sentencepiece' or 'hf', got {data_cfg.tokenizer!r}")
     if data_cfg.tokenizer_path:
         if not os.path.isfile(data_cfg.tokenizer_path):
-            raise ValueError(
+            raise corpus.DataError(
                 f"data.tokenizer_path={data_cfg.tokenizer_path!r} does not exist; give an existing "
                 "sentencepiece .model file, or '' to train one on the corpus")
         return SentencePieceTokenizer(data_cfg.tokenizer_path)
@@ -160,7 +160,7 @@ def get_tokenizer(data_cfg) -> Tokenizer:
         try:
             train_sentencepiece((d.text for d in docs), data_cfg.vocab_size, prefix)
         except ValueError as e:
-            raise ValueError(f"data.vocab_size={data_cfg.vocab_size}: {e}") from e
+            raise corpus.DataError(f"data.vocab_size={data_cfg.vocab_size}: {e}") from e
         logging.info("Trained the tokenizer in %.1f s", time.perf_counter() - start)
     return SentencePieceTokenizer(prefix + ".model")
 
