@@ -1,8 +1,12 @@
-"""Entry point: python -m dsjax.main --config=experiments/<name>.py[:arg] [--workdir=DIR] [--config.x=y]."""
+"""Entry point: python -m dsjax.main --config=experiments/<name>.py[:arg] [--workdir=DIR] [--config.x=y].
+
+On several hosts add --distributed (one process per host; see the README's "Long runs" section).
+"""
 import pathlib
 import sys
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
 from dsjax import config as config_lib
@@ -12,6 +16,12 @@ from dsjax.train import loop
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/v3_small.py[:smoke].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<experiment>[_<arg>]).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() first. TPU pod slices, SLURM and Open MPI '
+    'are detected; elsewhere give the three flags below.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --distributed: the number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --distributed: this process, in [0, num_processes).')
 
 
 def default_workdir(config_arg: str) -> str:
@@ -32,6 +42,12 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
     del argv
     logging.get_absl_logger().addFilter(_QuietLibraries())
+    if _DISTRIBUTED.value:
+        # Before anything touches a device: every process must join before the backends start.
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+        logging.info('Process %d of %d: %d local devices, %d in all', jax.process_index(),
+                     jax.process_count(), jax.local_device_count(), jax.device_count())
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
     logging.info('Workdir: %s', workdir)
     try:
