@@ -223,23 +223,29 @@ class Checkpointer:
 
 
 def restore_params(directory, abstract_params, step: int | None = None) -> Any:
-    """Restores only the params subtree of another run's checkpoint (for `init.checkpoint`).
+    """Restores only the params subtree of another run's checkpoint (see `restore_subtrees`)."""
+    return restore_subtrees(directory, {'params': abstract_params}, step)['params']
+
+
+def restore_subtrees(directory, abstract: dict, step: int | None = None) -> dict:
+    """Restores the named top-level subtrees of another run's checkpoint (for `init.checkpoint`).
 
     Reads nothing else (the optimizer state of the previous stage is neither needed nor read), and never
-    writes to `directory`.
+    writes to `directory`. A name the checkpoint does not hold (e.g. `buffers` of a converted HF
+    checkpoint) is left out of the result; `params` must be there.
 
     Args:
       directory: the previous run's checkpoint directory (the one its Checkpointer wrote).
-      abstract_params: params pytree of jax.ShapeDtypeStruct with `.sharding` set.
+      abstract: {name: pytree of jax.ShapeDtypeStruct with `.sharding` set}, e.g. params and buffers.
       step: the step to read; None for the newest complete one.
 
     Returns:
-      The params pytree, each array in the sharding of its abstract leaf.
+      {name: pytree}, each array in the sharding of its abstract leaf.
     """
     directory = epath.Path(directory)
     complete, incomplete = _scan(directory)
     for path in incomplete:
-        logging.warning('restore_params: skipping incomplete checkpoint %s (no %s)', path, _COMMIT_FILE)
+        logging.warning('restore_subtrees: skipping incomplete checkpoint %s (no %s)', path, _COMMIT_FILE)
     if not complete:
         raise FileNotFoundError(f'init.checkpoint={str(directory)!r}: no complete checkpoint there '
                                 '(expected <step>/state/ directories written by dsjax.train.checkpoint)')
@@ -248,9 +254,13 @@ def restore_params(directory, abstract_params, step: int | None = None) -> Any:
     elif step not in complete:
         raise ValueError(f'init.checkpoint={str(directory)!r}: step {step!r} is not a complete checkpoint; '
                          f'complete steps: {complete}')
-    _check_shardings(abstract_params, f'restore_params({str(directory)!r})')
-    item = {'params': abstract_params}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    _check_shardings(abstract, f'restore_subtrees({str(directory)!r})')
+    path = directory / str(step) / _STATE
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        return checkpointer.restore(directory / str(step) / _STATE, args=args)['params']
+        saved = set(checkpointer.metadata(path).item_metadata.tree)
+        if 'params' not in saved:
+            raise ValueError(f'init.checkpoint={str(directory)!r}: step {step} holds no params (has {sorted(saved)})')
+        item = {name: tree for name, tree in abstract.items() if name in saved and jax.tree.leaves(tree)}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        return checkpointer.restore(path, args=args)

@@ -197,13 +197,18 @@ def run(config, workdir, devices=None) -> dict:
 
 
 def start_from(path: str, model_cfg, abstract_state, state):
-    """`state` with the weights of `init.checkpoint`: a HF directory (params and routing bias, each
-    device reading only its slice) or a previous stage's Orbax checkpoint (params)."""
+    """`state` with the weights of `init.checkpoint`: a HF directory or a previous stage's Orbax
+    checkpoint; both give params and, where they hold it, the MoE routing bias (each device reads
+    only its slice)."""
     if hf.is_hf_checkpoint(path):
         logging.info('Starting from the HF checkpoint %s', path)
         params, buffers = hf.load_into(path, model_cfg, abstract_state.params, abstract_state.buffers)
         return state.replace(params=params, buffers=buffers)
-    return state.replace(params=checkpoint.restore_params(_checkpoint_dir(path), abstract_state.params))
+    restored = checkpoint.restore_subtrees(_checkpoint_dir(path), {'params': abstract_state.params,
+                                                                   'buffers': abstract_state.buffers})
+    if state.buffers and 'buffers' not in restored:
+        logging.warning('init.checkpoint=%s holds no routing bias: it starts at zero', path)
+    return state.replace(params=restored['params'], buffers=restored.get('buffers', state.buffers))
 
 
 def _checkpoint_dir(path: str) -> pathlib.Path:

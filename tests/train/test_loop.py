@@ -84,3 +84,32 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert saved, 'the good steps before the blow-up were checkpointed'
     params = _params(tmp_path, saved[-1])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_init_checkpoint_carries_params_and_routing_bias(tmp_path):
+    """A stage started from a previous stage's checkpoint gets its params and its V3 routing bias."""
+    import flax.linen as nn
+
+    from dsjax import sharding
+    from dsjax.model.transformer import Transformer
+    from dsjax.train import optim
+
+    c = config_lib.load_experiment(__file__.replace('tests/train/test_loop.py', 'experiments/x.py'), 'v3_small',
+                                   'smoke')
+    c.mesh.data = 1
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    model_cfg = config_lib.freeze_model(c.model)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        init, abstract, _ = loop.build_state_fns(Transformer(model_cfg), optim.make_optimizer(c.optim), mesh,
+                                                 c.data.seq_len)
+        previous = init(jax.random.PRNGKey(0))  # stands for the end of a first stage, with a moved bias
+        previous = previous.replace(step=previous.step + 7, buffers=jax.tree.map(
+            lambda b: jax.random.normal(jax.random.PRNGKey(2), b.shape, b.dtype), previous.buffers))
+        ckpt = checkpoint.Checkpointer(tmp_path / 'checkpoints', keep=2, async_save=False)
+        ckpt.save(7, previous, force=True)
+        ckpt.close()
+        started = loop.start_from(str(tmp_path), model_cfg, abstract, init(jax.random.PRNGKey(1)))
+    assert jax.tree.leaves(previous.buffers)
+    jax.tree.map(np.testing.assert_array_equal, started.buffers, previous.buffers)
+    jax.tree.map(np.testing.assert_array_equal, started.params, previous.params)
+    assert int(started.step) == 0  # a new stage: fresh optimizer and step counter
