@@ -20,15 +20,14 @@ def get_config(arg=None):
     original = c.data.seq_len
     c.init.checkpoint = 'runs/v3_small' + (f'_{arg}' if arg else '')
     c.data.seq_len = original * 4
-    c.data.batch_size = c.data.batch_size // 2  # 4x the tokens per row: 2x the tokens per step
     c.model.max_position_embeddings = original * 4
     c.model.rope_scaling.update(type='yarn', factor=4.0, original_max_position_embeddings=original,
                                 beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
     c.optim.schedule = 'constant'
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 0
-    c.train.steps = 60 if arg != 'smoke' else 2
-    c.train.eval_every = 30 if arg != 'smoke' else 2
+    c.train.steps = 40 if arg != 'smoke' else 2
+    c.train.eval_every = 20 if arg != 'smoke' else 2
     c.train.checkpoint_every = c.train.steps
     c.optim.decay_steps = c.train.steps
     return c
