@@ -14,9 +14,8 @@ import time
 
 from absl import app, flags
 import jax
-import numpy as np
 
-from dsjax.infer import decode, loading, speculative
+from dsjax.infer import loading
 
 _FLAGS = loading.define_flags()
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for a batch.')
@@ -40,33 +39,16 @@ def main(argv):
     del argv
     try:
         loaded, sampling = loading.load_from_flags(_FLAGS)
+        start = time.perf_counter()
+        rows, stats = loading.complete(loaded, _prompts(), sampling=sampling, max_new_tokens=_MAX_NEW.value,
+                                       speculative=_SPECULATIVE.value, key=jax.random.PRNGKey(_FLAGS['seed'].value),
+                                       cache_length=_CACHE_LENGTH.value)
     except ValueError as e:
         raise app.UsageError(str(e))
-    if _SPECULATIVE.value and not sampling.greedy:
-        raise app.UsageError('--speculative decodes greedily: drop --temperature (or set it to 0)')
-    texts = _prompts()
-    tok = loaded.tokenizer
-    prompts = [loading.encode_prompt(tok, t) for t in texts]
-    kwargs = dict(max_new_tokens=_MAX_NEW.value, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                  cache_length=_CACHE_LENGTH.value)
-    start = time.perf_counter()
-    stats = None
-    if _SPECULATIVE.value:
-        out, stats = speculative.generate_speculative(loaded.cfg, loaded.variables, prompts, **kwargs)
-    else:
-        out = decode.generate(loaded.cfg, loaded.variables, prompts, jax.random.PRNGKey(_FLAGS['seed'].value),
-                              sampling=sampling, **kwargs)
-    tokens, mask, logprobs = (np.asarray(x) for x in (out.tokens, out.mask, out.logprobs))
     seconds = time.perf_counter() - start
-    for text, row_tokens, row_mask, row_logprobs in zip(texts, tokens, mask, logprobs):
-        ids = row_tokens[row_mask].tolist()
-        completion = tok.decode(ids)
-        if _JSON.value:
-            print(json.dumps({'prompt': text, 'completion': completion, 'tokens': ids,
-                              'logprobs': [round(float(x), 5) for x in row_logprobs[row_mask]]}))
-        else:
-            print(f'{text}{completion}\n')
-    summary = f'{int(mask.sum())} tokens in {seconds:.2f} s (compile included)'
+    for row in rows:
+        print(json.dumps(row) if _JSON.value else f"{row['prompt']}{row['completion']}\n")
+    summary = f"{sum(len(r['tokens']) for r in rows)} tokens in {seconds:.2f} s (compile included)"
     if stats:
         summary += f"; MTP drafts accepted {stats['acceptance_rate']:.0%}, {stats['tokens_per_step']:.2f} tokens/step"
     print(summary, file=sys.stderr)

@@ -7,6 +7,7 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -15,6 +16,8 @@ from dsjax import sharding
 from dsjax.config import ModelConfig
 from dsjax.data import hf_tokenizer
 from dsjax.data import tokenizer as tokenizer_lib
+from dsjax.infer import decode
+from dsjax.infer import speculative as speculative_lib
 from dsjax.infer.sampling import SamplingConfig
 from dsjax.interop import hf, orbax_io
 from dsjax.model.transformer import Transformer
@@ -94,6 +97,31 @@ def load(path, *, step: int | None = None, dtype: str | None = None, mesh=None, 
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """[bos] + tokens, as the training pipeline frames a document's start."""
     return [tokenizer.bos_id, *tokenizer.encode(text)]
+
+
+def complete(loaded: Loaded, texts, *, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 128,
+             speculative: bool = False, key=None, cache_length: int | None = None) -> tuple[list[dict], dict | None]:
+    """Continues each text ([bos] + its tokens) until EOS or `max_new_tokens`.
+
+    Returns one {'prompt', 'completion', 'tokens', 'logprobs'} per text, and the speculative decoding
+    statistics (None without `speculative`, which drafts with the MTP module and decodes greedily).
+    """
+    tok = loaded.tokenizer
+    prompts = [encode_prompt(tok, t) for t in texts]
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, cache_length=cache_length)
+    stats = None
+    if speculative:
+        if not sampling.greedy:
+            raise ValueError(f'speculative decoding is greedy: temperature={sampling.temperature} must be 0')
+        out, stats = speculative_lib.generate_speculative(loaded.cfg, loaded.variables, prompts, **kwargs)
+    else:
+        out = decode.generate(loaded.cfg, loaded.variables, prompts, key, sampling=sampling, **kwargs)
+    rows = []
+    for text, tokens, mask, logprobs in zip(texts, *(np.asarray(x) for x in (out.tokens, out.mask, out.logprobs))):
+        ids = tokens[mask].tolist()
+        rows.append({'prompt': text, 'completion': tok.decode(ids), 'tokens': ids,
+                     'logprobs': [round(float(x), 5) for x in logprobs[mask]]})
+    return rows, stats
 
 
 def define_flags():

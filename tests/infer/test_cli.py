@@ -1,15 +1,14 @@
-"""Loading for the CLIs (a dsjax Orbax checkpoint, a HF directory), the generate CLI, and chat sessions
-that keep the conversation in the cache."""
+"""Loading for the CLIs (a dsjax Orbax checkpoint, a HF directory), text completion as the generate CLI
+runs it, and chat sessions that keep the conversation in the cache. (The absl `main`s themselves only
+parse flags; importing them here would clash with other CLIs' flags in one pytest process.)"""
 import json
 import pathlib
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
-from conftest import init_variables
 
 from dsjax import config as config_lib
 from dsjax.infer import chat, decode, loading
@@ -93,20 +92,17 @@ def test_missing_model_says_what_to_give(tmp_path):
         loading.load(tmp_path / 'nothing')
 
 
-def test_generate_cli(checkpoint, capsys):
-    from dsjax import generate
-    flags.FLAGS(['generate', f'--model={checkpoint / "run"}', '--prompt=w1 w2 w3', '--prompt=w4',
-                 '--max_new_tokens=4', '--json'])
-    try:
-        generate.main([])
-    finally:
-        flags.FLAGS.unparse_flags()
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r['prompt'] for r in rows] == ['w1 w2 w3', 'w4']
+def test_complete_texts(checkpoint):
+    """What `python -m dsjax.generate` prints: each prompt ([bos] + its words) continued greedily."""
     loaded = loading.load(checkpoint / 'run')
+    rows, stats = loading.complete(loaded, ['w1 w2 w3', 'w4'], max_new_tokens=4)
+    assert stats is None and [r['prompt'] for r in rows] == ['w1 w2 w3', 'w4']
     want = decode.generate(loaded.cfg, loaded.variables, [[1, 9, 10, 11], [1, 12]], max_new_tokens=4, eos_id=2)
-    for row, r in zip(np.asarray(want.tokens), rows):
-        assert r['tokens'] == [int(t) for t in row[:len(r['tokens'])]] and 1 <= len(r['tokens']) <= 4
+    for tokens, mask, r in zip(np.asarray(want.tokens), np.asarray(want.mask), rows):
+        assert r['tokens'] == tokens[mask].tolist()
+        assert r['completion'] == loaded.tokenizer.decode(r['tokens'])
+    with pytest.raises(ValueError, match='speculative decoding is greedy'):
+        loading.complete(loaded, ['w1'], speculative=True, sampling=SamplingConfig(temperature=1.0))
 
 
 def test_chat_streams_and_keeps_the_conversation_cached(checkpoint):
