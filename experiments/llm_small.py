@@ -1,8 +1,8 @@
 """DeepSeek-LLM (dense, MHA) at laptop scale, pre-trained on the Python standard library.
 
 Run:      python -m dsjax.main --config=experiments/llm_small.py
-Hardware: 2 CPU cores, about 6 minutes.
-Expect:   validation loss from ~8.3 (ln 4096) to under 4.2 (at most half) in 300 steps.
+Hardware: 2 CPU cores; 27 minutes measured on a machine shared with other jobs (load ~7).
+Expect:   validation loss 8.37 (ln 4096) -> 5.37 after 300 steps (measured); train loss ~3.8.
 Variants: `:smoke` shrinks everything to a seconds-long run (tests).
 """
 from dsjax import config as config_lib
