@@ -308,16 +308,6 @@ def _keys(keypath) -> Path:
     return tuple(str(k.key) for k in keypath)
 
 
-def _nest(flat: Mapping[Path, object]) -> dict:
-    out = {}
-    for path, x in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = x
-    return out
-
-
 def load(path, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None = None,
          rules=sharding_lib.DEFAULT_RULES, max_host_bytes: int = DEFAULT_HOST_BYTES, **model_overrides):
     """Loads a HF checkpoint directory (Llama / DeepSeek-LLM, DeepSeek-V2, DeepSeek-V3, FP8 or not).
@@ -346,7 +336,7 @@ def load(path, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None = Non
     source = HFSource(path, hf_config, cfg, files)
     model = Transformer(cfg)
     flat = read_leaves(source, _leaf_specs(model, mesh, rules), max_host_bytes)
-    nested = _nest(flat)
+    nested = hf_mapping.nest(flat)
     return model, {k: nested[k] for k in ('params', 'moe_bias') if k in nested}
 
 

@@ -364,7 +364,8 @@ def take(variables: Mapping[tuple[str, ...], np.ndarray], name: str, cfg: ModelC
     return np.ascontiguousarray(x)
 
 
-def _nest(flat: dict) -> dict:
+def nest(flat: dict) -> dict:
+    """{(key, ..., leaf): x} -> the nested dict {key: {...: {leaf: x}}}."""
     out = {}
     for path, x in flat.items():
         node = out
@@ -420,7 +421,7 @@ def params_from_hf(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> tuple[d
             if path[0] != 'moe_bias':
                 raise AssertionError(f'name table leaves {path} unmapped')  # a bug in the table, not the input
             flat[path] = np.zeros(shape, np.float32)
-    nested = _nest(flat)
+    nested = nest(flat)
     return nested.get('params', {}), nested.get('moe_bias', {})
 
 
