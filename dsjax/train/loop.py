@@ -1,5 +1,4 @@
 """The training loop, read top to bottom: build, restore, step, log, evaluate, checkpoint, stop."""
-import json
 import pathlib
 import signal
 import time

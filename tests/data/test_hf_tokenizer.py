@@ -2,7 +2,6 @@
 import json
 import pickle
 
-import ml_collections
 import pytest
 import tokenizers
 import transformers
