@@ -171,6 +171,29 @@ def apply_preset(c: ml_collections.ConfigDict, name: str) -> ml_collections.Conf
     return c
 
 
+def full_size_pretraining(preset: str, *, batch: int, tokens: int, mesh: dict) -> ml_collections.ConfigDict:
+    """A true-size pre-training run as DeepSeek did it: the preset architecture at 4K context with plain
+    RoPE (YaRN comes with the long-context stage), bf16 compute, steps from the token budget, a pod mesh."""
+    c = apply_preset(base_config(), preset)
+    c.model.rope_scaling.type = 'none'
+    c.model.max_position_embeddings = 4096
+    c.model.dtype = 'bfloat16'
+    c.data.seq_len = 4096
+    c.data.batch_size = batch
+    c.train.steps = tokens // (batch * c.data.seq_len)
+    c.optim.decay_steps = c.train.steps
+    c.mesh.update(**mesh)
+    return c
+
+
+def variant(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
+    """Applies a full-size file's `:smoke` variant: tiny sizes on whatever devices there are."""
+    if arg == 'smoke':
+        smoke(c)
+        c.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
+    return c
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks any experiment to a few-second run (tests, CI): same features, tiny sizes."""
     m = c.model

@@ -9,19 +9,11 @@ BATCH, TOKENS = 4608, 2_000_000_000_000
 
 
 def get_config(arg=None):
-    c = config_lib.apply_preset(config_lib.base_config(), 'deepseek_llm_67b')
+    c = config_lib.full_size_pretraining('deepseek_llm_67b', batch=BATCH, tokens=TOKENS,
+                                         mesh=dict(data=1, fsdp=-1, tensor=8))
     c.model.initializer_range = 0.006
-    c.model.dtype = 'bfloat16'
     c.model.remat_policy = 'full'
-    c.data.seq_len = 4096
-    c.data.batch_size = BATCH
     c.optim.lr = 3.2e-4
     c.optim.schedule = 'multistep'
     c.optim.warmup_steps = 2000
-    c.train.steps = TOKENS // (BATCH * c.data.seq_len)
-    c.optim.decay_steps = c.train.steps
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 8
-    if arg == 'smoke':
-        config_lib.smoke(c)
-        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
-    return c
+    return config_lib.variant(c, arg)

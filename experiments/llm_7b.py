@@ -11,21 +11,13 @@ BATCH, TOKENS = 2304, 2_000_000_000_000
 
 
 def get_config(arg=None):
-    c = config_lib.apply_preset(config_lib.base_config(), 'deepseek_llm_7b')
+    c = config_lib.full_size_pretraining('deepseek_llm_7b', batch=BATCH, tokens=TOKENS,
+                                         mesh=dict(data=1, fsdp=-1))
     c.model.initializer_range = 0.006
-    c.model.dtype = 'bfloat16'
     c.model.remat_policy = 'save_dots'
-    c.data.seq_len = 4096
-    c.data.batch_size = BATCH
     c.optim.lr = 4.2e-4
     c.optim.schedule = 'multistep'
     c.optim.warmup_steps = 2000
     c.optim.milestones = (0.8, 0.9)
     c.optim.milestone_factors = (0.316, 0.1)
-    c.train.steps = TOKENS // (BATCH * c.data.seq_len)
-    c.optim.decay_steps = c.train.steps
-    c.mesh.data, c.mesh.fsdp = 1, -1
-    if arg == 'smoke':
-        config_lib.smoke(c)
-        c.mesh.data, c.mesh.fsdp = -1, 1
-    return c
+    return config_lib.variant(c, arg)

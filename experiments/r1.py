@@ -22,7 +22,4 @@ def get_config(arg=None):
     c.train.steps = 1000
     c.optim.decay_steps = c.train.steps
     c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, -1, 64
-    if arg == 'smoke':
-        config_lib.smoke(c)
-        c.mesh.data, c.mesh.fsdp, c.mesh.expert = -1, 1, 1
-    return c
+    return config_lib.variant(c, arg)

@@ -13,27 +13,17 @@ BATCH, TOKENS = 15360, 14_800_000_000_000
 
 
 def get_config(arg=None):
-    c = config_lib.apply_preset(config_lib.base_config(), 'deepseek_v3')
+    c = config_lib.full_size_pretraining('deepseek_v3', batch=BATCH, tokens=TOKENS,
+                                         mesh=dict(data=1, fsdp=-1, expert=64))
     m = c.model
-    m.rope_scaling.type = 'none'  # pre-training runs at 4K; YaRN comes with the long-context stage
-    m.max_position_embeddings = 4096
-    m.dtype = 'bfloat16'
     m.remat_policy = 'full'
     m.moe_dispatch = 'expert_parallel'
-    c.data.seq_len = 4096
-    c.data.batch_size = BATCH
     c.optim.lr = 2.2e-4
     c.optim.warmup_steps = 2000
     c.optim.min_lr_ratio = 0.1
-    c.train.steps = TOKENS // (BATCH * c.data.seq_len)
-    c.optim.decay_steps = c.train.steps
     c.train.bias_update_rate = 0.001
     c.train.bias_update_until = 14.3 / 14.8
     c.train.mtp_loss_weight = 0.3
     c.train.mtp_loss_weight_final = 0.1
     c.train.mtp_weight_switch = 10.0 / 14.8
-    c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, -1, 64
-    if arg == 'smoke':
-        config_lib.smoke(c)
-        c.mesh.data, c.mesh.fsdp, c.mesh.expert = -1, 1, 1
-    return c
+    return config_lib.variant(c, arg)
