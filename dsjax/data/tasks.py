@@ -1,0 +1,237 @@
+"""Verifiable reasoning tasks that need no download: multi-digit arithmetic and countdown puzzles.
+
+Problems are generated from a seed, so every call with the same arguments returns the same list.
+Each problem belongs to 'train' or 'test' by a hash of its canonical form (the operands, not the
+wording), so a test problem never appears in training data, whatever the seeds or levels.
+
+Graders are exact and never run model output: an answer is the text of the last <answer>...</answer>;
+a countdown expression is parsed with `ast` into a tree of + - * / over integer literals and
+evaluated by walking that tree with exact fractions.
+"""
+import ast
+import dataclasses
+import fractions
+import hashlib
+import random
+import re
+
+TASKS = ('arithmetic', 'countdown')
+SPLITS = ('train', 'test')
+TEST_FRACTION = 0.2
+# Difficulty: arithmetic operands have `level` digits; countdown gives `level` numbers.
+LEVELS = {'arithmetic': (1, 2, 3, 4, 5, 6), 'countdown': (2, 3, 4, 5)}
+COUNTDOWN_MAX_NUMBER = 20
+COUNTDOWN_MAX_TARGET = 1000
+# Longer answers are rejected unparsed: an expression over <= 5 numbers is far shorter.
+MAX_EXPRESSION_CHARS = 100
+
+R1_ZERO_TEMPLATE = (
+    'A conversation between User and Assistant. The user asks a question, and the Assistant solves it. '
+    'The assistant first thinks about the reasoning process in the mind and then provides the user with '
+    'the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> '
+    '</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here '
+    '</answer>. User: {prompt}. Assistant:')
+
+_ANSWER = re.compile(r'<answer>(.*?)</answer>', re.DOTALL)
+_FORMAT = re.compile(r'\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*', re.DOTALL)
+_TAG = re.compile(r'</?(think|answer)>')
+_EXPRESSION_CHARS = re.compile(r'[0-9+\-*/() ]+')
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One verifiable problem.
+
+    `answer` is the exact expected answer (arithmetic), or one valid expression (countdown, where any
+    expression reaching `target` with `numbers` is correct). `steps` are the intermediate
+    computations a worked solution shows.
+    """
+    task: str
+    level: int
+    prompt: str
+    answer: str
+    numbers: tuple[int, ...] = ()
+    target: int = 0
+    steps: tuple[str, ...] = ()
+
+
+def split_of(task: str, key: str) -> str:
+    """'test' for a fixed TEST_FRACTION of canonical problems (by sha256 of `key`), else 'train'."""
+    digest = hashlib.sha256(f'{task}|{key}'.encode()).digest()
+    return 'test' if int.from_bytes(digest[:8], 'big') / 2.0**64 < TEST_FRACTION else 'train'
+
+
+def canonical_key(problem: Problem) -> str:
+    """What makes two problems the same problem: operands and operation, never the wording."""
+    if problem.task == 'countdown':
+        return f'{sorted(problem.numbers)}->{problem.target}'
+    return problem.steps[0]
+
+
+def _check_args(task: str, split: str, n: int, level: int) -> None:
+    if task not in TASKS:
+        raise ValueError(f'task={task!r} is invalid: must be one of {TASKS}')
+    if split not in SPLITS:
+        raise ValueError(f'split={split!r} is invalid: must be one of {SPLITS}')
+    if level not in LEVELS[task]:
+        raise ValueError(f'level={level!r} is invalid for task {task!r}: must be one of {LEVELS[task]}')
+    if not (isinstance(n, int) and n >= 0):
+        raise ValueError(f'n={n!r} is invalid: must be an integer >= 0')
+
+
+def make_problems(task: str, split: str, n: int, level: int = 2, seed: int = 0) -> list[Problem]:
+    """`n` distinct problems of `task` at `level` from `split` ('train' or 'test'), deterministic in seed.
+
+    Raises ValueError when the split holds fewer than `n` distinct problems at this level.
+    """
+    _check_args(task, split, n, level)
+    rng = random.Random(f'{task}:{split}:{level}:{seed}')
+    make = _arithmetic if task == 'arithmetic' else _countdown
+    problems, seen, tries = [], set(), 0
+    while len(problems) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise ValueError(f'the {split} split of {task} level {level} holds fewer than n={n} distinct '
+                             f'problems (found {len(problems)}); lower n or raise the level')
+        problem = make(rng, level)
+        key = canonical_key(problem)
+        if key in seen or split_of(task, key) != split:
+            continue
+        seen.add(key)
+        problems.append(problem)
+    return problems
+
+
+def _digits(rng: random.Random, level: int) -> int:
+    return rng.randrange(10 ** (level - 1) if level > 1 else 0, 10**level)
+
+
+def _arithmetic(rng: random.Random, level: int) -> Problem:
+    """a + b, a - b (a >= b) or a * c: `level`-digit a and b, one-digit c."""
+    op = rng.choice('+-*')
+    a, b = _digits(rng, level), _digits(rng, level) if op != '*' else rng.randrange(2, 10)
+    if op == '-' and a < b:
+        a, b = b, a
+    value = {'+': a + b, '-': a - b, '*': a * b}[op]
+    expression = f'{a} {op} {b}'
+    return Problem('arithmetic', level, f'Compute {expression}', str(value),
+                   steps=(expression,) + _place_value_steps(a, b, op, value))
+
+
+def _place_value_steps(a: int, b: int, op: str, value: int) -> tuple[str, ...]:
+    """Column arithmetic by place value: '40 + 80 = 120', '7 + 5 = 12', '120 + 12 = 132'."""
+    if a < 10 and b < 10:
+        return (f'{a} {op} {b} = {value}',)
+    if op == '*':
+        parts = [(int(d) * 10**k, b) for k, d in enumerate(reversed(str(a))) if d != '0']
+        lines = [f'{p} * {q} = {p * q}' for p, q in parts]
+        total = ' + '.join(str(p * q) for p, q in parts)
+        return tuple(lines) + ((f'{total} = {value}',) if len(parts) > 1 else ())
+    width = len(str(max(a, b)))
+    cols = [(a // 10**k % 10 * 10**k, b // 10**k % 10 * 10**k) for k in reversed(range(width))]
+    lines = [f'{p} {op} {q} = {p + q if op == "+" else p - q}' for p, q in cols]
+    total = ' + '.join(str(p + q if op == '+' else p - q) for p, q in cols).replace('+ -', '- ')
+    return tuple(lines) + (f'{total} = {value}',)
+
+
+def _countdown(rng: random.Random, level: int) -> Problem:
+    """`level` numbers in [1, COUNTDOWN_MAX_NUMBER] and a target reachable using each exactly once."""
+    while True:
+        numbers = [rng.randint(1, COUNTDOWN_MAX_NUMBER) for _ in range(level)]
+        value, expression, steps, additive = numbers[0], str(numbers[0]), [], False
+        for x in numbers[1:]:
+            ops = ['+', '*'] + (['-'] if value > x else []) + (['/'] if x > 1 and value % x == 0 else [])
+            op = rng.choice(ops)
+            new = {'+': value + x, '-': value - x, '*': value * x, '/': value // x}[op]
+            steps.append(f'{value} {op} {x} = {new}')
+            if op in '*/' and additive:
+                expression = f'({expression})'
+            expression, value, additive = f'{expression} {op} {x}', new, op in '+-'
+        if 0 < value <= COUNTDOWN_MAX_TARGET and value not in numbers:
+            break
+    shown = ', '.join(map(str, sorted(numbers)))
+    prompt = (f'Using the numbers {shown}, each at most once, with + - * / and parentheses, '
+              f'write an expression equal to {value}')
+    return Problem('countdown', level, prompt, expression, numbers=tuple(sorted(numbers)), target=value,
+                   steps=tuple(steps))
+
+
+def render_zero_prompt(problem: Problem) -> str:
+    """The R1-Zero template around the problem's prompt."""
+    return R1_ZERO_TEMPLATE.format(prompt=problem.prompt)
+
+
+def worked_solution(problem: Problem) -> str:
+    """A `<think> ... </think> <answer> ... </answer>` completion that shows the reasoning."""
+    if problem.task == 'countdown':
+        thought = ', '.join(problem.steps) + f'. So {problem.answer} = {problem.target}.'
+    else:
+        thought = ', '.join(problem.steps[1:]) + '.'
+    return f'<think> {thought} </think> <answer> {problem.answer} </answer>'
+
+
+def parse_answer(text: str) -> str | None:
+    """The stripped content of the last <answer>...</answer> in `text`, or None."""
+    found = _ANSWER.findall(text)
+    return found[-1].strip() if found else None
+
+
+def format_ok(text: str) -> bool:
+    """True iff `text` is exactly `<think> ... </think> <answer> ... </answer>` (whitespace around
+    allowed), with no stray or nested think/answer tags."""
+    match = _FORMAT.fullmatch(text)
+    return bool(match) and not any(_TAG.search(part) for part in match.groups())
+
+
+def grade(problem: Problem, completion_text: str) -> bool:
+    """Exact check of the completion's answer: equal to the truth (arithmetic), or an expression over
+    the given numbers, each at most once, whose exact value is the target (countdown)."""
+    answer = parse_answer(completion_text)
+    if answer is None:
+        return False
+    if problem.task == 'arithmetic':
+        return answer == problem.answer
+    used, value = evaluate_expression(answer)
+    if value is None:
+        return False
+    available = list(problem.numbers)
+    for x in used:
+        if x not in available:
+            return False
+        available.remove(x)
+    return value == problem.target
+
+
+def evaluate_expression(text: str) -> tuple[list[int], fractions.Fraction | None]:
+    """(integer literals used, exact value) of an expression of + - * / and parentheses over integer
+    literals; ([], None) for anything else (names, calls, powers, unary minus, division by zero).
+
+    The text is parsed, never executed: only the checked nodes of its syntax tree are walked.
+    """
+    if len(text) > MAX_EXPRESSION_CHARS or not _EXPRESSION_CHARS.fullmatch(text):
+        return [], None
+    try:
+        tree = ast.parse(text.strip(), mode='eval')
+    except SyntaxError:
+        return [], None
+    used = []
+
+    def walk(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return fractions.Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Div):
+            left, right = walk(node.left), walk(node.right)
+            if left is None or right is None:
+                return None
+            if isinstance(node.op, ast.Add):
+                return left + right
+            if isinstance(node.op, ast.Sub):
+                return left - right
+            if isinstance(node.op, ast.Mult):
+                return left * right
+            return None if right == 0 else left / right
+        return None
+
+    value = walk(tree.body)
+    return (used, value) if value is not None else ([], None)

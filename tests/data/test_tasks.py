@@ -1,0 +1,97 @@
+"""Verifiable tasks: deterministic problems, disjoint splits, exact and safe graders."""
+import pytest
+
+from dsjax.data import tasks
+
+
+@pytest.mark.parametrize('task', tasks.TASKS)
+def test_problems_are_deterministic_and_distinct(task):
+    a = tasks.make_problems(task, 'train', 50, level=3, seed=1)
+    assert a == tasks.make_problems(task, 'train', 50, level=3, seed=1)
+    assert a != tasks.make_problems(task, 'train', 50, level=3, seed=2)
+    assert len({tasks.canonical_key(p) for p in a}) == 50
+    assert all(p.task == task and p.level == 3 for p in a)
+
+
+@pytest.mark.parametrize('task,level', [('arithmetic', 2), ('countdown', 3)])
+def test_train_and_test_never_overlap(task, level):
+    train = {tasks.canonical_key(p) for s in range(3) for p in tasks.make_problems(task, 'train', 800, level, s)}
+    test = {tasks.canonical_key(p) for p in tasks.make_problems(task, 'test', 600, level, seed=0)}
+    assert len(test) == 600
+    assert not train & test
+
+
+def test_too_many_problems_for_a_small_split_is_an_error():
+    with pytest.raises(ValueError, match='fewer than n=500'):
+        tasks.make_problems('arithmetic', 'test', 500, level=1)
+
+
+@pytest.mark.parametrize('kwargs,match', [(dict(task='chess'), 'task='), (dict(split='val'), 'split='),
+                                          (dict(level=9), 'level=9')])
+def test_bad_arguments_name_themselves(kwargs, match):
+    args = {**dict(task='arithmetic', split='train', n=1, level=2), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        tasks.make_problems(**args)
+
+
+@pytest.mark.parametrize('task', tasks.TASKS)
+def test_worked_solutions_are_formatted_and_correct(task):
+    for level in tasks.LEVELS[task]:
+        for p in tasks.make_problems(task, 'train', 40, level=level):
+            text = tasks.worked_solution(p)
+            assert tasks.format_ok(text), text
+            assert tasks.grade(p, text), text
+
+
+def test_arithmetic_answers_are_exact():
+    p = tasks.Problem('arithmetic', 2, 'Compute 47 + 85', '132', steps=('47 + 85',))
+    assert tasks.grade(p, '<think> x </think> <answer> 132 </answer>')
+    assert tasks.grade(p, '<answer>7</answer> then <answer>132</answer>')  # the last answer counts
+    assert not tasks.grade(p, '<think> x </think> <answer> 131 </answer>')
+    assert not tasks.grade(p, '<answer> 132.0 </answer>')
+    assert not tasks.grade(p, '132')
+
+
+def test_format():
+    assert tasks.format_ok(' <think> a </think> <answer> 5 </answer>')
+    assert tasks.format_ok('<think></think><answer>5</answer>\n')
+    for bad in ('<answer> 5 </answer>', '<think> a </think>', '<think> a </think> b <answer> 5 </answer>',
+                '<think> a <think> b </think> <answer> 5 </answer>', '<think> a </think> <answer> 5 </answer> x',
+                '<think> a </think> <answer> 5 </answer> <answer> 6 </answer>', 'hello'):
+        assert not tasks.format_ok(bad), bad
+
+
+def _countdown(numbers, target):
+    return tasks.Problem('countdown', len(numbers), '', '', numbers=tuple(numbers), target=target)
+
+
+def test_countdown_grader():
+    p = _countdown([3, 7, 25], 46)
+    assert tasks.grade(p, '<answer> 25 + 3 * 7 </answer>')
+    assert tasks.grade(p, '<answer>(7 * 3) + 25</answer>')
+    assert not tasks.grade(p, '<answer> 25 + 21 </answer>')  # 21 is not given
+    assert not tasks.grade(p, '<answer> 25 + 3 * 7 + 3 - 3 </answer>')  # 3 used three times
+    assert not tasks.grade(p, '<answer> 46 </answer>')
+    assert tasks.grade(_countdown([6, 4, 10], 15), '<answer> 6 * 10 / 4 </answer>')  # exact fractions
+    assert tasks.grade(_countdown([3, 2, 9], 6), '<answer> 9 / 3 * 2 </answer>')
+    assert not tasks.grade(_countdown([7, 2], 3), '<answer> 7 / 2 </answer>')  # 3.5, not 3
+    assert not tasks.grade(_countdown([5, 5, 1], 1), '<answer> 1 / (5 - 5) </answer>')  # no crash
+
+
+@pytest.mark.parametrize('attack', [
+    "__import__('os').system('touch /tmp/dsjax_pwned')", 'open("/etc/passwd").read()', '2 ** 3', '-3 + 49',
+    '3 if 1 else 7', 'lambda: 1', '[1, 2]', '0x10', '1_0', '3.0 * 2', '((((((((((1', '9' * 200,
+    '(' * 60 + '1' + ')' * 60,
+])
+def test_grader_rejects_anything_but_arithmetic_on_integers(attack, tmp_path):
+    p = _countdown([3, 7, 25, 49, 16, 10, 8, 1], 46)
+    assert tasks.evaluate_expression(attack) == ([], None)
+    assert not tasks.grade(p, f'<answer> {attack} </answer>')
+
+
+def test_template_and_prompt():
+    p = tasks.make_problems('arithmetic', 'test', 1, level=2)[0]
+    text = tasks.render_zero_prompt(p)
+    assert text.startswith('A conversation between User and Assistant. The user asks a question')
+    assert text.endswith(f'User: {p.prompt}. Assistant:')
+    assert '<think> reasoning process here </think> <answer> answer here </answer>.' in text
