@@ -5,6 +5,8 @@ Axis legend: B batch (completions), N completion tokens, V vocab, G group size, 
 import jax
 import jax.numpy as jnp
 
+from dsjax.train import losses as train_losses
+
 # ---------------------------------------------------------------------------------------------------
 # GRPO (spec: posttraining.md, "GRPO")
 # ---------------------------------------------------------------------------------------------------
@@ -103,3 +105,59 @@ def grpo_loss(logp_BxN, old_logp_BxN, ref_logp_BxN, advantages_B, mask_BxN, *, e
              'kl': aggregate(kl_BxN, mask_BxN, 'token-mean'),
              'clip_fraction': aggregate(was_clipped_BxN, mask_BxN, 'token-mean')}
     return aggregate(loss_BxN, mask_BxN, mode, max_len), stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# SFT, reward model, distillation (spec: posttraining.md, "SFT", "Reward model", "Distillation")
+# Axis legend here: L sequence length, P preference pairs.
+# ---------------------------------------------------------------------------------------------------
+
+
+def sft_loss(logits_BxLxV, targets_BxL, weights_BxL, num_target_tokens):
+    """Masked next-token cross-entropy of one (micro-)batch divided by the target-token count of the
+    whole batch, so that summing it over micro-batches gives the big batch's token mean (gradient
+    accumulation equals one big batch, however unevenly the assistant tokens fall)."""
+    loss_sum, _ = train_losses.cross_entropy(logits_BxLxV, targets_BxL, weights_BxL)
+    return loss_sum / jnp.maximum(num_target_tokens, 1.0)
+
+
+def bradley_terry(reward_chosen_P, reward_rejected_P, margin=0.0):
+    """Per-pair -log sigmoid(r_chosen - r_rejected - margin) [P]."""
+    return -jax.nn.log_sigmoid(reward_chosen_P - reward_rejected_P - margin)
+
+
+def pairwise_accuracy(reward_chosen_P, reward_rejected_P):
+    """1 where the chosen answer scores higher, 0.5 on a tie, else 0 [P]."""
+    diff = reward_chosen_P - reward_rejected_P
+    return jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
+
+
+def _kl(logp_BxLxV, logq_BxLxV):
+    """KL(p || q) per position [B, L] from log-probabilities."""
+    return jnp.sum(jnp.exp(logp_BxLxV) * (logp_BxLxV - logq_BxLxV), axis=-1)
+
+
+def generalized_jsd(student_logits_BxLxV, teacher_logits_BxLxV, beta: float, temperature: float = 1.0):
+    """Generalised Jensen-Shannon divergence per position [B, L], teacher P and student Q at
+    temperature T: beta KL(P || M) + (1 - beta) KL(Q || M) with M = beta P + (1 - beta) Q.
+
+    beta = 0 is the forward KL(P || Q), beta = 1 the reverse KL(Q || P) (the limits of the mixture
+    form divided by beta and 1 - beta), beta = 0.5 the symmetric JSD (GKD, Agarwal et al. 2024).
+    `beta` is a Python float: it picks the formula at trace time.
+    """
+    logq = jax.nn.log_softmax(student_logits_BxLxV.astype(jnp.float32) / temperature, axis=-1)
+    logp = jax.nn.log_softmax(teacher_logits_BxLxV.astype(jnp.float32) / temperature, axis=-1)
+    if beta == 0.0:
+        return _kl(logp, logq)
+    if beta == 1.0:
+        return _kl(logq, logp)
+    logm = jnp.logaddexp(logp + jnp.log(beta), logq + jnp.log1p(-beta))
+    return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
+
+
+def distill_loss(student_logits_BxLxV, teacher_logits_BxLxV, weights_BxL, num_target_tokens, beta: float,
+                 temperature: float = 1.0):
+    """Generalised JSD summed over the completion tokens (weight 1) of this (micro-)batch, divided by
+    the whole batch's count: prompt and padding positions never count."""
+    jsd_BxL = generalized_jsd(student_logits_BxLxV, teacher_logits_BxLxV, beta, temperature)
+    return (jsd_BxL * weights_BxL).sum() / jnp.maximum(num_target_tokens, 1.0)
