@@ -10,7 +10,7 @@ MOE_DISPATCHES = ('dense', 'capacity', 'ragged', 'expert_parallel')
 REMAT_POLICIES = ('none', 'full', 'save_dots')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn')
-STAGES = ('pretrain',)
+STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill')
 SOURCES = ('stdlib', 'text', 'jsonl')
 TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
@@ -119,6 +119,42 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init = i = ml_collections.ConfigDict()
     i.checkpoint = ''  # params from a previous stage's workdir/checkpoint dir, or a HF checkpoint directory
+
+    # Post-training stages (dsjax/posttrain/); task lists hold 'task:level' entries (dsjax/data/tasks.py).
+    c.sft = s = ml_collections.ConfigDict()
+    s.source = 'jsonl'  # or 'cold_start': worked <think>/<answer> solutions of generated task problems
+    s.paths = ()  # JSONL conversation files (source 'jsonl')
+    s.tasks = ('arithmetic:2',)  # source 'cold_start'
+    s.examples = 2000  # cold-start conversations per task entry
+    s.val_examples = 100  # held-out (test-split) conversations per task entry
+    s.system = ''  # a system prompt put before every conversation ('' for none)
+    s.micro_batches = 1  # gradient accumulation: data.batch_size rows in this many micro-batches
+    s.seed = 0
+
+    c.reward = r = ml_collections.ConfigDict()
+    r.tasks = ('arithmetic:2',)  # preference pairs: a correct against an incorrect answer
+    r.pairs = 2000  # training pairs per task entry
+    r.val_pairs = 200  # held-out (test-split) pairs per task entry
+    r.margin = 0.0
+    r.seed = 0
+
+    c.rejection = rj = ml_collections.ConfigDict()
+    rj.tasks = ('arithmetic:2',)  # prompts from the train split
+    rj.prompts = 500  # per task entry
+    rj.samples = 4  # k answers per prompt
+    rj.temperature = 1.0
+    rj.top_p = 1.0
+    rj.max_new_tokens = 96
+    rj.max_tokens = 96  # keep only answers of at most this many tokens (EOS included)
+    rj.batch = 64  # prompts per generate call
+    rj.template = 'chat'  # 'chat' (dsjax/data/chat.py) or 'zero' (the R1-Zero template)
+    rj.seed = 0
+
+    c.distill = ds = ml_collections.ConfigDict()
+    ds.teacher = ''  # the teacher's run directory (a dsjax checkpoint); same tokenizer as the student
+    ds.beta = 0.5  # generalised JSD: 0 forward KL, 1 reverse KL
+    ds.temperature = 1.0
+    ds.ce_weight = 0.0  # plus this times the cross-entropy on the data's own completions
 
     c.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # -1: all devices not used by the other axes
