@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.data import chat as chat_template
 from dsjax.infer import cache as cache_lib
 from dsjax.infer import decode
 from dsjax.infer.loading import Loaded
@@ -21,24 +22,14 @@ _MIN_PREFILL_WIDTH = 16
 
 
 def render_plain(tokenizer, messages) -> list[int]:
-    """DeepSeek-LLM's chat format for tokenizers without a template: [bos] System / User: / Assistant:
-    turns, each assistant reply closed by eos; it ends ready for the next assistant reply."""
-    ids = [tokenizer.bos_id]
-    for m in messages:
-        if m['role'] == 'system':
-            ids += tokenizer.encode(m['content'] + '\n\n')
-        elif m['role'] == 'user':
-            ids += tokenizer.encode(f"User: {m['content']}\n\nAssistant:")
-        else:
-            ids += tokenizer.encode(' ' + m['content']) + [tokenizer.eos_id]
-    return ids
+    """DeepSeek-LLM's chat format for tokenizers without a template (the SFT stage's template, see
+    dsjax/data/chat.py): it ends ready for the next assistant reply."""
+    return chat_template.render_plain(tokenizer, messages)[0]
 
 
 def conversation_tokens(tokenizer, messages) -> list[int]:
     """The conversation through the checkpoint's chat template (or `render_plain`), awaiting a reply."""
-    if getattr(tokenizer, 'chat_template', None):
-        return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    return render_plain(tokenizer, messages)
+    return chat_template.prompt_tokens(tokenizer, messages)
 
 
 def common_prefix(a, b) -> int:

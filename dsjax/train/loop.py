@@ -1,7 +1,13 @@
-"""The training loop, read top to bottom: build, restore, step, log, evaluate, checkpoint, stop."""
+"""The training loop, read top to bottom: build, restore, step, log, evaluate, checkpoint, stop.
+
+Every stage trains through `run`: the stage supplies its model, data and pure step functions as a
+`Stage` (pre-training's is `pretrain_stage`; SFT, reward modelling and distillation build their own).
+"""
+import dataclasses
 import pathlib
 import signal
 import time
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -94,9 +100,46 @@ def evaluate(eval_step, state, eval_batches, mesh):
     return metrics
 
 
-def run(config, workdir, devices=None) -> dict:
-    """Runs the pre-training stage of `config` in `workdir` (on `devices`, default all); returns the
-    last logged metrics."""
+@dataclasses.dataclass
+class Stage:
+    """What a stage gives the loop.
+
+    model: the module whose `init(rng, tokens [1, L])` gives the params.
+    train_iter: host batches (a grain iterator, so its position is checkpointed).
+    eval_batches: the fixed host batches `evaluate` runs over.
+    train_step: pure (state, batch) -> (state, metrics); metrics hold at least `loss` and `grad_norm`.
+    eval_step: pure (state, batch) -> sums `evaluate` accumulates.
+    evaluate: (jitted eval_step, state, eval_batches, mesh) -> metrics.
+    start_from: (init.checkpoint path, model_cfg, abstract_state, state) -> state.
+    """
+    model: Any
+    train_iter: Iterator[dict]
+    eval_batches: list
+    train_step: Callable
+    eval_step: Callable
+    evaluate: Callable = None
+    start_from: Callable = None
+
+    def __post_init__(self):
+        self.evaluate = self.evaluate or evaluate
+        self.start_from = self.start_from or start_from
+
+
+def pretrain_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> Stage:
+    """Next-token training on packed text (the pre-training stage)."""
+    model = Transformer(model_cfg)
+    return Stage(
+        model=model,
+        train_iter=pipeline.make_train_iterator(config.data, tokenizer, **proc),
+        eval_batches=pipeline.make_eval_batches(config.data, tokenizer, num_batches=config.train.eval_batches,
+                                                **proc),
+        train_step=step_lib.make_train_step(model, optimizer, schedule, config.train),
+        eval_step=step_lib.make_eval_step(model))
+
+
+def run(config, workdir, devices=None, build_stage=pretrain_stage) -> dict:
+    """Runs the stage `build_stage` makes of `config` (default pre-training) in `workdir` (on
+    `devices`, default all); returns the last logged metrics."""
     devices = jax.devices() if devices is None else devices
     config_lib.validate(config, len(devices))
     workdir = pathlib.Path(workdir).resolve()  # Orbax needs absolute paths
@@ -106,17 +149,16 @@ def run(config, workdir, devices=None) -> dict:
 
     mesh = sharding.make_mesh(config.mesh, devices)
     model_cfg = config_lib.freeze_model(config.model)
-    model = Transformer(model_cfg)
     tokenizer = tokenizer_lib.get_tokenizer(config.data)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise config_lib.ConfigError(
             f'config.model.vocab_size={model_cfg.vocab_size} is invalid: the tokenizer has '
             f'{tokenizer.vocab_size} tokens')
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = pipeline.make_train_iterator(config.data, tokenizer, **proc)
-    eval_batches = pipeline.make_eval_batches(config.data, tokenizer, num_batches=config.train.eval_batches, **proc)
     schedule = optim.make_schedule(config.optim)
     optimizer = optim.make_optimizer(config.optim)
+    stage = build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc)
+    model, train_iter, eval_batches = stage.model, stage.train_iter, stage.eval_batches
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints,
                                    async_save=config.train.async_checkpoint, remove_unfinished=True)
     tcfg = config.train
@@ -130,16 +172,15 @@ def run(config, workdir, devices=None) -> dict:
         else:
             state = init(jax.random.PRNGKey(tcfg.seed))
             if config.init.checkpoint:
-                state = start_from(config.init.checkpoint, model_cfg, abstract_state, state)
+                state = stage.start_from(config.init.checkpoint, model_cfg, abstract_state, state)
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         logging.info('Model: %s parameters, %s activated matmul parameters per token', f'{n_params:,}',
                      f'{flops.activated_matmul_params(model_cfg):,}')
 
         batch_shardings = sharding.batch_sharding(mesh)
-        train_step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, tcfg),
-                             in_shardings=(state_shardings, batch_shardings),
+        train_step = jax.jit(stage.train_step, in_shardings=(state_shardings, batch_shardings),
                              out_shardings=(state_shardings, None), donate_argnums=(0,))
-        eval_step = jax.jit(step_lib.make_eval_step(model), in_shardings=(state_shardings, batch_shardings))
+        eval_step = jax.jit(stage.eval_step, in_shardings=(state_shardings, batch_shardings))
 
         tokens_per_step = config.data.batch_size * config.data.seq_len
         flops_per_step = flops.train_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
@@ -151,7 +192,7 @@ def run(config, workdir, devices=None) -> dict:
         last, good_step = {}, start
         try:
             if start == 0:
-                last = evaluate(eval_step, state, eval_batches, mesh)
+                last = stage.evaluate(eval_step, state, eval_batches, mesh)
                 metrics_log.log(0, _scalars(last))
                 _save_expert_load(workdir, 0, last)
             pending, t_last, steps_since = None, time.perf_counter(), 0
@@ -176,7 +217,7 @@ def run(config, workdir, devices=None) -> dict:
                         last = host
                         metrics_log.log(done, host)
                 if done % tcfg.eval_every == 0 or at_end:
-                    evaluated = evaluate(eval_step, state, eval_batches, mesh)
+                    evaluated = stage.evaluate(eval_step, state, eval_batches, mesh)
                     metrics_log.log(done, _scalars(evaluated))
                     _save_expert_load(workdir, done, evaluated)
                     last = {**last, **evaluated}

@@ -113,3 +113,63 @@ def make_eval_step(model):
                 'load': aux['load']}
 
     return eval_step
+
+
+def split_micro_batches(batch, micro_batches: int):
+    """[B, ...] arrays -> [micro_batches, B / micro_batches, ...]; micro-batch m holds rows m, m + M, ...
+    so each one stays spread over the devices that hold the batch."""
+    def split(x):
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape(b // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_accumulating_step(loss_fn, optimizer: optax.GradientTransformation, schedule, train_cfg,
+                           micro_batches: int = 1, normaliser='weights'):
+    """A training step for the post-training stages: gradients accumulated over micro-batches.
+
+    loss_fn(params, buffers, micro_batch, denominator, rng) -> (loss, (metrics, load)) must return
+    the micro-batch's *share* of the big batch's loss: its sum divided by `denominator`, the whole
+    batch's total of `batch[normaliser]` (target tokens for SFT and distillation, pairs for reward
+    models). Summing the shares then gives exactly the big batch's loss and gradient. `metrics` are
+    summed over micro-batches (give shares too); `load` (expert load) is summed and moves the routing
+    bias as in pre-training. Returns step(state, batch) -> (state, metrics).
+    """
+    skip_nonfinite = train_cfg.nonfinite_policy == 'skip'
+    total_steps = train_cfg.steps
+
+    def step(state: TrainState, batch):
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        denominator = batch[normaliser].sum().astype(jnp.float32)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def one(carry, indexed):
+            m, micro = indexed
+            (loss, (metrics, load)), grads = grad_fn(state.params, state.buffers, micro, denominator,
+                                                     jax.random.fold_in(step_rng, m))
+            return jax.tree.map(jnp.add, carry, (loss, metrics, load, grads)), None
+
+        micro = split_micro_batches(batch, micro_batches)
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda: grad_fn(state.params, state.buffers, first, denominator, step_rng))
+        (_, (metrics0, load0)), grads0 = shapes
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             (shapes[0][0], metrics0, load0, grads0))
+        (total, metrics, load, grads), _ = jax.lax.scan(one, zeros, (jnp.arange(micro_batches), micro))
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rate = _scheduled(train_cfg.bias_update_rate, 0.0, train_cfg.bias_update_until, state.step, total_steps)
+        buffers = update_routing_bias(state.buffers, load, rate)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        skips = state.nonfinite_skips + jnp.where(finite, 0, 1).astype(state.nonfinite_skips.dtype)
+        if skip_nonfinite:
+            params, opt_state, buffers = keep_if_finite(
+                finite, (params, opt_state, buffers), (state.params, state.opt_state, state.buffers))
+        metrics = {'loss': total, **metrics, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+                   'normaliser': denominator, 'maxvio_batch': layer_maxvio(load), 'nonfinite_skips': skips}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers,
+                                  nonfinite_skips=skips)
+        return new_state, metrics
+
+    return step
