@@ -10,8 +10,8 @@ MOE_DISPATCHES = ('dense', 'capacity', 'ragged', 'expert_parallel')
 REMAT_POLICIES = ('none', 'full', 'save_dots')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn')
-STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill')
-SOURCES = ('stdlib', 'text', 'jsonl')
+STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill', 'grpo')
+SOURCES = ('stdlib', 'text', 'jsonl', 'tasks')
 TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.cache_dir = ''
     d.shuffle_seed = 0
     d.max_doc_chars = 200_000
+    d.tasks = ('arithmetic:2',)  # source 'tasks': worksheet pages of these task:level entries' train problems
+    d.task_documents = 20000  # source 'tasks': pages generated
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 3e-4
@@ -155,6 +157,26 @@ def base_config() -> ml_collections.ConfigDict:
     ds.beta = 0.5  # generalised JSD: 0 forward KL, 1 reverse KL
     ds.temperature = 1.0
     ds.ce_weight = 0.0  # plus this times the cross-entropy on the data's own completions
+
+    c.grpo = g = ml_collections.ConfigDict()
+    g.tasks = ('arithmetic:2',)  # prompts from the train split, evaluation on the test split
+    g.template = 'zero'  # 'zero': the R1-Zero template (dsjax/data/tasks.py)
+    g.batch_size = 512  # completions per step: prompts per step x group_size
+    g.group_size = 16  # G
+    g.max_new_tokens = 48
+    g.temperature = 1.0  # sampling, and the T of log_softmax(logits / T) in the loss
+    g.top_p = 1.0
+    g.updates_per_batch = 1  # mu; above 1 the ratio uses the log-probs stored at rollout
+    g.beta = 0.001  # k3 KL to the frozen initial policy; 0 skips the reference forward pass
+    g.eps_low = 0.2
+    g.eps_high = 0.28
+    g.eps_std = 1e-4
+    g.aggregation = 'seq-mean-token-mean'  # or 'token-mean', 'seq-mean-token-sum-norm'
+    g.reward_names = ('accuracy', 'format')  # dsjax/posttrain/rewards.py
+    g.reward_weights = (1.0, 1.0)
+    g.overlong_buffer = 8  # reward 'length': its penalty ramps over the last this many tokens
+    g.eval_problems = 512  # held-out (test-split) problems per task entry
+    g.eval_temperature = 0.0  # 0: greedy
 
     c.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # -1: all devices not used by the other axes
@@ -445,7 +467,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     validate_model(m)
     d = c.data
     _choice(d.source, 'data.source', SOURCES)
-    if d.source != 'stdlib':
+    if d.source == 'tasks':
+        from dsjax.data import tasks  # tasks reads this module's errors
+        tasks.parse_task_entries(d.tasks, 'data.tasks')
+        _positive_int(c, 'data.task_documents')
+    elif d.source != 'stdlib':
         _check(len(d.paths) > 0, 'data.paths', d.paths, f'data.source={d.source!r} needs at least one path')
     _check(all(isinstance(p, str) and p for p in d.paths), 'data.paths', d.paths,
            'every entry must be a non-empty file path or glob string')

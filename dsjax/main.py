@@ -1,5 +1,7 @@
 """Entry point: python -m dsjax.main --config=experiments/<name>.py[:arg] [--workdir=DIR] [--config.x=y].
 
+Runs the stage the config names (`config.stage`, see dsjax/stages.py), or a whole chain of stages.
+
 On several hosts add --distributed (one process per host; see the README's "Long runs" section).
 """
 import pathlib
@@ -10,7 +12,9 @@ import jax
 from ml_collections import config_flags
 
 from dsjax import config as config_lib
+from dsjax import stages
 from dsjax.data import corpus
+from dsjax.posttrain import rewards
 from dsjax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/v3_small.py[:smoke].',
@@ -51,8 +55,8 @@ def main(argv):
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
     logging.info('Workdir: %s', workdir)
     try:
-        loop.run(_CONFIG.value, workdir)
-    except (config_lib.ConfigError, corpus.DataError, loop.NonFiniteError) as e:
+        stages.run(_CONFIG.value, workdir)
+    except (config_lib.ConfigError, corpus.DataError, loop.NonFiniteError, rewards.RewardError) as e:
         logging.error('%s', e)
         sys.exit(f'error: {e}')
 

@@ -1,4 +1,4 @@
-"""Document sources: the Python standard library, text files, JSONL files.
+"""Document sources: the Python standard library, text files, JSONL files, generated task worksheets.
 
 Every source yields `Document`s in a deterministic order and assigns each to
 'train' or 'validation' by a hash of its name, so the split is identical across
@@ -12,13 +12,18 @@ import hashlib
 import json
 import os
 import pathlib
+import random
 import re
 import sysconfig
 from typing import Iterator
 
 from absl import logging
 
-SOURCES = ("stdlib", "text", "jsonl")
+from dsjax.data import tasks
+
+SOURCES = ("stdlib", "text", "jsonl", "tasks")
+# Problems per worksheet page: many single-problem pages, so a page often ends right after its answer.
+_PAGE_SIZES = (1, 1, 1, 2, 3, 5, 8)
 SPLITS = ("train", "validation")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -129,8 +134,23 @@ def _read_source(data_cfg, counts: _Counts) -> Iterator[Document]:
     elif data_cfg.source == "jsonl":
         for path, name in _match_paths(data_cfg.paths):
             yield from _read_jsonl(path, name, data_cfg.jsonl_field, counts)
+    elif data_cfg.source == "tasks":
+        yield from worksheet_documents(data_cfg.tasks, data_cfg.task_documents)
     else:
         raise DataError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
+
+
+def worksheet_documents(entries, n: int) -> Iterator[Document]:
+    """`n` worksheet pages (tasks.worksheet) of train-split problems of the task:level `entries`, taken
+    in turn; each page has its own style and size. Test-split problems never appear."""
+    parsed = tasks.parse_task_entries(entries, "data.tasks")
+    rng = random.Random(0)
+    for k in range(n):
+        task, level = parsed[k % len(parsed)]
+        size, style = rng.choice(_PAGE_SIZES), rng.choice(tasks.WORKSHEET_STYLES)
+        header = rng.choice(("",) + tasks.WORKSHEET_HEADERS[style])
+        problems = tasks.make_problems(task, "train", size, level=level, seed=k)
+        yield Document(f"tasks/{task}{level}/{k:07d}", tasks.worksheet(problems, style, header))
 
 
 def _match_paths(patterns) -> list[tuple[pathlib.Path, str]]:

@@ -15,6 +15,8 @@ import hashlib
 import random
 import re
 
+from dsjax import config as config_lib
+
 TASKS = ('arithmetic', 'countdown')
 SPLITS = ('train', 'test')
 TEST_FRACTION = 0.2
@@ -102,6 +104,28 @@ def make_problems(task: str, split: str, n: int, level: int = 2, seed: int = 0) 
     return problems
 
 
+def parse_task_entries(entries, field: str) -> list[tuple[str, int]]:
+    """('arithmetic:2', ...) -> [('arithmetic', 2), ...]; errors name the config `field` and what is valid."""
+    parsed = []
+    for entry in entries:
+        task, _, level = str(entry).partition(':')
+        if task not in TASKS or not level.isdigit() or int(level) not in LEVELS[task]:
+            valid = ', '.join(f'{t}:{"|".join(map(str, lv))}' for t, lv in LEVELS.items())
+            config_lib.fail(field, tuple(entries), f'each entry must be task:level, one of {valid}')
+        parsed.append((task, int(level)))
+    if not parsed:
+        config_lib.fail(field, tuple(entries), 'needs at least one task:level entry')
+    return parsed
+
+
+def task_problems(entries, split: str, n_each: int, seed: int, field: str) -> list[Problem]:
+    """`n_each` problems of `split` for every task:level entry of the config `field`, in entry order."""
+    problems = []
+    for task, level in parse_task_entries(entries, field):
+        problems += make_problems(task, split, n_each, level=level, seed=seed)
+    return problems
+
+
 def _digits(rng: random.Random, level: int) -> int:
     return rng.randrange(10 ** (level - 1) if level > 1 else 0, 10**level)
 
@@ -168,6 +192,38 @@ def worked_solution(problem: Problem) -> str:
     else:
         thought = ', '.join(problem.steps[1:]) + '.'
     return f'<think> {thought} </think> <answer> {problem.answer} </answer>'
+
+
+WORKSHEET_STYLES = ('qa', 'equation', 'tagged')
+# Instructions a page may open with, as exercise sheets do.
+WORKSHEET_HEADERS = {
+    'qa': ('Worksheet. Answer each question.', 'Practice problems with answers.',
+           'Solve each problem, then check the answer.', 'Exercises: think about each question first, then answer.'),
+    'equation': ('Facts to remember.', 'Check these results.', 'Answers to the exercises above.'),
+    'tagged': ('Worked solutions: the reasoning process is enclosed within <think> </think> tags and the final '
+               'answer within <answer> </answer> tags.', 'Solutions with the reasoning first, then the answer.',
+               'Each solution shows the reasoning process, then provides the answer.'),
+}
+
+
+def worksheet(problems, style: str, header: str = '') -> str:
+    """A page of solved problems as plain text, the way exercise sheets appear on the web.
+
+    'qa': 'Q: <prompt>' / 'A: <answer>'; 'equation': '<expression> = <value>'; 'tagged': 'Problem:
+    <prompt>.' / 'Solution: <worked solution in think/answer tags>'. None of them is the R1-Zero
+    template, so a model pre-trained on worksheets knows the tasks and the tags, not the format.
+    """
+    lines = []
+    for p in problems:
+        if style == 'qa':
+            lines.append(f'Q: {p.prompt}\nA: {p.answer}')
+        elif style == 'equation':
+            lines.append(f'{p.answer} = {p.target}' if p.task == 'countdown' else f'{p.steps[0]} = {p.answer}')
+        elif style == 'tagged':
+            lines.append(f'Problem: {p.prompt}.\nSolution: {worked_solution(p)}')
+        else:
+            raise ValueError(f'worksheet style {style!r} is invalid: must be one of {WORKSHEET_STYLES}')
+    return '\n\n'.join(([header] if header else []) + lines)
 
 
 def parse_answer(text: str) -> str | None:

@@ -1,0 +1,43 @@
+"""A small dense base pre-trained on task worksheets: the starting point of r1_zero_small.
+
+A model pre-trained only on Python source knows no arithmetic, so this base reads procedurally
+generated worksheet pages (data.source='tasks'): train-split problems written as 'Q: .. / A: ..',
+as bare equations, or as 'Problem: .. / Solution: <think> .. </think> <answer> .. </answer>' (the
+tags as web text uses them). None of it is the R1-Zero template: GRPO has to teach the format.
+
+Run:      python -m dsjax.main --config=experiments/tasks_base.py
+Hardware: 2 CPU cores (see r1_zero_small.py for the measured time of the whole chain).
+Variants: `:smoke` shrinks everything to a seconds-long run (tests).
+"""
+from dsjax import config as config_lib
+
+
+def get_config(arg=None):
+    c = config_lib.base_config()
+    m = c.model
+    m.vocab_size = 512
+    m.hidden_size = 128
+    m.intermediate_size = 344
+    m.num_hidden_layers = 4
+    m.num_attention_heads = 4
+    m.num_key_value_heads = 4
+    m.max_position_embeddings = 512
+    d = c.data
+    d.source = 'tasks'
+    d.tasks = ('arithmetic:2',)
+    d.task_documents = 40000
+    d.seq_len = 256  # positions restart per page: rows this long train positions as deep as a prompt's
+    d.batch_size = 16
+    c.train.steps = 600
+    c.train.log_every = 20
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 50
+    c.optim.decay_steps = c.train.steps
+    if arg == 'smoke':
+        config_lib.smoke(c)
+        c.model.vocab_size = 384
+        c.model.max_position_embeddings = 512
+        d.task_documents = 400
+    return c
