@@ -27,11 +27,17 @@ def _load(name, arg=None):
     return config_lib.load_experiment(str(pathlib.Path(__file__).parents[1] / 'experiments' / 'x.py'), name, arg)
 
 
+def _stages(c):
+    """A chain's stage configs in order, or the config itself."""
+    return [c.stages[n] for n in c.chain] if c.stage == 'chain' else [c]
+
+
 @pytest.mark.parametrize('name', EXPERIMENTS)
 def test_experiment_builds(name):
-    c = _load(name)
+    *_, c = _stages(_load(name))
     devices = FULL_SIZE.get(name, (8,))[0]
-    config_lib.validate(c, num_devices=devices)
+    for stage in _stages(_load(name)):
+        config_lib.validate(stage, num_devices=devices)
     cfg = config_lib.freeze_model(c.model)
     shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
     leaves = jax.tree_util.tree_leaves_with_path(shapes['params'])
@@ -47,4 +53,5 @@ def test_experiment_builds(name):
 
 @pytest.mark.parametrize('name', EXPERIMENTS)
 def test_smoke_variant_validates_on_eight_devices(name):
-    config_lib.validate(_load(name, 'smoke'), num_devices=8)
+    for stage in _stages(_load(name, 'smoke')):
+        config_lib.validate(stage, num_devices=8)
