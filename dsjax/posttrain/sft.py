@@ -26,28 +26,6 @@ from dsjax.train import step as step_lib
 SOURCES = ('jsonl', 'cold_start')
 
 
-def parse_task_entries(entries, field: str) -> list[tuple[str, int]]:
-    """('arithmetic:2', ...) -> [('arithmetic', 2), ...]; errors name `field` and what is valid."""
-    parsed = []
-    for entry in entries:
-        task, _, level = str(entry).partition(':')
-        if task not in tasks.TASKS or not level.isdigit() or int(level) not in tasks.LEVELS[task]:
-            valid = ', '.join(f'{t}:{"|".join(map(str, lv))}' for t, lv in tasks.LEVELS.items())
-            config_lib.fail(field, tuple(entries), f'each entry must be task:level, one of {valid}')
-        parsed.append((task, int(level)))
-    if not parsed:
-        config_lib.fail(field, tuple(entries), 'needs at least one task:level entry')
-    return parsed
-
-
-def task_problems(entries, split: str, n_each: int, seed: int, field: str) -> list:
-    """`n_each` problems of `split` for every task:level entry, in entry order."""
-    problems = []
-    for task, level in parse_task_entries(entries, field):
-        problems += tasks.make_problems(task, split, n_each, level=level, seed=seed)
-    return problems
-
-
 def conversation(problem, completion: str, system: str = '') -> list[dict]:
     """A one-turn conversation: the problem's prompt and an assistant completion."""
     messages = [{'role': 'system', 'content': system}] if system else []
@@ -67,7 +45,7 @@ def validate(config) -> None:
     if s.source == 'jsonl' and not s.paths:
         config_lib.fail('sft.paths', s.paths, "sft.source='jsonl' needs at least one JSONL file")
     if s.source == 'cold_start':
-        parse_task_entries(s.tasks, 'sft.tasks')
+        tasks.parse_task_entries(s.tasks, 'sft.tasks')
         for f in ('examples', 'val_examples'):
             if not (isinstance(s[f], int) and s[f] > 0):
                 config_lib.fail(f'sft.{f}', s[f], 'must be a positive integer')
@@ -86,7 +64,7 @@ def load_conversations(config, split: str) -> list[list[dict]]:
     s = config.sft
     if s.source == 'cold_start':
         n = s.examples if split == 'train' else s.val_examples
-        problems = task_problems(s.tasks, 'train' if split == 'train' else 'test', n, s.seed, 'sft.tasks')
+        problems = tasks.task_problems(s.tasks, 'train' if split == 'train' else 'test', n, s.seed, 'sft.tasks')
         return cold_start_conversations(problems, s.system)
     system = [{'role': 'system', 'content': s.system}] if s.system else []
     out = []
