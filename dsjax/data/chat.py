@@ -27,6 +27,11 @@ ROLES = ('system', 'user', 'assistant')
 FIELDS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
 
 
+def user_turn(content: str) -> str:
+    """A user turn of the plain template; it ends where the assistant's reply starts."""
+    return f'User: {content}\n\nAssistant:'
+
+
 def render_plain(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
     """Token ids of `messages` in the plain template, and a 0/1 mask marking the assistant tokens
     (each reply's text and its closing eos). Ending on a user turn leaves it ready for a reply."""
@@ -37,7 +42,7 @@ def render_plain(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[i
             ids += piece
             mask += [1] * len(piece)
             continue
-        text = m['content'] + '\n\n' if m['role'] == 'system' else f"User: {m['content']}\n\nAssistant:"
+        text = m['content'] + '\n\n' if m['role'] == 'system' else user_turn(m['content'])
         piece = tokenizer.encode(text)
         ids += piece
         mask += [0] * len(piece)

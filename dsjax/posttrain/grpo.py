@@ -22,7 +22,7 @@ from absl import logging
 
 from dsjax import config as config_lib
 from dsjax import sharding
-from dsjax.data import tasks
+from dsjax.data import chat, tasks
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.infer import decode
 from dsjax.infer.sampling import SamplingConfig
@@ -31,14 +31,16 @@ from dsjax.posttrain import losses, rewards
 from dsjax.train import checkpoint, logger, loop, optim
 from dsjax.train import step as step_lib
 
-# name -> Problem -> prompt text.
-TEMPLATES = {'zero': tasks.render_zero_prompt}
+# name -> Problem -> prompt text: the R1-Zero template, or the chat template SFT stages train with
+# (dsjax/data/chat.py; its [bos] + tokens are exactly those of the one-turn conversation's prompt).
+TEMPLATES = {'zero': tasks.render_zero_prompt, 'chat': lambda p: chat.user_turn(p.prompt)}
 # Prompt widths are padded to a multiple of this, so generation and updates compile for few shapes.
 WIDTH_MULTIPLE = 32
 
 
-def validate(config, num_devices: int) -> None:
-    """Raises ConfigError naming the first bad `grpo.*` field (after the shared sections)."""
+def validate(config, num_devices: int, extra_rewards=()) -> None:
+    """Raises ConfigError naming the first bad `grpo.*` field (after the shared sections); reward names
+    may be rule rewards or names in `extra_rewards`."""
     config_lib.validate(config, num_devices)
     g = config.grpo
     tasks.parse_task_entries(g.tasks, 'grpo.tasks')
@@ -74,10 +76,10 @@ def validate(config, num_devices: int) -> None:
     if not g.reward_names or len(g.reward_names) != len(g.reward_weights):
         config_lib.fail('grpo.reward_weights', g.reward_weights,
                         f'needs one weight per reward in grpo.reward_names={tuple(g.reward_names)}')
+    known = tuple(rewards.REWARDS) + tuple(extra_rewards)
     for name in g.reward_names:
-        if name not in rewards.REWARDS:
-            config_lib.fail('grpo.reward_names', tuple(g.reward_names),
-                            f'{name!r} is unknown; valid: {tuple(rewards.REWARDS)}')
+        if name not in known:
+            config_lib.fail('grpo.reward_names', tuple(g.reward_names), f'{name!r} is unknown; valid: {known}')
 
 
 def step_problems(entries, n: int, seed: int, step: int) -> list[tasks.Problem]:
@@ -220,7 +222,7 @@ def run(config, workdir, devices=None, extra_rewards=None) -> dict:
     grpo.reward_names besides the rule rewards.
     """
     devices = jax.devices() if devices is None else devices
-    validate(config, len(devices))
+    validate(config, len(devices), extra_rewards or ())
     g, tcfg = config.grpo, config.train
     workdir = pathlib.Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -68,3 +68,11 @@ def test_jsonl_round_trip_and_malformed_lines_name_file_and_line(tmp_path):
     bad.write_text(json.dumps({'messages': [{'role': 'user', 'content': 'x'}]}) + '\n')
     with pytest.raises(DataError, match=r'bad.jsonl:1: .*no assistant message'):
         chat.read_conversations(bad)
+
+
+def test_grpo_chat_template_prompts_are_the_sft_prompts():
+    from dsjax.data import tasks
+    from dsjax.posttrain import grpo
+    tok = Chars()
+    for p in tasks.make_problems('countdown', 'train', 3, level=3):
+        assert grpo.encode_prompts(tok, [p], 'chat')[0] == chat.prompt_tokens(tok, [{'role': 'user', 'content': p.prompt}])
