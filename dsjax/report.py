@@ -15,11 +15,7 @@ from absl import app, flags  # noqa: E402
 
 from dsjax.train import logger  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory holding metrics.jsonl.')
-_OUT = flags.DEFINE_string('out', None, 'PNG path (default: WORKDIR/report.png).')
-
-
-def _series(records, key):
+def series(records, key):
     points = [(r['step'], r[key]) for r in records if key in r and np.isfinite(r[key])]
     return tuple(map(list, zip(*points))) if points else ([], [])
 
@@ -47,12 +43,12 @@ def render(workdir, out=None) -> pathlib.Path:
     ]
     for ax, (title, keys, scale) in zip(axes[:2].flat, panels):
         for key, label in keys:
-            steps, values = _series(records, key)
+            steps, values = series(records, key)
             if steps:
                 ax.plot(steps, values, marker='.' if key.startswith(('val', 'maxvio_g')) else None, label=label)
         ax.set_title(title)
         ax.set_xlabel('step')
-        ax.set_yscale(scale if any(_series(records, k)[0] for k, _ in keys) else 'linear')
+        ax.set_yscale(scale if any(series(records, k)[0] for k, _ in keys) else 'linear')
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if loads:
@@ -90,9 +86,11 @@ def render(workdir, out=None) -> pathlib.Path:
 
 def main(argv):
     del argv
-    print(render(_WORKDIR.value, _OUT.value))
+    print(render(flags.FLAGS.workdir, flags.FLAGS.out))
 
 
 if __name__ == '__main__':
-    flags.mark_flags_as_required(['workdir'])
+    # Defined here, not at import: the sweep runner and notebooks import this module beside other CLIs.
+    flags.DEFINE_string('workdir', None, 'Run directory holding metrics.jsonl.', required=True)
+    flags.DEFINE_string('out', None, 'PNG path (default: WORKDIR/report.png).')
     app.run(main)

@@ -264,3 +264,8 @@ def restore_subtrees(directory, abstract: dict, step: int | None = None) -> dict
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
         return checkpointer.restore(path, args=args)
+
+
+def complete_steps(directory) -> list[int]:
+    """The complete checkpoint steps in `directory`, sorted, without opening a CheckpointManager."""
+    return _scan(epath.Path(directory))[0]

@@ -1,0 +1,47 @@
+"""Attention: MLA vs MHA vs GQA at matched parameters (v3_small, shrunk).
+
+Claim (DeepSeek-V2 section 2.1 and appendix D): Multi-head Latent Attention caches only a compressed
+latent (kv_lora_rank) plus one shared RoPE key (qk_rope_head_dim) per token and layer, a fraction of
+MHA's 2 x heads x head_dim, and still models language better than MHA, while GQA/MQA save cache at a
+cost in quality.
+
+Run:      python -m dsjax.sweep --config=experiments/sweeps/attention.py --workdir=runs/sweeps/attention
+Size:     v3_small at width 128, 4 heads, 4 layers (1 dense + 3 MoE), MTP off, 150 steps of 8 x 64 tokens,
+          3 seeds: 9 runs, ~20 minutes on 2 shared CPU cores. Attention weights per layer are equal:
+          MLA (q_lora 96, kv_lora 64, nope 32 + rope 16, v 32), MHA (4 heads x 36) and GQA (4 query heads,
+          2 kv heads, x 48) each hold 73,728 (the `params` column shows the whole model matches).
+Expect:   KV cache per token (float32, 4 layers): MLA 1,280 B, GQA 3,072 B, MHA 4,608 B, i.e. MLA 28% of
+          MHA (DeepSeek-V2 full size: 70,272 vs 1,966,080 values per token over 60 layers, 3.6%; our
+          heads are few and narrow). Validation loss: at 150 steps and 4 heads the three are expected to
+          lie within about one seed spread of each other; the V2 paper's quality gap needs its scale.
+          Measured: benchmarks/results/sweeps/attention/report.md.
+"""
+
+
+def get_sweep():
+    return dict(
+        base='experiments/v3_small.py',
+        overrides={
+            'model.hidden_size': 128,
+            'model.intermediate_size': 344,
+            'model.moe_intermediate_size': 64,
+            'model.num_hidden_layers': 4,
+            'model.num_nextn_predict_layers': 0,
+            'train.mtp_loss_weight': 0.0,
+            'train.mtp_loss_weight_final': 0.0,
+            'data.seq_len': 64,
+            'train.steps': 150,
+            'optim.decay_steps': 150,
+            'optim.warmup_steps': 15,
+            'train.eval_every': 50,
+            'train.checkpoint_every': 150,
+            'train.progress_bar': False,
+        },
+        variants={
+            'MLA': {},
+            'MHA': {'model.attention_type': 'mha', 'model.num_key_value_heads': 4, 'model.head_dim': 36},
+            'GQA (2 kv heads)': {'model.attention_type': 'mha', 'model.num_key_value_heads': 2, 'model.head_dim': 48},
+        },
+        seeds=[0, 1, 2],
+        metrics=['val_loss', 'kv_cache_bytes_per_token', 'params'],
+    )
