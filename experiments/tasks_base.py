@@ -27,13 +27,13 @@ def get_config(arg=None):
     d.tasks = ('arithmetic:2',)
     d.task_documents = 40000
     d.seq_len = 256  # positions restart per page: rows this long train positions as deep as a prompt's
-    d.batch_size = 16
-    c.train.steps = 600
+    d.batch_size = 8
+    c.train.steps = 500
     c.train.log_every = 20
-    c.train.eval_every = 200
-    c.train.checkpoint_every = 200
+    c.train.eval_every = 250
+    c.train.checkpoint_every = 250
     c.optim.lr = 3e-3
-    c.optim.warmup_steps = 50
+    c.optim.warmup_steps = 30
     c.optim.decay_steps = c.train.steps
     if arg == 'smoke':
         config_lib.smoke(c)

@@ -94,7 +94,8 @@ class RewardSet:
                                   f'{None if values is None else values.shape}; it must return one number '
                                   f'per completion, shape ({n},)')
             if not np.all(np.isfinite(values)):
-                raise RewardError(f'reward function {name!r} returned non-finite rewards: {values[~np.isfinite(values)][:4]}')
+                raise RewardError(f'reward function {name!r} returned non-finite rewards: '
+                                  f'{values[~np.isfinite(values)][:4]}')
             parts[name] = values
         total = sum(w * parts[name] for name, w in zip(self.names, self.weights))
         return np.asarray(total, np.float32), parts

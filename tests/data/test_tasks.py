@@ -1,4 +1,6 @@
 """Verifiable tasks: deterministic problems, disjoint splits, exact and safe graders."""
+import os
+
 import pytest
 
 from dsjax.data import tasks
@@ -83,10 +85,11 @@ def test_countdown_grader():
     '3 if 1 else 7', 'lambda: 1', '[1, 2]', '0x10', '1_0', '3.0 * 2', '((((((((((1', '9' * 200,
     '(' * 60 + '1' + ')' * 60,
 ])
-def test_grader_rejects_anything_but_arithmetic_on_integers(attack, tmp_path):
+def test_grader_rejects_anything_but_arithmetic_on_integers(attack):
     p = _countdown([3, 7, 25, 49, 16, 10, 8, 1], 46)
     assert tasks.evaluate_expression(attack) == ([], None)
     assert not tasks.grade(p, f'<answer> {attack} </answer>')
+    assert not os.path.exists('/tmp/dsjax_pwned')  # parsed, never run
 
 
 def test_template_and_prompt():

@@ -1,0 +1,83 @@
+"""R1-Zero at laptop scale: the held-out table and the reward curve of an r1_zero_small run.
+
+    python -m dsjax.main --config=experiments/r1_zero_small.py --workdir=runs/r1_zero_small
+    python benchmarks/r1_zero_small.py --workdir=runs/r1_zero_small
+
+Reads the GRPO stage's metrics (WORKDIR/grpo) and writes r1_zero_small.md (held-out accuracy and
+format rate before and after GRPO, completion length, wall time of each stage) and
+r1_zero_small_reward.png (rewards, accuracy and format rate per step with the held-out points,
+completion length, KL and entropy) into benchmarks/results/.
+"""
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from dsjax import report  # noqa: E402
+from dsjax.train import logger  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/r1_zero_small', 'The chain run (holding base/ and grpo/).')
+RESULTS = pathlib.Path(__file__).parent / 'results'
+
+
+def wall_minutes(workdir: pathlib.Path) -> float:
+    """Minutes from the stage's config write to its last metrics write."""
+    return ((workdir / logger.METRICS_FILE).stat().st_mtime - (workdir / 'config.json').stat().st_mtime) / 60
+
+
+def main(argv):
+    del argv
+    root = pathlib.Path(_WORKDIR.value)
+    records = logger.read_metrics(root / 'grpo')
+    evals = [r for r in records if 'eval_accuracy' in r]
+    before, after = evals[0], evals[-1]
+    config = json.loads((root / 'grpo' / 'config.json').read_text())
+    g = config['grpo']
+    lines = [
+        '# r1_zero_small: GRPO from a small worksheet-pretrained base (R1-Zero template, accuracy + format rewards)',
+        '',
+        f"{g['eval_problems']} held-out (test-split) problems per task of {', '.join(g['tasks'])}, greedy decoding, "
+        f"at most {g['max_new_tokens']} new tokens. GRPO: {before['step']} -> {after['step']} steps of "
+        f"{g['batch_size'] // g['group_size']} prompts x G={g['group_size']}, T={g['temperature']}, "
+        f"beta={g['beta']}, lr={config['optim']['lr']}, {g['aggregation']}.",
+        '',
+        '| | accuracy | format rate | completion tokens |',
+        '|---|---|---|---|',
+        f"| base (GRPO step {before['step']}) | {before['eval_accuracy']:.1%} | {before['eval_format_rate']:.1%} | "
+        f"{before['eval_completion_len']:.1f} |",
+        f"| after GRPO (step {after['step']}) | {after['eval_accuracy']:.1%} | {after['eval_format_rate']:.1%} | "
+        f"{after['eval_completion_len']:.1f} |",
+        '',
+        f"Wall time: base pre-training {wall_minutes(root / 'base'):.1f} min, "
+        f"GRPO {wall_minutes(root / 'grpo'):.1f} min.",
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / 'r1_zero_small.md').write_text('\n'.join(lines) + '\n')
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    panels = [
+        ('reward (training rollouts)', [('reward', 'total'), ('reward_accuracy', 'accuracy'),
+                                        ('reward_format', 'format'), ('eval_accuracy', 'held-out accuracy'),
+                                        ('eval_format_rate', 'held-out format rate')]),
+        ('completion tokens', [('completion_len_mean', 'mean'), ('completion_len_max', 'max')]),
+        ('KL / entropy / groups', [('kl', 'k3 KL'), ('entropy', 'entropy'),
+                                   ('zero_advantage_groups', 'zero-advantage groups')]),
+    ]
+    for ax, (title, keys) in zip(axes, panels):
+        for key, label in keys:
+            steps, values = report.series(records, key)
+            ax.plot(steps, values, 'o-' if key.startswith('eval') else '-', label=label)
+        ax.set_title(title)
+        ax.set_xlabel('GRPO step')
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / 'r1_zero_small_reward.png', dpi=100)
+    print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+    app.run(main)
