@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.vocab_size = m.get_ref('vocab_size')
     d.cache_dir = ''
     d.shuffle_seed = 0
+    # Packed rows are shuffled within windows of this many rows (1: stream order). Without it a batch
+    # is a few consecutive pieces of one or two files, and llm_small learns several times slower.
+    d.shuffle_window = 1024
     d.max_doc_chars = 200_000
     d.tasks = ('arithmetic:2',)  # source 'tasks': worksheet pages of these task:level entries' train problems
     d.task_documents = 20000  # source 'tasks': pages generated
@@ -479,7 +482,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(d.tokenizer != 'hf' or bool(d.tokenizer_path), 'data.tokenizer_path', d.tokenizer_path,
            "data.tokenizer='hf' needs a tokenizer.json file or a HF checkpoint directory holding one")
     _check(0 < d.val_fraction < 1, 'data.val_fraction', d.val_fraction, 'must be in (0, 1)')
-    for f in ('seq_len', 'batch_size', 'max_doc_chars'):
+    for f in ('seq_len', 'batch_size', 'max_doc_chars', 'shuffle_window'):
         _positive_int(c, f'data.{f}')
     _check(0 <= d.shuffle_seed < 2**32, 'data.shuffle_seed', d.shuffle_seed, 'must be in [0, 2**32)')
     _check(d.vocab_size == m.vocab_size, 'data.vocab_size', d.vocab_size,

@@ -66,6 +66,7 @@ BAD = [
     ('model.num_nextn_predict_layers', _dense, _set('model', num_nextn_predict_layers=-1), 8),
     ('data.max_doc_chars', _dense, _set('data', max_doc_chars=0), 8),
     ('data.shuffle_seed', _dense, _set('data', shuffle_seed=-1), 8),
+    ('data.shuffle_window', _dense, _set('data', shuffle_window=0), 8),
     ('data.tokenizer', _dense, _set('data', tokenizer='bpe'), 8),
     ('train.keep_checkpoints', _dense, _set('train', keep_checkpoints=0), 8),
     ('train.nonfinite_policy', _dense, _set('train', nonfinite_policy='ignore'), 8),

@@ -66,7 +66,9 @@ def make_train_iterator(data_cfg,
   Returns:
     A grain DatasetIterator (get_state/set_state) yielding dicts of FIELDS,
     each [data.batch_size // process_count, data.seq_len]. Host p's documents
-    are shuffled with seed data.shuffle_seed + epoch and repeat forever.
+    are shuffled with seed data.shuffle_seed + epoch and repeat forever; the packed rows are
+    shuffled again within windows of data.shuffle_window rows, so that one batch mixes many
+    documents rather than holding a few consecutive pieces of one file.
   """
     rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
     if not 0 <= data_cfg.shuffle_seed < 2**32:
@@ -80,6 +82,10 @@ def make_train_iterator(data_cfg,
     tokens = (grain.MapDataset.source(docs).shuffle(
         seed=data_cfg.shuffle_seed).repeat().map(lambda doc: tokenize_document(tokenizer, doc.text)))
     rows = _PackIterDataset(tokens.to_iter_dataset(_READ_OPTIONS), data_cfg.seq_len)
+    if data_cfg.shuffle_window > 1:
+        # Checkpointable: the state is the packer's state at the window's start plus the position in it.
+        rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=data_cfg.shuffle_window,
+                                                           seed=data_cfg.shuffle_seed)
     return iter(rows.batch(rows_per_host))
 
 

@@ -49,6 +49,7 @@ def data_config(corpus_dir: pathlib.Path, **overrides):
              vocab_size=512,
              cache_dir="",
              shuffle_seed=0,
+             shuffle_window=1,  # Stream order, so tests can read documents back in order.
              max_doc_chars=10_000))
     cfg.update(overrides)
     return cfg
@@ -145,8 +146,9 @@ def test_train_batches_shapes_and_dtypes(corpus_dir, tok):
     assert batch["weights"].sum() > 0.9 * batch["weights"].size  # The stream never pads.
 
 
-def test_resume_from_saved_state_matches_uninterrupted_run(corpus_dir, tok):
-    cfg = data_config(corpus_dir)
+@pytest.mark.parametrize("window", [1, 8])
+def test_resume_from_saved_state_matches_uninterrupted_run(corpus_dir, tok, window):
+    cfg = data_config(corpus_dir, shuffle_window=window)
     uninterrupted = pipeline.make_train_iterator(cfg, tok)
     for _ in range(3):
         next(uninterrupted)
@@ -154,7 +156,8 @@ def test_resume_from_saved_state_matches_uninterrupted_run(corpus_dir, tok):
     expected = [next(uninterrupted) for _ in range(20)]
     # The replayed stretch crosses into the second epoch (documents are counted across epochs).
     num_train = len(corpus.load_documents(cfg, "train"))
-    assert uninterrupted.get_state()["parent"]["next_index"] > num_train
+    if window == 1:
+        assert uninterrupted.get_state()["parent"]["next_index"] > num_train
     resumed = pipeline.make_train_iterator(cfg, tok)
     next(resumed)  # Its own position must not matter.
     resumed.set_state(state)
@@ -163,6 +166,18 @@ def test_resume_from_saved_state_matches_uninterrupted_run(corpus_dir, tok):
         got = next(resumed)
         for key in pipeline.FIELDS:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_rows_are_shuffled_within_windows(corpus_dir, tok):
+    """Each window of rows is a permutation of the same stretch of the packed stream."""
+    window, rows_per_batch = 8, 4
+    stream = pipeline.make_train_iterator(data_config(corpus_dir), tok)
+    shuffled = pipeline.make_train_iterator(data_config(corpus_dir, shuffle_window=window), tok)
+    for _ in range(3):
+        want = np.concatenate([next(stream)["inputs"] for _ in range(window // rows_per_batch)])
+        got = np.concatenate([next(shuffled)["inputs"] for _ in range(window // rows_per_batch)])
+        assert sorted(map(tuple, got)) == sorted(map(tuple, want))
+        assert not np.array_equal(got, want)
 
 
 def test_epochs_repeat_every_document_and_reshuffle(corpus_dir, tok):
