@@ -2,22 +2,29 @@
 
 A chain config is `stage='chain'`, `chain=(name, ...)` (the order) and `stages.<name>` (one full
 stage config each). Stage <name> runs in WORKDIR/<name>; a stage whose `init.checkpoint` is empty
-starts from the previous stage's workdir. Re-running the command resumes: each stage restores its own
-latest checkpoint, and a finished stage returns at once.
+starts from the previous stage's workdir ('scratch': from random weights), and any string field may
+name an earlier stage's directory as '{name}' (dsjax/posttrain/chain.py). Re-running the command
+resumes: each stage restores its own latest checkpoint, and a finished stage returns at once. With an
+`evaluation` section, the stages it names are evaluated on held-out problems into WORKDIR/table.md.
 """
+import json
 import pathlib
+import time
 
 import jax
 from absl import logging
 
 from dsjax import config as config_lib
-from dsjax.posttrain import grpo, sft
+from dsjax.posttrain import chain, distill, grpo, rejection, reward_model, sft
 from dsjax.train import loop
 
 RUNNERS = {
     'pretrain': loop.run,
     'sft': sft.run,
     'grpo': grpo.run,
+    'reward': reward_model.run,
+    'rejection': rejection.run,
+    'distill': distill.run,
 }
 
 
@@ -43,6 +50,10 @@ def chain_configs(config, workdir) -> list[tuple[str, object, pathlib.Path]]:
         stage_dir = pathlib.Path(workdir) / name
         if not stage.init.checkpoint and previous:
             stage.init.checkpoint = str(previous)
+        try:
+            chain.resolve_references(stage, {n: pathlib.Path(workdir).resolve() / n for n, _, _ in out})
+        except ValueError as e:
+            raise config_lib.ConfigError(f'stage {name!r}: {e}') from e
         if stage.stage == 'chain' or stage.stage not in RUNNERS:
             config_lib.fail(f'stages.{name}.stage', stage.stage, f'must be one of {tuple(RUNNERS)}')
         try:
@@ -56,8 +67,23 @@ def chain_configs(config, workdir) -> list[tuple[str, object, pathlib.Path]]:
 
 def run_chain(config, workdir) -> dict:
     """Runs every stage of the chain in turn; returns {stage name: its last metrics}."""
-    results = {}
+    results, table, wall = {}, {}, {}
+    evaluation = config.evaluation if 'evaluation' in config else None
     for name, stage, stage_dir in chain_configs(config, workdir):
         logging.info('Chain: stage %r (%s) in %s', name, stage.stage, stage_dir)
+        t0 = time.perf_counter()
         results[name] = RUNNERS[stage.stage](stage, stage_dir)
+        wall[name] = _add_wall_time(stage_dir, time.perf_counter() - t0)
+        if evaluation is not None and name in evaluation.stages:
+            table[name] = chain.evaluate_stage(name, stage_dir, evaluation)
+            logging.info('Chain so far:\n%s', chain.write_table(workdir, table, wall))
     return results
+
+
+def _add_wall_time(stage_dir, seconds: float) -> float:
+    """The stage's wall time over every invocation that ran it (a resumed stage adds up)."""
+    path = pathlib.Path(stage_dir) / 'wall_s.json'
+    total = (json.loads(path.read_text())['wall_s'] if path.exists() else 0.0) + seconds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'wall_s': total}))
+    return total

@@ -1,0 +1,105 @@
+"""DeepSeek-R1's four-stage recipe at laptop scale, on 2-digit arithmetic.
+
+The chain (each stage in WORKDIR/<stage>, each from the previous stage's checkpoint unless noted):
+  base      pre-training on task worksheets (experiments/tasks_base.py, the base of r1_zero_small)
+  cold_sft  cold-start SFT: worked <think> ... </think> <answer> ... </answer> solutions of train-split
+            problems, in the chat template, loss on the assistant tokens only
+  grpo1     reasoning RL: GRPO with accuracy + format rewards, prompts in the same chat template
+  rs        rejection sampling from grpo1: k answers per train prompt, correct and not overlong kept
+  rs_sft    SFT of the *base* model (init '{base}', as R1 does) on rs's samples.jsonl
+  grpo2     RL again from rs_sft
+After every stage but rs, the model answers 512 held-out (test-split) problems greedily: accuracy,
+format rate, and the cross-entropy of the problems' worked solutions -> WORKDIR/table.md.
+
+Run:      python -m dsjax.main --config=experiments/r1_small.py --workdir=runs/r1_small
+          (re-running resumes; finished stages are skipped). `:smoke` is a seconds-long chain.
+Hardware: 2 CPU cores.
+Measured: see the table at the end of this docstring (filled in from WORKDIR/table.md).
+"""
+import ml_collections
+
+from dsjax import config as config_lib
+
+
+def _post(base, stage: str, steps: int, lr: float):
+    """A post-training stage on the base model's architecture, data section and tokenizer."""
+    c = base.copy_and_resolve_references()
+    c.stage = stage
+    c.train.steps = steps
+    c.train.log_every = 5
+    c.train.eval_every = steps
+    c.train.checkpoint_every = steps
+    c.optim.lr = lr
+    c.optim.warmup_steps = 10 if stage == 'sft' else 0
+    c.optim.schedule = 'cosine' if stage == 'sft' else 'constant'
+    c.optim.weight_decay = 0.0
+    c.optim.decay_steps = steps
+    return c
+
+
+def _sft(base, steps: int, **sft):
+    c = _post(base, 'sft', steps, 1e-3)
+    c.data.seq_len = 256  # about three conversations per row
+    c.data.batch_size = 8
+    c.sft.update(**sft)
+    return c
+
+
+def _grpo(base, steps: int):
+    c = _post(base, 'grpo', steps, 2e-4)
+    g = c.grpo
+    g.tasks = base.data.tasks
+    g.template = 'chat'  # the SFT stages' template (dsjax/data/chat.py)
+    g.batch_size = 64
+    g.group_size = 8
+    g.max_new_tokens = 64  # a worked solution is ~50 tokens with EOS
+    g.temperature = 1.0
+    g.beta = 0.001
+    g.reward_names = ('accuracy', 'format')
+    g.reward_weights = (1.0, 1.0)
+    g.eval_problems = 64  # its own quick check; the chain's evaluation uses 512
+    return c
+
+
+def get_config(arg=None):
+    smoke = arg == 'smoke'
+    base = config_lib.load_experiment(__file__, 'tasks_base', arg)
+    tasks = tuple(base.data.tasks)
+    c = ml_collections.ConfigDict()
+    c.stage = 'chain'
+    c.chain = ('base', 'cold_sft', 'grpo1', 'rs', 'rs_sft', 'grpo2')
+    c.stages = s = ml_collections.ConfigDict()
+    s.base = base
+    s.cold_sft = _sft(base, 100, source='cold_start', tasks=tasks, examples=2000, val_examples=100)
+    s.grpo1 = _grpo(base, 20)
+    s.rs = _post(base, 'rejection', 1, 1e-3)
+    s.rs.rejection.update(tasks=tasks, prompts=400, samples=4, temperature=1.0, max_new_tokens=64, max_tokens=64,
+                          batch=64, template='chat')
+    s.rs_sft = _sft(base, 100, source='jsonl', paths=('{rs}/samples.jsonl',))
+    s.rs_sft.data.val_fraction = 0.05  # of the samples, held out for its validation loss
+    s.rs_sft.init.checkpoint = '{base}'
+    s.grpo2 = _grpo(base, 20)
+    c.evaluation = e = ml_collections.ConfigDict()
+    e.stages = ('base', 'cold_sft', 'grpo1', 'rs_sft', 'grpo2')
+    e.tasks = tasks
+    e.problems = 512
+    e.template = 'chat'
+    e.max_new_tokens = 64
+    e.batch_size = 128
+    e.val_loss = True
+    e.seq_len = 256
+    if smoke:
+        for name in ('cold_sft', 'rs_sft'):
+            s[name].data.seq_len = 128
+            s[name].train.update(steps=2, eval_every=2, checkpoint_every=2)
+            s[name].optim.update(warmup_steps=0, decay_steps=2)
+        s.cold_sft.sft.update(examples=16, val_examples=8)
+        # An untrained model answers nothing correctly: the smoke chain's rs_sft re-reads the cold start.
+        s.rs_sft.sft.update(source='cold_start', tasks=tasks, examples=16, val_examples=8)
+        for name in ('grpo1', 'grpo2'):
+            s[name].grpo.update(batch_size=16, group_size=4, max_new_tokens=8, eval_problems=8)
+            s[name].train.update(steps=1, eval_every=1, checkpoint_every=1)
+            s[name].optim.decay_steps = 1
+        s.rs.rejection.update(prompts=4, samples=2, max_new_tokens=8, max_tokens=8, batch=4)
+        e.update(problems=8, max_new_tokens=8, batch_size=8, seq_len=128)
+    return c

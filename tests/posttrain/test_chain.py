@@ -1,0 +1,72 @@
+"""Chains: references between stages, 'scratch', evaluation table, and a resumed chain skips finished work."""
+import json
+
+import ml_collections
+import pytest
+
+from dsjax import config as config_lib
+from dsjax import stages
+from dsjax.posttrain import chain
+
+REPO_FILE = __file__.replace('tests/posttrain/test_chain.py', 'experiments/x.py')
+
+
+def test_references_name_earlier_stage_directories():
+    c = config_lib.base_config()
+    c.sft.paths = ('{rs}/samples.jsonl', 'plain.jsonl')
+    c.distill.teacher = '{teacher}'
+    c.init.checkpoint = 'scratch'
+    chain.resolve_references(c, {'rs': '/w/rs', 'teacher': '/w/teacher'})
+    assert c.sft.paths == ('/w/rs/samples.jsonl', 'plain.jsonl')
+    assert c.distill.teacher == '/w/teacher'
+    assert c.init.checkpoint == ''
+    c.init.checkpoint = '{later}'
+    with pytest.raises(ValueError, match=r"config.init.checkpoint='\{later\}' names stage 'later'"):
+        chain.resolve_references(c, {'rs': '/w/rs'})
+
+
+def _sft_stage(steps=2):
+    c = config_lib.load_experiment(REPO_FILE, 'llm_small', 'smoke')
+    c.stage = 'sft'
+    c.sft.update(source='cold_start', tasks=('arithmetic:1',), examples=16, val_examples=8)
+    c.data.seq_len = 64
+    c.model.max_position_embeddings = 128
+    c.train.update(steps=steps, eval_every=steps, checkpoint_every=steps, async_checkpoint=False)
+    c.optim.update(warmup_steps=0, decay_steps=steps)
+    return c
+
+
+def _chain():
+    c = ml_collections.ConfigDict()
+    c.stage = 'chain'
+    c.chain = ('first', 'second')
+    c.stages = ml_collections.ConfigDict({'first': _sft_stage(), 'second': _sft_stage()})
+    c.stages.first.init.checkpoint = 'scratch'
+    c.evaluation = ml_collections.ConfigDict(dict(stages=('first', 'second'), tasks=('arithmetic:1',), problems=8,
+                                                  template='chat', max_new_tokens=4, batch_size=8, val_loss=True,
+                                                  seq_len=64))
+    return c
+
+
+def test_unknown_reference_is_a_config_error_naming_the_stage(tmp_path):
+    c = _chain()
+    c.stages.second.sft.update(source='jsonl', paths=('{nope}/samples.jsonl',))
+    with pytest.raises(config_lib.ConfigError, match="stage 'second'.*'nope'"):
+        stages.chain_configs(c, tmp_path)
+
+
+def test_chain_runs_evaluates_and_resumes(tmp_path):
+    c = _chain()
+    configs = stages.chain_configs(c, tmp_path)
+    assert configs[1][1].init.checkpoint == str(tmp_path / 'first')
+    stages.run(c, tmp_path)
+    table = json.loads((tmp_path / 'table.json').read_text())
+    assert set(table['stages']) == {'first', 'second'}
+    for row in table['stages'].values():
+        assert 0 <= row['accuracy'] <= 1 and 0 <= row['format_rate'] <= 1 and row['problems'] == 8
+        assert row['task_val_loss'] > 0
+    assert '| first |' in (tmp_path / 'table.md').read_text()
+    saved = sorted(p.name for p in (tmp_path / 'second' / 'checkpoints').iterdir())
+    stages.run(c, tmp_path)  # finished: nothing is trained or evaluated again
+    assert sorted(p.name for p in (tmp_path / 'second' / 'checkpoints').iterdir()) == saved
+    assert json.loads((tmp_path / 'table.json').read_text())['stages'] == table['stages']
