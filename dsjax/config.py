@@ -177,6 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
     g.aggregation = 'seq-mean-token-mean'  # or 'token-mean', 'seq-mean-token-sum-norm'
     g.reward_names = ('accuracy', 'format')  # dsjax/posttrain/rewards.py
     g.reward_weights = (1.0, 1.0)
+    g.reward_model = ''  # reward 'reward_model': a reward-model run directory (stage 'reward')
     g.overlong_buffer = 8  # reward 'length': its penalty ramps over the last this many tokens
     g.eval_problems = 512  # held-out (test-split) problems per task entry
     g.eval_temperature = 0.0  # 0: greedy

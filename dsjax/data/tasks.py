@@ -20,7 +20,8 @@ from dsjax import config as config_lib
 TASKS = ('arithmetic', 'countdown')
 SPLITS = ('train', 'test')
 TEST_FRACTION = 0.2
-# Difficulty: arithmetic operands have `level` digits; countdown gives `level` numbers.
+# Difficulty: arithmetic level L joins an L-digit and an (L-1)-digit operand (level 1: two 1-digit ones);
+# countdown gives `level` numbers.
 LEVELS = {'arithmetic': (1, 2, 3, 4, 5, 6), 'countdown': (2, 3, 4, 5)}
 COUNTDOWN_MAX_NUMBER = 20
 COUNTDOWN_MAX_TARGET = 1000
@@ -126,15 +127,17 @@ def task_problems(entries, split: str, n_each: int, seed: int, field: str) -> li
     return problems
 
 
-def _digits(rng: random.Random, level: int) -> int:
-    return rng.randrange(10 ** (level - 1) if level > 1 else 0, 10**level)
+def _digits(rng: random.Random, digits: int) -> int:
+    return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
 
 
 def _arithmetic(rng: random.Random, level: int) -> Problem:
-    """a + b, a - b (a >= b) or a * c: `level`-digit a and b, one-digit c."""
+    """a + b, a - b (a >= b) or a * c: an L-digit and an (L-1)-digit operand (at least one digit) in
+    either order, or an L-digit a and a one-digit c in either order."""
     op = rng.choice('+-*')
-    a, b = _digits(rng, level), _digits(rng, level) if op != '*' else rng.randrange(2, 10)
-    if op == '-' and a < b:
+    a = _digits(rng, level)
+    b = _digits(rng, max(level - 1, 1)) if op != '*' else rng.randrange(2, 10)
+    if op == '-' and a < b or op != '-' and rng.random() < 0.5:
         a, b = b, a
     value = {'+': a + b, '-': a - b, '*': a * b}[op]
     expression = f'{a} {op} {b}'
@@ -147,7 +150,8 @@ def _place_value_steps(a: int, b: int, op: str, value: int) -> tuple[str, ...]:
     if a < 10 and b < 10:
         return (f'{a} {op} {b} = {value}',)
     if op == '*':
-        parts = [(int(d) * 10**k, b) for k, d in enumerate(reversed(str(a))) if d != '0']
+        many, one = (a, b) if a >= b else (b, a)  # split the longer factor by place value
+        parts = [(int(d) * 10**k, one) for k, d in enumerate(reversed(str(many))) if d != '0']
         lines = [f'{p} * {q} = {p * q}' for p, q in parts]
         total = ' + '.join(str(p * q) for p, q in parts)
         return tuple(lines) + ((f'{total} = {value}',) if len(parts) > 1 else ())
@@ -200,18 +204,19 @@ WORKSHEET_HEADERS = {
     'qa': ('Worksheet. Answer each question.', 'Practice problems with answers.',
            'Solve each problem, then check the answer.', 'Exercises: think about each question first, then answer.'),
     'equation': ('Facts to remember.', 'Check these results.', 'Answers to the exercises above.'),
-    'tagged': ('Worked solutions: the reasoning process is enclosed within <think> </think> tags and the final '
-               'answer within <answer> </answer> tags.', 'Solutions with the reasoning first, then the answer.',
-               'Each solution shows the reasoning process, then provides the answer.'),
+    'tagged': ('Tutoring log: the reasoning is enclosed within <think> </think> tags and the final answer within '
+               '<answer> </answer> tags.', 'Chat log: the reasoning first, then the answer.',
+               'In each reply the assistant shows the reasoning process, then provides the answer.'),
 }
 
 
 def worksheet(problems, style: str, header: str = '') -> str:
     """A page of solved problems as plain text, the way exercise sheets appear on the web.
 
-    'qa': 'Q: <prompt>' / 'A: <answer>'; 'equation': '<expression> = <value>'; 'tagged': 'Problem:
-    <prompt>.' / 'Solution: <worked solution in think/answer tags>'. None of them is the R1-Zero
-    template, so a model pre-trained on worksheets knows the tasks and the tags, not the format.
+    'qa': 'Q: <prompt>' / 'A: <answer>'; 'equation': '<expression> = <value>'; 'tagged': a tutoring chat
+    log, 'User: <prompt>. Assistant: <worked solution in think/answer tags>'. None of them holds the
+    R1-Zero template's instructions: a model pre-trained on worksheets has seen the tasks and the tags,
+    never that prompt.
     """
     lines = []
     for p in problems:
@@ -220,7 +225,7 @@ def worksheet(problems, style: str, header: str = '') -> str:
         elif style == 'equation':
             lines.append(f'{p.answer} = {p.target}' if p.task == 'countdown' else f'{p.steps[0]} = {p.answer}')
         elif style == 'tagged':
-            lines.append(f'Problem: {p.prompt}.\nSolution: {worked_solution(p)}')
+            lines.append(f'User: {p.prompt}. Assistant: {worked_solution(p)}')
         else:
             raise ValueError(f'worksheet style {style!r} is invalid: must be one of {WORKSHEET_STYLES}')
     return '\n\n'.join(([header] if header else []) + lines)

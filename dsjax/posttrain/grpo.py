@@ -187,19 +187,15 @@ def rollout(model_cfg, variables, prompts, tokenizer, key, sampling, max_new_tok
 
 
 def evaluate(model_cfg, variables, problems, prompts, tokenizer, g, mesh, key, shards: int) -> dict:
-    """Accuracy, format rate and completion length (tokens) on held-out problems, one pass at
+    """Accuracy, format rate and completion length (tokens) on held-out problems, one batched pass at
     grpo.eval_temperature (greedy by default)."""
     sampling = SamplingConfig(temperature=g.eval_temperature, top_p=g.top_p if g.eval_temperature else 1.0)
-    correct, formatted, lengths = [], [], []
-    for start in range(0, len(prompts), g.batch_size):
-        chunk = prompts[start:start + g.batch_size]
-        padded = chunk + [chunk[-1]] * (-len(chunk) % shards)  # rows divide over the batch shards
-        key, sub = jax.random.split(key)
-        _, _, gen, texts = rollout(model_cfg, variables, padded, tokenizer, sub, sampling, g.max_new_tokens, mesh)
-        for p, text, m in zip(problems[start:start + len(chunk)], texts, gen.mask):
-            correct.append(tasks.grade(p, text))
-            formatted.append(tasks.format_ok(text))
-            lengths.append(int(m.sum()))
+    padded = prompts + [prompts[-1]] * (-len(prompts) % shards)  # rows divide over the batch shards
+    # One batch: generation on a CPU is several times faster per token at a few hundred rows than at 64.
+    _, _, gen, texts = rollout(model_cfg, variables, padded, tokenizer, key, sampling, g.max_new_tokens, mesh)
+    correct = [tasks.grade(p, text) for p, text in zip(problems, texts)]
+    formatted = [tasks.format_ok(text) for text in texts[:len(problems)]]
+    lengths = gen.mask[:len(problems)].sum(axis=1)
     metrics = {'eval_accuracy': float(np.mean(correct)), 'eval_format_rate': float(np.mean(formatted)),
                'eval_completion_len': float(np.mean(lengths))}
     names = [f'{p.task}{p.level}' for p in problems]
