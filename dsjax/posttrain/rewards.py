@@ -59,6 +59,16 @@ def language_consistency(tokenizer) -> RewardFn:
     return language
 
 
+def trained_reward_model(config) -> RewardFn:
+    """The reward model of `config.grpo.reward_model` (a stage 'reward' run directory) as a reward."""
+    from dsjax.posttrain import reward_model  # loaded only when a run asks for it
+
+    if not config.grpo.reward_model:
+        raise RewardError("config.grpo.reward_model='' is invalid: reward 'reward_model' needs the run directory "
+                          "of a trained reward model (stage 'reward')")
+    return reward_model.ModelReward(config.grpo.reward_model)
+
+
 # name -> factory(config, tokenizer) -> RewardFn.
 REWARDS = {
     'accuracy': lambda config, tokenizer: accuracy,
@@ -66,6 +76,7 @@ REWARDS = {
     'length': lambda config, tokenizer: overlong_penalty(tokenizer, config.grpo.max_new_tokens,
                                                          config.grpo.overlong_buffer),
     'language': lambda config, tokenizer: language_consistency(tokenizer),
+    'reward_model': lambda config, tokenizer: trained_reward_model(config),
 }
 
 
