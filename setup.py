@@ -19,6 +19,8 @@ setup(
     install_requires=REQUIREMENTS,
     extras_require={
         # torch 2.13.0 (CPU build) is on the development machines' disk; another version downloads gigabytes.
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=5.0"],
+        # nbclient + ipykernel run the notebooks in the tests.
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=5.0", "nbclient>=0.10",
+                 "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )

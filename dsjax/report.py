@@ -6,16 +6,17 @@ load / mean load: 1.0 is perfect balance) and MaxVio per layer over evaluations.
 """
 import pathlib
 
-import matplotlib
+# Figures are made with the object API (no pyplot): importing this module never changes the
+# backend of a notebook or program that imports it.
+from matplotlib.figure import Figure
+import numpy as np
+from absl import app, flags
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from dsjax.train import logger
 
-from dsjax.train import logger  # noqa: E402
 
 def series(records, key):
+    """(steps, values) of the records that hold a finite `key`."""
     points = [(r['step'], r[key]) for r in records if key in r and np.isfinite(r[key])]
     return tuple(map(list, zip(*points))) if points else ([], [])
 
@@ -32,7 +33,8 @@ def render(workdir, out=None) -> pathlib.Path:
     records = logger.read_metrics(workdir)
     loads = expert_loads(workdir)
     rows = 3 if loads else 2
-    fig, axes = plt.subplots(rows, 3, figsize=(16, 4.2 * rows), squeeze=False)
+    fig = Figure(figsize=(16, 4.2 * rows))
+    axes = fig.subplots(rows, 3, squeeze=False)
     panels = [
         ('loss', [('loss', 'train'), ('val_loss', 'validation')], 'linear'),
         ('learning rate', [('lr', 'lr')], 'linear'),
@@ -80,7 +82,6 @@ def render(workdir, out=None) -> pathlib.Path:
     fig.tight_layout()
     out = pathlib.Path(out) if out else workdir / 'report.png'
     fig.savefig(out, dpi=90)
-    plt.close(fig)
     return out
 
 

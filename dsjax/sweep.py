@@ -24,6 +24,7 @@ for MoE runs, expert_load.png (validation load per layer and expert at the final
 import csv
 import importlib.util
 import itertools
+import os
 import pathlib
 import re
 import shlex
@@ -32,17 +33,17 @@ import subprocess
 import sys
 import time
 
+# Figures are made with the object API (no pyplot): importing this module never changes the
+# backend of a notebook or program that imports it.
 import matplotlib
+from matplotlib.figure import Figure
+import ml_collections
+import numpy as np
+from absl import app, flags
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from dsjax import config as config_lib  # noqa: E402
-from dsjax import report as report_lib  # noqa: E402
-from dsjax.train import checkpoint, logger  # noqa: E402
+from dsjax import config as config_lib
+from dsjax import report as report_lib
+from dsjax.train import checkpoint, logger
 
 SWEEP_KEYS = ('base', 'overrides', 'variants', 'product', 'seeds', 'metrics')
 SEED_FIELDS = ('train.seed', 'data.shuffle_seed')
@@ -149,19 +150,23 @@ def _override(c: ml_collections.ConfigDict, field: str, value, where: str) -> No
     *parents, leaf = field.split('.')
     node, seen = c, 'config'
     for part in parents:
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        if not _is_section(node.get(part)):
             raise SweepError(f'{where}: config.{field} does not exist ({seen} has no section {part!r}; its '
-                             f'sections: {sorted(k for k in node.keys() if isinstance(node[k], ml_collections.ConfigDict))})')
+                             f'sections: {sorted(k for k in node.keys() if _is_section(node[k]))})')
         node, seen = node[part], f'{seen}.{part}'
-    if leaf in node and isinstance(node[leaf], ml_collections.ConfigDict):
+    if _is_section(node.get(leaf)):
         raise SweepError(f'{where}: config.{field} is a section; override its fields (config.{field}.<name>)')
     if leaf not in node:
         raise SweepError(f'{where}: config.{field} does not exist; the fields of {seen} are '
-                         f'{sorted(k for k in node.keys() if not isinstance(node[k], ml_collections.ConfigDict))}')
+                         f'{sorted(k for k in node.keys() if not _is_section(node[k]))}')
     try:
         node[leaf] = value
     except (TypeError, ValueError) as e:
         raise SweepError(f'{where}: config.{field}={value!r} is invalid: {e}') from e
+
+
+def _is_section(value) -> bool:
+    return isinstance(value, ml_collections.ConfigDict)
 
 
 def _slug(text: str) -> str:
@@ -307,7 +312,8 @@ def write_report(runs: list[Run], sweep: dict, workdir, title: str) -> pathlib.P
         w = csv.writer(f)
         w.writerow(['variant', 'seed', *metrics, 'workdir'])
         for r in runs:
-            w.writerow([r.variant, r.seed, *(values[id(r)][m] for m in metrics), r.workdir])
+            row = [values[id(r)][m] for m in metrics]
+            w.writerow([r.variant, r.seed, *row, os.path.relpath(r.workdir, workdir)])
     summary = {v: {m: _spread([values[id(r)][m] for r in rs]) for m in metrics} for v, rs in by_variant.items()}
     with open(workdir / 'summary.csv', 'w', newline='') as f:
         w = csv.writer(f)
@@ -331,7 +337,7 @@ def write_report(runs: list[Run], sweep: dict, workdir, title: str) -> pathlib.P
     for r in runs:
         lines.append(f'| {r.variant} | {r.seed} | ' + ' | '.join(_fmt(values[id(r)][m]) for m in metrics) + ' |')
     lines += ['', '![loss curves](loss_curves.png)', '', '![metrics](metrics.png)', '']
-    colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    colors = {v: matplotlib.colormaps['tab10'](i % 10) for i, v in enumerate(variants)}
     _plot_losses(runs, colors, workdir / 'loss_curves.png', title)
     _plot_metrics(runs, values, metrics, colors, workdir / 'metrics.png', title)
     if _plot_expert_load(by_variant, workdir / 'expert_load.png', title):
@@ -343,7 +349,8 @@ def write_report(runs: list[Run], sweep: dict, workdir, title: str) -> pathlib.P
 
 def _plot_losses(runs: list[Run], colors: dict, out: pathlib.Path, title: str) -> None:
     """Train loss (thin) and validation loss (markers) of every run, one colour per variant."""
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig = Figure(figsize=(13, 4.5))
+    ax_train, ax_val = fig.subplots(1, 2)
     labelled = set()
     for r in runs:
         records = logger.read_metrics(r.workdir)
@@ -361,14 +368,13 @@ def _plot_losses(runs: list[Run], colors: dict, out: pathlib.Path, title: str) -
     fig.suptitle(f'{title}: every seed drawn')
     fig.tight_layout()
     fig.savefig(out, dpi=90)
-    plt.close(fig)
 
 
 def _plot_metrics(runs: list[Run], values: dict, metrics: list[str], colors: dict, out: pathlib.Path,
                   title: str) -> None:
     """One bar per run for each metric, grouped and coloured by variant."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(5.0, 0.45 * len(runs)) * len(metrics) ** 0.5 + 2,
-                                                        4.5), squeeze=False)
+    fig = Figure(figsize=(max(5.0, 0.45 * len(runs)) * len(metrics) ** 0.5 + 2, 4.5))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         ys = [values[id(r)][m] for r in runs]
         ax.bar(range(len(runs)), ys, color=[colors[r.variant] for r in runs])
@@ -383,7 +389,6 @@ def _plot_metrics(runs: list[Run], values: dict, metrics: list[str], colors: dic
     fig.suptitle(f'{title}: final values')
     fig.tight_layout()
     fig.savefig(out, dpi=90)
-    plt.close(fig)
 
 
 def _plot_expert_load(by_variant: dict, out: pathlib.Path, title: str) -> bool:
@@ -396,7 +401,8 @@ def _plot_expert_load(by_variant: dict, out: pathlib.Path, title: str) -> bool:
             loads[v] = saved[-1]
     if not loads:
         return False
-    fig, axes = plt.subplots(1, len(loads), figsize=(4.5 * len(loads) + 1, 3.5), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(loads) + 1, 3.5))
+    axes = fig.subplots(1, len(loads), squeeze=False)
     for ax, (v, (step, load)) in zip(axes[0], loads.items()):
         ratio = load / np.maximum(load.mean(axis=1, keepdims=True), 1e-9)
         im = ax.imshow(ratio, aspect='auto', cmap='RdBu_r', vmin=0, vmax=2, interpolation='nearest')
@@ -408,7 +414,6 @@ def _plot_expert_load(by_variant: dict, out: pathlib.Path, title: str) -> bool:
     fig.colorbar(im, ax=axes[0].tolist(), label='load / mean load (1 = balanced)')
     fig.suptitle(f'{title}: validation expert load', y=1.02)
     fig.savefig(out, dpi=90, bbox_inches='tight')
-    plt.close(fig)
     return True
 
 

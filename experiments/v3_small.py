@@ -7,8 +7,9 @@ bias balancing (gamma 1e-2, see below), sequence-wise balance loss (alpha 1e-4),
 
 Run:      python -m dsjax.main --config=experiments/v3_small.py
 Hardware: 2 CPU cores.
-Expect:   measured at 150 steps (benchmarks/balancing.py): validation loss 8.38 -> 5.59, global MaxVio
-          0.88 against 4.19 without balancing; 300 steps go lower.
+Expect:   measured at 150 steps (benchmarks/results/sweeps/balancing/v3_small_width256_seed0.md):
+          validation loss 8.38 -> 5.59, global MaxVio 0.88 against 4.19 without balancing; 300 steps go
+          lower. experiments/sweeps/balancing.py compares the balancing methods over three seeds.
 Variants: `:smoke` (seconds, tests), `:nobias` (sequence-wise loss only), `:nobalance` (neither).
 """
 from dsjax import config as config_lib
