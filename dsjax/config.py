@@ -153,6 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
     rj.max_tokens = 96  # keep only answers of at most this many tokens (EOS included)
     rj.batch = 64  # prompts per generate call
     rj.template = 'chat'  # 'chat' (dsjax/data/chat.py) or 'zero' (the R1-Zero template)
+    rj.keep = 'correct'  # or 'all': every answer that ended in time (student samples for distillation)
     rj.seed = 0
 
     c.distill = ds = ml_collections.ConfigDict()

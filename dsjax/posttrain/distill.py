@@ -2,8 +2,10 @@
 
 Run:  python -m dsjax.main --config=<experiment> --config.stage=distill --config.distill.teacher=RUN --workdir=DIR
 
-The data are SFT conversations (the `sft` section: a JSONL file such as the teacher's own rejection-
-sampled answers, i.e. teacher data, or the cold-start set), packed as in SFT. For each batch the
+The data are SFT conversations (the `sft` section), packed as in SFT: teacher data (the teacher's
+rejection-sampled answers, or any dataset), or student samples (stage 'rejection' with
+`rejection.keep='all'` on the student's checkpoint: the student's own answers, drawn once before the
+stage rather than every step as on-policy GKD does). For each batch the
 frozen teacher (any architecture, e.g. a V3-style MoE, loaded from its run directory) computes its
 logits, and the student (e.g. dense) trains on the generalised JSD to them (`distill.beta`: 0 forward
 KL, 1 reverse KL, 0.5 JSD; `distill.temperature`), masked to the assistant tokens, plus

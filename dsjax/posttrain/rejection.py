@@ -6,7 +6,7 @@ It loads the policy of `init.checkpoint` (a dsjax run directory), samples `rejec
 for each of `rejection.prompts` train-split problems per task entry, and keeps an answer if the
 task's exact grader accepts it, it ended with EOS within `rejection.max_tokens` tokens (overlong
 answers are dropped, counted in tokens) and it is not a duplicate of one already kept for that
-prompt. Writes DIR/samples.jsonl (conversations in dsjax/data/chat.py's format, plus task and level)
+prompt. `rejection.keep='all'` skips the grader (still counted): samples of a student to distil on. Writes DIR/samples.jsonl (conversations in dsjax/data/chat.py's format, plus task and level)
 and DIR/stats.json (kept fraction overall and per task level, and why answers were dropped); a
 workdir that holds both is finished, and a re-run returns its statistics at once.
 """
@@ -27,6 +27,7 @@ from dsjax.posttrain import grpo, sft
 
 SAMPLES_FILE = 'samples.jsonl'
 STATS_FILE = 'stats.json'
+KEEP = ('correct', 'all')
 
 
 def validate(config) -> None:
@@ -36,6 +37,9 @@ def validate(config) -> None:
     for f in ('prompts', 'samples', 'max_new_tokens', 'max_tokens', 'batch'):
         if not (isinstance(r[f], int) and r[f] > 0):
             config_lib.fail(f'rejection.{f}', r[f], 'must be a positive integer')
+    if r.keep not in KEEP:
+        config_lib.fail('rejection.keep', r.keep, f"must be one of {KEEP} ('all': the sampled answers unfiltered but "
+                        'for length and duplicates, e.g. student samples for distillation)')
     if r.template not in grpo.TEMPLATES:
         config_lib.fail('rejection.template', r.template, f'must be one of {tuple(grpo.TEMPLATES)}')
     if not r.temperature > 0:
@@ -68,8 +72,9 @@ def sample(loaded, problems, prompts, *, k: int, sampling: SamplingConfig, max_n
     return records
 
 
-def select(problems, records, max_tokens: int) -> tuple[list[dict], dict]:
-    """The kept records (graded, with `correct` and `format` set) and the statistics of the filter."""
+def select(problems, records, max_tokens: int, keep: str = 'correct') -> tuple[list[dict], dict]:
+    """The kept records (graded, with `correct` and `format` set) and the statistics of the filter;
+    keep='all' keeps incorrect answers too (still graded and counted)."""
     kept, seen = [], set()
     reasons = collections.Counter()
     by_level = collections.defaultdict(lambda: collections.Counter())
@@ -79,7 +84,7 @@ def select(problems, records, max_tokens: int) -> tuple[list[dict], dict]:
         r['format'] = tasks.format_ok(r['completion'])
         level = by_level[f'{p.task}:{p.level}']
         level['samples'] += 1
-        if not r['correct']:
+        if not r['correct'] and keep == 'correct':
             reasons['incorrect'] += 1
         elif not r['ended'] or r['tokens'] > max_tokens:
             reasons['overlong'] += 1
@@ -125,7 +130,7 @@ def run(config, workdir, devices=None) -> dict:
     prompts = grpo.encode_prompts(loaded.tokenizer, problems, r.template)
     records = sample(loaded, problems, prompts, k=r.samples, sampling=SamplingConfig(r.temperature, 0, r.top_p),
                      max_new_tokens=r.max_new_tokens, batch=r.batch, key=jax.random.PRNGKey(r.seed))
-    kept, stats = select(problems, records, r.max_tokens)
+    kept, stats = select(problems, records, r.max_tokens, r.keep)
     stats['wall_s'] = time.perf_counter() - t0
     chat.write_conversations(
         workdir / SAMPLES_FILE, (sft.conversation(problems[x['problem']], x['completion']) for x in kept),

@@ -27,6 +27,9 @@ def test_select_keeps_correct_ended_short_unique_answers():
     assert stats['prompts_with_a_kept_answer'] == pytest.approx(2 / 3)
     assert stats['per_level']['arithmetic:1']['kept_fraction'] == pytest.approx(1 / 5)
     assert stats['per_level']['countdown:2']['prompts_with_a_kept_answer'] == 1.0
+    kept_all, stats_all = rejection.select(problems, records, max_tokens=20, keep='all')
+    assert [r['problem'] for r in kept_all] == [0, 0, 2]  # the incorrect answer too, still graded
+    assert stats_all['correct_fraction'] == stats['correct_fraction'] and 'incorrect' not in stats_all['dropped']
 
 
 def test_bad_fields_are_named():
@@ -40,6 +43,10 @@ def test_bad_fields_are_named():
     with pytest.raises(config_lib.ConfigError, match='rejection.template'):
         rejection.validate(c)
     c.rejection.template = 'chat'
+    c.rejection.keep = 'some'
+    with pytest.raises(config_lib.ConfigError, match='rejection.keep'):
+        rejection.validate(c)
+    c.rejection.keep = 'correct'
     c.init.checkpoint = ''
     with pytest.raises(config_lib.ConfigError, match='init.checkpoint'):
         rejection.validate(c)
