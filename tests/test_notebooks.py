@@ -12,7 +12,7 @@ NOTEBOOKS = sorted((ROOT / 'notebooks').glob('*.ipynb'))
 
 
 def test_the_notebooks_are_there():
-    assert {p.stem for p in NOTEBOOKS} >= {'quickstart', 'moe_routing', 'real_weights'}
+    assert {p.stem for p in NOTEBOOKS} >= {'quickstart', 'moe_routing', 'real_weights', 'r1_zero'}
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)

@@ -173,9 +173,9 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs_then_reports(tm
     untouched), resumes run 2 from its saved step, and writes the tables and plots."""
     path = _write_sweep(
         tmp_path, base=SMOKE, seeds=[0],
-        overrides={'train.checkpoint_every': 10_000, 'train.eval_every': 10_000},
+        overrides={'train.checkpoint_every': 10_000, 'train.eval_every': 10_000, 'train.log_every': 5},
         variants={'short': {'train.steps': 3, 'optim.decay_steps': 3},
-                  'long, no bias': {'train.steps': 600, 'optim.decay_steps': 600, 'train.bias_update_rate': 0.0}},
+                  'long, no bias': {'train.steps': 200, 'optim.decay_steps': 200, 'train.bias_update_rate': 0.0}},
         metrics=['val_loss', 'maxvio_global', 'kv_cache_bytes_per_token'])
     out_dir = tmp_path / 'sw'
     first, second = (out_dir / 'short' / 'seed_0', out_dir / 'long_no_bias' / 'seed_0')
@@ -192,7 +192,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs_then_reports(tm
     assert '[1/2] short (seed 0): done' in output
     assert '[2/2] long, no bias (seed 0): stopped by signal SIGTERM at step' in output, output
     saved = sweep_lib.Run('', 0, {}, None, second).finished_step()
-    assert saved is not None and 0 < saved < 600
+    assert saved is not None and 0 < saved < 200
     before = {p: p.read_bytes() for p in first.rglob('*') if p.is_file()}
 
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
@@ -201,15 +201,15 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs_then_reports(tm
     assert f'[2/2] long, no bias (seed 0): resuming from step {saved}' in again.stdout
     assert {p: p.read_bytes() for p in first.rglob('*') if p.is_file()} == before
     records = logger.read_metrics(second)
-    assert records[-1]['step'] == 600 and 'val_loss' in records[-1]
-    assert json.loads((second / 'config.json').read_text())['train']['steps'] == 600
+    assert records[-1]['step'] == 200 and 'val_loss' in records[-1]
+    assert json.loads((second / 'config.json').read_text())['train']['steps'] == 200
 
     for name in ('report.md', 'runs.csv', 'summary.csv', 'loss_curves.png', 'metrics.png', 'expert_load.png'):
         assert (out_dir / name).stat().st_size > 0, name
     with open(out_dir / 'runs.csv') as f:
         rows = list(csv.DictReader(f))
     assert [r['variant'] for r in rows] == ['short', 'long, no bias']
-    assert float(rows[1]['val_loss']) < float(rows[0]['val_loss'])  # 600 steps beat 3
+    assert float(rows[1]['val_loss']) < float(rows[0]['val_loss'])  # 200 steps beat 3
     assert float(rows[0]['kv_cache_bytes_per_token']) == 3 * (32 + 8) * 4  # smoke MLA: 3 layers, fp32
     report = (out_dir / 'report.md').read_text()
     assert '| variant | val_loss | maxvio_global | kv_cache_bytes_per_token |' in report
