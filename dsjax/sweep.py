@@ -203,6 +203,9 @@ def plan(sweep: dict, workdir, num_devices: int | None = None) -> list[Run]:
         raise SweepError(f'the sweep has zero runs ({len(variants)} variants x {len(seeds)} seeds): give at '
                          'least one seed and one variant')
     metrics = list(sweep.get('metrics', ['val_loss']))
+    if not metrics or not all(isinstance(m, str) and m for m in metrics):
+        raise SweepError(f'metrics={metrics!r} is invalid: give one or more metric names (logged in '
+                         f'metrics.jsonl, or one of {sorted(DERIVED_METRICS)})')
     base = sweep['base']
     shared = dict(sweep.get('overrides', {}))
     runs, dirs = [], set()
@@ -223,9 +226,6 @@ def plan(sweep: dict, workdir, num_devices: int | None = None) -> list[Run]:
                                  'distinct names')
             dirs.add(workdir_)
             runs.append(Run(name, seed, run_overrides, c, workdir_))
-    if not metrics or not all(isinstance(m, str) and m for m in metrics):
-        raise SweepError(f'metrics={metrics!r} is invalid: give one or more metric names (logged in '
-                         f'metrics.jsonl, or one of {sorted(DERIVED_METRICS)})')
     return runs
 
 
@@ -245,6 +245,9 @@ def execute(runs: list[Run], base: str) -> None:
     try:
         for i, run in enumerate(runs, 1):
             progress = f'[{i}/{len(runs)}] {run.name}'
+            if received:  # arrived between two runs
+                raise SweepError(f'stopped by signal {signal.Signals(received[0]).name} before {progress}; rerun '
+                                 'the same command to resume')
             if run.finished:
                 print(f'{progress}: finished (step {run.config.train.steps}), skipped', flush=True)
                 continue

@@ -71,6 +71,8 @@ def test_sweep_file_errors(tmp_path):
         _plan(tmp_path, seeds=[0])
     with pytest.raises(sweep_lib.SweepError, match=r"base='nowhere\.py': nowhere\.py does not exist"):
         _plan(tmp_path, base='nowhere.py')
+    with pytest.raises(sweep_lib.SweepError, match=r'metrics=\[\] is invalid: give one or more metric names'):
+        _plan(tmp_path, base=SMOKE, metrics=[])
     with pytest.raises(sweep_lib.SweepError, match=r'no such sweep file'):
         sweep_lib.load_sweep(str(tmp_path / 'missing.py'))
 
