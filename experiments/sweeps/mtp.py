@@ -6,7 +6,8 @@ inference cost, the module being dropped (or kept for speculative decoding) afte
 
 Run:      python -m dsjax.sweep --config=experiments/sweeps/mtp.py --workdir=runs/sweeps/mtp
 Size:     v3_small at width 128, 4 layers (1 dense + 3 MoE), 150 steps of 8 x 64 tokens, 3 seeds: 6 runs,
-          ~15 minutes on 2 shared CPU cores (the MTP runs cost ~20% more per step).
+          ~20 minutes on 2 shared CPU cores (estimated from the balancing sweep's ~3 minutes per run;
+          the MTP runs cost more per step).
 Expect:   at this scale the main head's validation loss with MTP is about equal to, or slightly worse
           than, without it: the extra objective competes for a 4-million-parameter model's capacity,
           and DeepSeek's gains were measured on downstream benchmarks at 16B-671B parameters, not on
