@@ -76,7 +76,6 @@ def get_config(arg=None):
     s.rs.rejection.update(tasks=tasks, prompts=400, samples=4, temperature=1.0, max_new_tokens=64, max_tokens=64,
                           batch=64, template='chat')
     s.rs_sft = _sft(base, 100, source='jsonl', paths=('{rs}/samples.jsonl',))
-    s.rs_sft.data.val_fraction = 0.05  # of the samples, held out for its validation loss
     s.rs_sft.init.checkpoint = '{base}'
     s.grpo2 = _grpo(base, 20)
     c.evaluation = e = ml_collections.ConfigDict()
