@@ -46,14 +46,16 @@ def _sft(base, steps: int, **sft):
 
 
 def _grpo(base, steps: int):
-    c = _post(base, 'grpo', steps, 2e-4)
+    # Measured: lr 2e-4 at 64 completions/step and T = 1 drifted (KL 0.18 after 20 steps) and took
+    # held-out accuracy from 11.5% to 2.3%; so a smaller lr, twice the prompts and T = 0.7.
+    c = _post(base, 'grpo', steps, 5e-5)
     g = c.grpo
     g.tasks = base.data.tasks
     g.template = 'chat'  # the SFT stages' template (dsjax/data/chat.py)
-    g.batch_size = 64
+    g.batch_size = 128  # 16 prompts x G = 8
     g.group_size = 8
     g.max_new_tokens = 64  # a worked solution is ~50 tokens with EOS
-    g.temperature = 1.0
+    g.temperature = 0.7
     g.beta = 0.001
     g.reward_names = ('accuracy', 'format')
     g.reward_weights = (1.0, 1.0)
@@ -71,13 +73,13 @@ def get_config(arg=None):
     c.stages = s = ml_collections.ConfigDict()
     s.base = base
     s.cold_sft = _sft(base, 100, source='cold_start', tasks=tasks, examples=2000, val_examples=100)
-    s.grpo1 = _grpo(base, 20)
+    s.grpo1 = _grpo(base, 25)
     s.rs = _post(base, 'rejection', 1, 1e-3)
-    s.rs.rejection.update(tasks=tasks, prompts=400, samples=4, temperature=1.0, max_new_tokens=64, max_tokens=64,
+    s.rs.rejection.update(tasks=tasks, prompts=800, samples=4, temperature=0.7, max_new_tokens=64, max_tokens=64,
                           batch=64, template='chat')
     s.rs_sft = _sft(base, 100, source='jsonl', paths=('{rs}/samples.jsonl',))
     s.rs_sft.init.checkpoint = '{base}'
-    s.grpo2 = _grpo(base, 20)
+    s.grpo2 = _grpo(base, 25)
     c.evaluation = e = ml_collections.ConfigDict()
     e.stages = ('base', 'cold_sft', 'grpo1', 'rs_sft', 'grpo2')
     e.tasks = tasks
