@@ -66,6 +66,8 @@ def _grpo(base, steps: int):
 def get_config(arg=None):
     smoke = arg == 'smoke'
     base = config_lib.load_experiment(__file__, 'tasks_base', arg)
+    if not smoke:  # the base these numbers were measured on: 500 steps of tasks_base
+        base.train.steps = base.optim.decay_steps = 500
     tasks = tuple(base.data.tasks)
     c = ml_collections.ConfigDict()
     c.stage = 'chain'
@@ -73,13 +75,13 @@ def get_config(arg=None):
     c.stages = s = ml_collections.ConfigDict()
     s.base = base
     s.cold_sft = _sft(base, 100, source='cold_start', tasks=tasks, examples=2000, val_examples=100)
-    s.grpo1 = _grpo(base, 25)
+    s.grpo1 = _grpo(base, 20)
     s.rs = _post(base, 'rejection', 1, 1e-3)
     s.rs.rejection.update(tasks=tasks, prompts=800, samples=4, temperature=0.7, max_new_tokens=64, max_tokens=64,
                           batch=64, template='chat')
     s.rs_sft = _sft(base, 100, source='jsonl', paths=('{rs}/samples.jsonl',))
     s.rs_sft.init.checkpoint = '{base}'
-    s.grpo2 = _grpo(base, 25)
+    s.grpo2 = _grpo(base, 20)
     c.evaluation = e = ml_collections.ConfigDict()
     e.stages = ('base', 'cold_sft', 'grpo1', 'rs_sft', 'grpo2')
     e.tasks = tasks
