@@ -6,7 +6,7 @@ import ml_collections
 ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
-MOE_DISPATCHES = ('dense', 'capacity', 'ragged', 'expert_parallel')
+MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
 REMAT_POLICIES = ('none', 'full', 'save_dots')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn')
@@ -59,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.seq_aux = False  # True: V3 sequence-wise balance loss on normalised sigmoid scores
     m.device_aux_alpha = 0.0  # V2 alpha2 (groups stand for devices)
     m.comm_aux_alpha = 0.0  # V2 alpha3
-    m.moe_dispatch = 'dense'
+    # 'auto': capacity when capacity_factor > 0, else dropless grouped (ragged on TPU); see
+    # moe.resolve_dispatch and benchmarks/results/moe_dispatch.md for the numbers behind it.
+    m.moe_dispatch = 'auto'
     m.capacity_factor = 0.0  # capacity dispatch only; 0: no token is ever dropped
     m.num_nextn_predict_layers = 0
     m.tie_word_embeddings = False
@@ -570,7 +572,7 @@ class ModelConfig:
     seq_aux: bool = False
     device_aux_alpha: float = 0.0
     comm_aux_alpha: float = 0.0
-    moe_dispatch: str = 'dense'
+    moe_dispatch: str = 'auto'
     capacity_factor: float = 0.0
     num_nextn_predict_layers: int = 0
     tie_word_embeddings: bool = False

@@ -260,12 +260,89 @@ def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, 
     return y_TxD, dropped / (tokens * k)
 
 
+def grouped_block_size(assignments: int, num_experts: int) -> int:
+    """Rows per block of `dispatch_grouped`: the largest power of two (8..256) that keeps the padding
+    under a quarter of the assignments (each non-empty expert pads at most block - 1 rows)."""
+    block = 8
+    while block < 256 and num_experts * (2 * block - 1) <= assignments // 4:
+        block *= 2
+    return block
+
+
+def _grouped_rows(idx_TxK, num_experts: int, block: int):
+    """The padded sorted layout of `dispatch_grouped`.
+
+    Returns (row_A: the row of each assignment, src_R: the assignment of each row or A for padding,
+    expert_N: the expert of each block); rows R = N * block, N a static bound on the blocks needed.
+    """
+    t, k = idx_TxK.shape
+    a, e = t * k, num_experts
+    expert_A = idx_TxK.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)  # sorted position -> assignment
+    expert_sorted_A = expert_A[order_A]
+    sizes_E = jnp.bincount(expert_A, length=e)
+    blocks_E = (sizes_E + block - 1) // block
+    block_end_E = jnp.cumsum(blocks_E)
+    start_E = jnp.cumsum(sizes_E) - sizes_E
+    row_sorted_A = (block_end_E - blocks_E)[expert_sorted_A] * block + jnp.arange(a) - start_E[expert_sorted_A]
+    # Each of at most min(E, A) non-empty experts pads fewer than `block` rows.
+    n = (a + min(e, a) * (block - 1)) // block
+    row_A = jnp.zeros((a,), jnp.int32).at[order_A].set(row_sorted_A.astype(jnp.int32))
+    src_R = jnp.full((n * block,), a, jnp.int32).at[row_A].set(jnp.arange(a, dtype=jnp.int32))
+    # Blocks past the last expert's are all padding; they borrow the last expert's weights.
+    expert_N = jnp.minimum(jnp.searchsorted(block_end_E, jnp.arange(n), side='right'), e - 1)
+    return row_A, src_R, expert_N
+
+
+def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, block=None):
+    """Dropless grouped matmul from dense ops: assignments sorted by expert into blocks of `block`
+    rows, each block padded to one expert's; each block multiplies its own expert's weights (gathered
+    per block, [N, D, F]).
+
+    Cost: the activated FLOPs times at most 1.25 (padding, `grouped_block_size`) plus copies of the
+    expert weights per block (about 5x the expert weights), so it follows the tokens, not E x tokens
+    as `dispatch_dense` does, and never drops. The CPU stand-in for `ragged_dot`, which jax lowers on
+    CPU to a masked dense dot over every expert.
+    """
+    del capacity
+    t, d = x_TxD.shape
+    k = idx_TxK.shape[1]
+    e = gate_ExDxF.shape[0]
+    block = block or grouped_block_size(t * k, e)
+    row_A, src_R, expert_N = _grouped_rows(idx_TxK, e, block)
+    n = expert_N.shape[0]
+    # Padding rows read a zero token (row t).
+    token_R = jnp.where(src_R < t * k, src_R // k, t)
+    x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
+    h_NxBxF = _swiglu(jnp.einsum('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N]),
+                      jnp.einsum('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N]))
+    y_RxD = jnp.einsum('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N]).reshape(n * block, d)
+    y_TxKxD = y_RxD[row_A].reshape(t, k, d)
+    return jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype)), jnp.zeros((), jnp.float32)
+
+
 DISPATCH = {
     'dense': dispatch_dense,
     'ragged': dispatch_ragged,
+    'grouped': dispatch_grouped,
     'capacity': dispatch_capacity,
     'expert_parallel': dispatch_expert_parallel,
 }
+
+
+def resolve_dispatch(name: str, capacity_factor: float, backend: str | None = None) -> str:
+    """The DISPATCH entry behind `name`; 'auto' picks by measurement (benchmarks/moe_dispatch.py).
+
+    capacity_factor > 0 asks for V2-style drops: 'capacity' (cost follows T x K x factor). Dropless:
+    'ragged' on TPU, whose compiler has a grouped matmul for `ragged_dot`; elsewhere 'grouped' (dense
+    blocks sorted by expert), because jax lowers `ragged_dot` on CPU to a masked dot over every expert
+    (as slow as 'dense', whose cost grows with E); on GPU the two are compared by benchmarks/device.sh.
+    """
+    if name != 'auto':
+        return name
+    if capacity_factor > 0:
+        return 'capacity'
+    return 'ragged' if (backend or jax.default_backend()) == 'tpu' else 'grouped'
 
 
 def capacity_per_expert(tokens: int, cfg: ModelConfig) -> int:
@@ -300,7 +377,7 @@ class MoE(nn.Module):
         gate_ExDxF = weight(self, 'gate', (e, d, f), ('exp', 'embed', 'mlp'), cfg)
         up_ExDxF = weight(self, 'up', (e, d, f), ('exp', 'embed', 'mlp'), cfg)
         down_ExFxD = weight(self, 'down', (e, f, d), ('exp', 'mlp', 'embed'), cfg)
-        dispatch = DISPATCH[cfg.moe_dispatch]
+        dispatch = DISPATCH[resolve_dispatch(cfg.moe_dispatch, cfg.capacity_factor)]
         # V2 drops overflow only in training; evaluation never drops.
         capacity = capacity_per_expert(b * length, cfg) if not deterministic else b * length
         x_TxD = x_BxLxD.reshape(-1, d)

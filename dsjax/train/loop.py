@@ -195,33 +195,49 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage) -> dict:
                 last = stage.evaluate(eval_step, state, eval_batches, mesh)
                 metrics_log.log(0, _scalars(last))
                 _save_expert_load(workdir, 0, last)
-            pending, t_last, steps_since = None, time.perf_counter(), 0
+            # Metrics of step t are fetched once step t+1 is queued, so the host never stalls the device;
+            # only steps that must sync anyway (eval, checkpoint, the last, a signal) fetch their own.
+            pending, clock = None, {'t': time.perf_counter(), 'step': start, 'data_wait': 0.0}
+            data_wait = 0.0
+
+            def fetch(done, metrics, log_it, waited):
+                host = _check_finite(done, metrics, good_step, ckpt, tcfg.nonfinite_policy)
+                if not log_it:
+                    return None
+                now = time.perf_counter()
+                elapsed, n = now - clock['t'], done - clock['step']
+                host['ppl'] = float(np.exp(min(host['loss'], 50.0)))
+                host['tokens_per_s'] = n * tokens_per_step / elapsed
+                host['mfu'] = n * flops_per_step / elapsed / peak
+                # Share of the wall time spent waiting for the input pipeline (0 when it keeps up).
+                host['data_wait_frac'] = (waited - clock['data_wait']) / elapsed
+                clock.update(t=now, step=done, data_wait=waited)
+                metrics_log.log(done, host)
+                return host
+
             for step in range(start, tcfg.steps):
-                state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh))
+                waited = data_wait
+                t_data = time.perf_counter()
+                batch = sharding.global_batch(next(train_iter), mesh)
+                data_wait += time.perf_counter() - t_data
+                state, metrics = train_step(state, batch)
                 done = step + 1
-                if pending is not None:  # fetch the previous step's metrics: the device stays busy
-                    _check_finite(*pending, good_step, ckpt, tcfg.nonfinite_policy)
-                pending = (done - 1, metrics)
-                steps_since += 1
-                at_end = done == tcfg.steps
-                if done % tcfg.log_every == 0 or at_end or done % tcfg.checkpoint_every == 0 or stop.received:
-                    host = _check_finite(done, metrics, good_step, ckpt, tcfg.nonfinite_policy)
+                if pending is not None:
+                    last = fetch(*pending[:3], waited) or last
                     pending = None
-                    if done % tcfg.log_every == 0 or at_end:
-                        now = time.perf_counter()
-                        elapsed, t_last, n = now - t_last, now, steps_since
-                        steps_since = 0
-                        host['ppl'] = float(np.exp(min(host['loss'], 50.0)))
-                        host['tokens_per_s'] = n * tokens_per_step / elapsed
-                        host['mfu'] = n * flops_per_step / elapsed / peak
-                        last = host
-                        metrics_log.log(done, host)
+                at_end = done == tcfg.steps
+                log_it = done % tcfg.log_every == 0 or at_end
+                if at_end or done % tcfg.eval_every == 0 or done % tcfg.checkpoint_every == 0 or stop.received:
+                    last = fetch(done, metrics, log_it, data_wait) or last
+                else:
+                    pending = (done, metrics, log_it)
                 if done % tcfg.eval_every == 0 or at_end:
                     evaluated = stage.evaluate(eval_step, state, eval_batches, mesh)
                     metrics_log.log(done, _scalars(evaluated))
                     _save_expert_load(workdir, done, evaluated)
                     last = {**last, **evaluated}
-                    t_last = time.perf_counter()  # evaluation time is not training throughput
+                    # Evaluation time is not training throughput.
+                    clock.update(t=time.perf_counter(), step=done, data_wait=data_wait)
                 if done % tcfg.checkpoint_every == 0 or at_end or stop.received:
                     ckpt.save(done, state, data_iterator=train_iter, config=config.to_dict(), force=True)
                     good_step = done

@@ -14,7 +14,7 @@ from dsjax.model.transformer import Transformer
 
 ROUTING = config_lib.ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_hidden_layers=1,
                                  num_attention_heads=1, num_key_value_heads=1, n_routed_experts=8)
-STRATEGIES = ('ragged', 'capacity', 'expert_parallel')
+STRATEGIES = ('ragged', 'capacity', 'grouped', 'expert_parallel')
 
 
 def _route(scores, bias=None, **fields):
@@ -195,6 +195,34 @@ def test_dispatch_equals_dense_when_nothing_is_dropped(strategy, e, k):
         got, dropped = run(x, weights, idx, gate, up, down, x.shape[0])
         np.testing.assert_allclose(got, want, atol=1e-5)
         assert float(dropped) == 0.0
+
+
+@pytest.mark.parametrize('block', [None, 8])
+def test_grouped_equals_dense_values_and_grads_under_skewed_routing(block):
+    """Dropless whatever the load: every token on expert 0 except a few, blocks padded per expert."""
+    x, weights, _, gate, up, down = _dispatch_inputs(3, tokens=40, e=8, k=2)
+    idx = jnp.zeros((40, 2), jnp.int32).at[:, 1].set(jnp.arange(40) % 3 + 1)
+    grouped = _sum_sq(lambda *a: moe.dispatch_grouped(*a, block=block), None)
+    got = jax.jit(jax.value_and_grad(grouped, argnums=(0, 1, 2, 3, 4)))(x, weights, gate, up, down, idx)
+    want = jax.value_and_grad(_sum_sq(moe.dispatch_dense, None), argnums=(0, 1, 2, 3, 4))(
+        x, weights, gate, up, down, idx)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('assignments,experts', [(16, 8), (8192, 32), (8192, 128), (1024, 128), (10 ** 6, 4)])
+def test_grouped_block_size_bounds_the_padding(assignments, experts):
+    block = moe.grouped_block_size(assignments, experts)
+    assert 8 <= block <= 256 and block & (block - 1) == 0
+    assert block == 8 or experts * (block - 1) <= assignments // 4
+
+
+def test_auto_dispatch_picks_capacity_for_drops_and_grouped_or_ragged_for_dropless():
+    assert moe.resolve_dispatch('auto', 1.25, 'cpu') == 'capacity'
+    assert moe.resolve_dispatch('auto', 0.0, 'cpu') == 'grouped'
+    assert moe.resolve_dispatch('auto', 0.0, 'gpu') == 'grouped'
+    assert moe.resolve_dispatch('auto', 0.0, 'tpu') == 'ragged'
+    assert moe.resolve_dispatch('dense', 1.25, 'cpu') == 'dense'
 
 
 def _np_capacity_reference(x, weights, idx, gate, up, down, capacity):

@@ -113,3 +113,30 @@ def test_init_checkpoint_carries_params_and_routing_bias(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, started.buffers, previous.buffers)
     jax.tree.map(np.testing.assert_array_equal, started.params, previous.params)
     assert int(started.step) == 0  # a new stage: fresh optimizer and step counter
+
+
+def test_metrics_are_fetched_one_step_late(tmp_path, monkeypatch):
+    """Step t's metrics are read only once step t+1 is queued; only the last step (which evaluates and
+    saves anyway) reads its own. The input pipeline's share of the time is logged."""
+    events = []
+    global_batch, check_finite = loop.sharding.global_batch, loop._check_finite
+
+    def batch(*args):
+        events.append('batch')
+        return global_batch(*args)
+
+    def fetch(step, *args):
+        events.append(f'fetch {step}')
+        return check_finite(step, *args)
+
+    monkeypatch.setattr(loop.sharding, 'global_batch', batch)
+    monkeypatch.setattr(loop, '_check_finite', fetch)
+    c = _config(steps=5)
+    c.train.update(eval_every=100, checkpoint_every=100, log_every=1, eval_batches=1)
+    loop.run(c, tmp_path, devices=jax.devices()[:1])
+    # One evaluation batch at step 0 and one after the last step.
+    assert events[1:-1] == ['batch', 'batch', 'fetch 1', 'batch', 'fetch 2', 'batch', 'fetch 3', 'batch',
+                            'fetch 4', 'fetch 5']
+    logged = [r for r in logger.read_metrics(tmp_path) if 'loss' in r]
+    assert [r['step'] for r in logged] == [1, 2, 3, 4, 5]
+    assert all(0 <= r['data_wait_frac'] < 1 for r in logged)
