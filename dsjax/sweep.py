@@ -24,6 +24,7 @@ for MoE runs, expert_load.png (validation load per layer and expert at the final
 import csv
 import importlib.util
 import itertools
+import json
 import os
 import pathlib
 import re
@@ -105,6 +106,24 @@ class Run:
     @property
     def finished(self) -> bool:
         return self.finished_step() == self.config.train.steps
+
+    def config_drift(self) -> list[str]:
+        """Fields where the config this run was started with (its config.json) differs from the planned one:
+        an edited sweep file, or a dsjax version that added or changed a default since."""
+        path = self.workdir / 'config.json'
+        if not path.is_file():
+            return []
+        saved = _flatten(json.loads(path.read_text()))
+        planned = _flatten(json.loads(self.config.to_json_best_effort()))
+        missing = '<absent>'
+        return sorted(k for k in saved.keys() | planned.keys() if saved.get(k, missing) != planned.get(k, missing))
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+    return out
 
 
 def _flag_value(value) -> str:
@@ -248,6 +267,10 @@ def execute(runs: list[Run], base: str) -> None:
             if received:  # arrived between two runs
                 raise SweepError(f'stopped by signal {signal.Signals(received[0]).name} before {progress}; rerun '
                                  'the same command to resume')
+            drift = run.config_drift()
+            if drift:
+                print(f'{progress}: warning: {run.workdir}/config.json differs from the plan in {", ".join(drift[:6])}'
+                      f'{" ..." if len(drift) > 6 else ""}; delete that directory to redo the run', flush=True)
             if run.finished:
                 print(f'{progress}: finished (step {run.config.train.steps}), skipped', flush=True)
                 continue

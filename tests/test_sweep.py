@@ -89,6 +89,17 @@ def test_product_crosses_variants_and_seeds(tmp_path):
     assert len({r.workdir for r in runs}) == len(runs)
 
 
+def test_config_drift_names_the_fields_a_run_was_started_with_differently(tmp_path):
+    run = _plan(tmp_path, base=SMOKE)[0]
+    assert run.config_drift() == []  # never started
+    saved = json.loads(run.config.to_json_best_effort())
+    saved['train']['steps'] = 99
+    del saved['data']['shuffle_seed']
+    run.workdir.mkdir(parents=True)
+    (run.workdir / 'config.json').write_text(json.dumps(saved))
+    assert run.config_drift() == ['data.shuffle_seed', 'train.steps']
+
+
 def test_print_emits_one_command_per_run_that_main_parses_back(tmp_path):
     """--print starts nothing; each line is a dsjax.main command whose flags rebuild the planned config."""
     from absl import flags
