@@ -7,11 +7,12 @@ cost in quality.
 
 Run:      python -m dsjax.sweep --config=experiments/sweeps/attention.py --workdir=runs/sweeps/attention
 Size:     v3_small at width 128, 4 heads, 4 layers (1 dense + 3 MoE), MTP off, 150 steps of 8 x 64 tokens,
-          3 seeds: 9 runs, 27 minutes on 2 CPU cores shared with other jobs. Attention weights per layer are equal:
-          MLA (q_lora 96, kv_lora 64, nope 32 + rope 16, v 32), MHA (4 heads x 36) and GQA (4 query heads,
-          2 kv heads, x 48) each hold 73,728 (the `params` column shows the whole model matches).
+          3 seeds: 9 runs, 27 minutes on 2 CPU cores shared with other jobs. Attention weights per
+          layer are equal: MLA (q_lora 96, kv_lora 64, nope 32 + rope 16, v 32), MHA (4 heads x 36)
+          and GQA (4 query heads, 2 kv heads, x 48) each hold 73,728 (the `params` column shows the
+          whole model matches).
 Expect:   KV cache per token (float32, 4 layers): MLA 1,280 B, GQA 3,072 B, MHA 4,608 B, i.e. MLA 28% of
-          MHA (DeepSeek-V2 full size: 70,272 vs 1,966,080 values per token over 60 layers, 3.6%; our
+          MHA (DeepSeek-V2 full size: 34,560 vs 1,966,080 values per token over 60 layers, 1.8%; our
           heads are few and narrow). Validation loss: at 150 steps and 4 heads the three are expected to
           lie within about one seed spread of each other; the V2 paper's quality gap needs its scale.
 Measured: (benchmarks/results/sweeps/attention/report.md; 27 minutes, 158-202 s per run, the 2 cores
