@@ -74,6 +74,10 @@ def run_chain(config, workdir) -> dict:
         t0 = time.perf_counter()
         results[name] = RUNNERS[stage.stage](stage, stage_dir)
         wall[name] = _add_wall_time(stage_dir, time.perf_counter() - t0)
+        if loop.STOPPED in results[name]:
+            # A signal stopped the stage after saving: the chain stops too (re-running resumes it).
+            logging.warning('Chain: stage %r stopped by %s; later stages did not run', name, results[name][loop.STOPPED])
+            break
         if evaluation is not None and name in evaluation.stages:
             table[name] = chain.evaluate_stage(name, stage_dir, evaluation)
             logging.info('Chain so far:\n%s', chain.write_table(workdir, table, wall))

@@ -331,6 +331,7 @@ def run(config, workdir, devices=None, extra_rewards=None) -> dict:
                     ckpt.save(done * mu, state, config=config.to_dict(), force=True)
                 if stop.received:
                     logging.warning('%s received: saved step %d, exiting.', stop.received, done)
+                    last = {**last, loop.STOPPED: stop.received}
                     break
         finally:
             stop.restore()

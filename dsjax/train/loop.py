@@ -27,6 +27,10 @@ from dsjax.train import step as step_lib
 from dsjax.train.state import TrainState
 
 
+# Key of the metrics `run` returns when a signal stopped it early (the value names the signal).
+STOPPED = 'stopped_by'
+
+
 class NonFiniteError(FloatingPointError):
     """The loss or gradient became NaN/Inf; the last good checkpoint is kept."""
 
@@ -243,6 +247,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage) -> dict:
                     good_step = done
                 if stop.received:
                     logging.warning('%s received: saved step %d, exiting.', stop.received, done)
+                    last = {**last, STOPPED: stop.received}  # so a chain stops too, not only this stage
                     break
         finally:
             stop.restore()

@@ -70,3 +70,18 @@ def test_chain_runs_evaluates_and_resumes(tmp_path):
     stages.run(c, tmp_path)  # finished: nothing is trained or evaluated again
     assert sorted(p.name for p in (tmp_path / 'second' / 'checkpoints').iterdir()) == saved
     assert json.loads((tmp_path / 'table.json').read_text())['stages'] == table['stages']
+
+
+def test_a_stage_stopped_by_a_signal_stops_the_chain(tmp_path, monkeypatch):
+    from dsjax.train import loop
+    ran = []
+
+    def fake(config, workdir):
+        ran.append(workdir.name)
+        return {loop.STOPPED: 'SIGTERM'} if workdir.name == 'first' else {}
+
+    monkeypatch.setitem(stages.RUNNERS, 'sft', fake)
+    c = _chain()
+    del c.evaluation
+    stages.run(c, tmp_path)
+    assert ran == ['first']
