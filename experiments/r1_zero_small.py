@@ -1,14 +1,32 @@
 """R1-Zero at laptop scale: GRPO with rule rewards (accuracy + format) straight from a small base.
 
-The chain: `base` pre-trains experiments/tasks_base.py (worksheets of train-split 2-digit arithmetic,
-never the R1-Zero template), then `grpo` runs GRPO from it with the R1-Zero template, G completions
-per prompt, accuracy + format rewards and k3 KL to the base. Held-out accuracy and format rate are
-measured on 512 test-split problems (greedy) before the first and after the last GRPO step.
+The chain: `base` pre-trains experiments/tasks_base.py (worksheets of train-split arithmetic:2, i.e. a
+2-digit and a 1-digit operand, never the R1-Zero template), then `grpo` runs GRPO from it with the
+R1-Zero template, 8 prompts x G=8 completions per step, accuracy + format rewards and k3 KL to the
+base. Held-out accuracy and format rate: 512 test-split problems, greedy, before and after GRPO.
 
 Run:      python -m dsjax.main --config=experiments/r1_zero_small.py --workdir=runs/r1_zero_small
-          (each stage in its own subdirectory; re-running resumes). `:grpo` is the GRPO stage alone
-          (give --config.init.checkpoint=<a tasks_base workdir>); `:smoke` is a seconds-long chain.
-Hardware: 2 CPU cores.
+          (stages in runs/r1_zero_small/{base,grpo}; re-running resumes), then
+          python benchmarks/r1_zero_small.py --workdir=runs/r1_zero_small  (table + reward curve PNG).
+          `:grpo` is the GRPO stage alone (add --config.init.checkpoint=<a tasks_base workdir>);
+          `:smoke` is a seconds-long chain (tests).
+Hardware: 2 CPU cores shared with other jobs (load average 12-40 throughout): base 1,000 steps took
+          25.5 min (run as 500 steps, then resumed to 1,000 with this file's schedule), GRPO 40 steps
+          12.7 min including three held-out evaluations (~15 s per step: 64 rollouts of <= 64 tokens
+          after a ~156-token prompt, then one update).
+Measured (benchmarks/results/r1_zero_small.md, r1_zero_small_reward.png):
+          held-out format rate 0.0% -> 100.0%, accuracy 20.7% -> 21.7% (+1.0 point; the goal of +15 is
+          NOT reached). The base already answers 2-digit problems in <think>/<answer> tags about a fifth
+          of the time, but never stops after </answer> (it goes on with another 'User:' turn), so no
+          completion is well formatted; GRPO teaches it to stop (rollout format 28% -> ~100%, length
+          59 -> 47 tokens) but rollout accuracy stays at 5-30% per step and most groups are hopeless
+          (all wrong) or zero-advantage, so the accuracy reward has little signal to work with.
+Tuning history (same base): lr 3e-4, beta 0.001, 48 new tokens collapsed by step 20 to one canned
+          formatted answer (held-out format 99.8%, accuracy 0.4%); lr 1e-4, beta 0.04, 48 new tokens
+          reached format 82.8% / accuracy 10.7% at step 20 (worked solutions did not fit: shortening them
+          cost accuracy); this file's setting (64 new tokens) keeps accuracy. A stronger base (longer
+          pre-training; its val loss was still falling: 0.72 / 0.54 / 0.50 / 0.45 at 250 / 500 / 750 /
+          1,000 steps) is the next thing to try.
 """
 from dsjax import config as config_lib
 import ml_collections
@@ -22,18 +40,18 @@ def grpo_stage(arg=None):
     g.template = 'zero'
     g.batch_size = 64
     g.group_size = 8
-    g.max_new_tokens = 48
+    g.max_new_tokens = 64  # the base's worked solutions take ~40; room to finish them is room to stop
     g.temperature = 1.0
-    g.beta = 0.001
+    g.beta = 0.04  # at the spec's 0.001 the format reward alone drove the policy into one canned answer
     g.aggregation = 'seq-mean-token-mean'
     g.reward_names = ('accuracy', 'format')
     g.reward_weights = (1.0, 1.0)
     g.eval_problems = 512
-    c.train.steps = 60
+    c.train.steps = 40
     c.train.log_every = 1
-    c.train.eval_every = 30
+    c.train.eval_every = 20
     c.train.checkpoint_every = 10
-    c.optim.lr = 3e-4
+    c.optim.lr = 1e-4
     c.optim.schedule = 'constant'
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.0

@@ -6,7 +6,9 @@ as bare equations, or as 'Problem: .. / Solution: <think> .. </think> <answer> .
 tags as web text uses them). None of it is the R1-Zero template: GRPO has to teach the format.
 
 Run:      python -m dsjax.main --config=experiments/tasks_base.py
-Hardware: 2 CPU cores (see r1_zero_small.py for the measured time of the whole chain).
+Hardware: 2 CPU cores; 25.5 min for 1,000 steps while the cores were shared (load average 12-40).
+Expect:   validation loss 6.19 -> 0.45 (measured); in the R1-Zero template it answers about 20% of
+          held-out arithmetic:2 problems correctly inside <answer> tags, but never stops after them.
 Variants: `:smoke` shrinks everything to a seconds-long run (tests).
 """
 from dsjax import config as config_lib
@@ -28,7 +30,7 @@ def get_config(arg=None):
     d.task_documents = 40000
     d.seq_len = 256  # positions restart per page: rows this long train positions as deep as a prompt's
     d.batch_size = 8
-    c.train.steps = 500
+    c.train.steps = 1000
     c.train.log_every = 20
     c.train.eval_every = 250
     c.train.checkpoint_every = 250
