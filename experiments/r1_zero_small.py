@@ -25,7 +25,7 @@ Measured (benchmarks/results/r1_zero_small.md, r1_zero_small_reward.png):
 Tuning history (same base): lr 3e-4, beta 0.001, 48 new tokens collapsed by step 20 to one canned
           formatted answer (held-out format 99.8%, accuracy 0.4%); lr 1e-4, beta 0.04, 48 new tokens
           reached format 82.8% / accuracy 10.7% at step 20 (worked solutions did not fit: shortening them
-          cost accuracy); this file's setting (64 new tokens) keeps accuracy. A stronger base (longer
+          cost accuracy); with this file's 64 new tokens accuracy dips less and recovers. A stronger base (longer
           pre-training; its val loss was still falling: 0.72 / 0.54 / 0.50 / 0.45 at 250 / 500 / 750 /
           1,000 steps) is the next thing to try.
 """
