@@ -13,7 +13,8 @@ Expect:   validation loss 8.38 -> 5.44 (100) -> 4.81 (200) -> 4.65 (300), global
           5.59, MaxVio 0.88 against 4.19 without balancing
           (benchmarks/results/sweeps/balancing/v3_small_width256_seed0.md).
           experiments/sweeps/balancing.py compares the balancing methods over three seeds.
-Variants: `:smoke` (seconds, tests), `:nobias` (sequence-wise loss only), `:nobalance` (neither).
+Variants: `:smoke` (seconds, tests), `:nobias` (sequence-wise loss only), `:nobalance` (neither),
+          `:tiny` (width 128, 4 layers, 150 steps of 8 x 64 tokens: the ablation sweeps' size).
 """
 from dsjax import config as config_lib
 
@@ -63,6 +64,13 @@ def get_config(arg=None):
         c.train.bias_update_rate = 0.0
     if 'nobalance' in variants:
         m.aux_loss_alpha = 0.0
+    if 'tiny' in variants:
+        # The ablation sweeps' size (experiments/sweeps/): about 3 minutes per run on 2 CPU cores.
+        m.hidden_size, m.intermediate_size, m.moe_intermediate_size, m.num_hidden_layers = 128, 344, 64, 4
+        c.data.seq_len = 64
+        c.train.steps = c.optim.decay_steps = 150
+        c.optim.warmup_steps = 15
+        c.train.eval_every, c.train.checkpoint_every = 50, 150
     if 'smoke' in variants:
         config_lib.smoke(c)
     return c

@@ -18,21 +18,12 @@ Expect:   validation loss falls with granularity (8 x 256 top-1 highest, 64 x 32
 
 def get_sweep():
     return dict(
-        base='experiments/v3_small.py',
+        base='experiments/v3_small.py:tiny',
         overrides={
-            'model.hidden_size': 128,
-            'model.intermediate_size': 344,
-            'model.num_hidden_layers': 4,
             'model.n_shared_experts': 0,
             'model.num_nextn_predict_layers': 0,
             'train.mtp_loss_weight': 0.0,
             'train.mtp_loss_weight_final': 0.0,
-            'data.seq_len': 64,
-            'train.steps': 150,
-            'optim.decay_steps': 150,
-            'optim.warmup_steps': 15,
-            'train.eval_every': 50,
-            'train.checkpoint_every': 150,
             'train.progress_bar': False,
         },
         # Group-limited routing stays as in v3_small (4 groups, 2 kept), so 8 experts means 2 per group.

@@ -17,18 +17,8 @@ Expect:   at this scale the main head's validation loss with MTP is about equal 
 
 def get_sweep():
     return dict(
-        base='experiments/v3_small.py',
+        base='experiments/v3_small.py:tiny',
         overrides={
-            'model.hidden_size': 128,
-            'model.intermediate_size': 344,
-            'model.moe_intermediate_size': 64,
-            'model.num_hidden_layers': 4,
-            'data.seq_len': 64,
-            'train.steps': 150,
-            'optim.decay_steps': 150,
-            'optim.warmup_steps': 15,
-            'train.eval_every': 50,
-            'train.checkpoint_every': 150,
             'train.progress_bar': False,
         },
         variants={
