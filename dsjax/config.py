@@ -297,6 +297,13 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def chain_evaluation(stages, tasks) -> ml_collections.ConfigDict:
+    """A chain's `evaluation` section: each named stage answers 512 held-out problems of `tasks` greedily in
+    the chat template (accuracy, format rate) and is scored on their worked solutions' cross-entropy."""
+    return ml_collections.ConfigDict(dict(stages=tuple(stages), tasks=tasks, problems=512, template='chat',
+                                          max_new_tokens=64, batch_size=128, val_loss=True, seq_len=256))
+
+
 def load_experiment(caller_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of the experiment file `name`.py beside `caller_file` (a stage's base run)."""
     import importlib.util

@@ -112,19 +112,10 @@ def get_config(arg=None):
     s.student_fkl_data = _student(_stage(base, 'distill', steps, 2e-3, source='cold_start', tasks=tasks,
                                          examples=2000, val_examples=100))
     s.student_fkl_data.distill.update(teacher='{teacher}', beta=0.0, temperature=1.0, ce_weight=0.0)  # forward KL
-    c.evaluation = e = ml_collections.ConfigDict()
-    e.stages = ('teacher', 'student_alone', 'student_seq', 'student_logit', 'student_data', 'student_logit_data',
-                'student_fkl_data')
-    e.tasks = tasks
-    e.problems = 512
-    e.template = 'chat'
-    e.max_new_tokens = 64
-    e.batch_size = 128
-    e.val_loss = True
-    e.seq_len = 256
+    c.evaluation = config_lib.chain_evaluation(('teacher', 'student_alone', 'student_seq', 'student_logit',
+                                                'student_data', 'student_logit_data', 'student_fkl_data'), tasks)
     if smoke:
-        for name in ('teacher', 'student_alone', 'student_seq', 'student_logit', 'student_data', 'student_logit_data',
-                     'student_fkl_data'):
+        for name in c.evaluation.stages:
             s[name].data.seq_len = 128
             s[name].train.update(steps=2, eval_every=2, checkpoint_every=2)
             s[name].optim.update(warmup_steps=0, decay_steps=2)
@@ -133,5 +124,5 @@ def get_config(arg=None):
         for name in ('student_seq', 'student_logit'):
             s[name].sft.update(source='cold_start', tasks=tasks)
         s.teacher_samples.rejection.update(prompts=4, samples=1, max_new_tokens=8, max_tokens=8, batch=4)
-        e.update(problems=8, max_new_tokens=8, batch_size=8, seq_len=128)
+        c.evaluation.update(problems=8, max_new_tokens=8, batch_size=8, seq_len=128)
     return c

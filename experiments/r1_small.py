@@ -102,15 +102,7 @@ def get_config(arg=None):
     s.rs_sft = _sft(base, 100, source='jsonl', paths=('{rs}/samples.jsonl',))
     s.rs_sft.init.checkpoint = '{base}'
     s.grpo2 = _grpo(base, 10)
-    c.evaluation = e = ml_collections.ConfigDict()
-    e.stages = ('base', 'cold_sft', 'grpo1', 'rs_sft', 'grpo2')
-    e.tasks = tasks
-    e.problems = 512
-    e.template = 'chat'
-    e.max_new_tokens = 64
-    e.batch_size = 128
-    e.val_loss = True
-    e.seq_len = 256
+    c.evaluation = config_lib.chain_evaluation(('base', 'cold_sft', 'grpo1', 'rs_sft', 'grpo2'), tasks)
     if smoke:
         for name in ('cold_sft', 'rs_sft'):
             s[name].data.seq_len = 128
@@ -124,5 +116,5 @@ def get_config(arg=None):
             s[name].train.update(steps=1, eval_every=1, checkpoint_every=1)
             s[name].optim.decay_steps = 1
         s.rs.rejection.update(prompts=4, samples=2, max_new_tokens=8, max_tokens=8, batch=4)
-        e.update(problems=8, max_new_tokens=8, batch_size=8, seq_len=128)
+        c.evaluation.update(problems=8, max_new_tokens=8, batch_size=8, seq_len=128)
     return c
