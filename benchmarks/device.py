@@ -10,6 +10,9 @@ STEPS steps after a compile, median step time. MFU = model FLOPs (dsjax.model.fl
 only, causal attention) / step time / peak, with peak both the measured bf16 matmul (8192^3 jnp.dot,
 best of 10) and the device's nominal dense bf16 peak where known. The MoE runs once per dispatch
 strategy, so the table also says which strategy `moe_dispatch='auto'` should pick on this backend.
+With --torch (default on) the dense model also runs in HF transformers' LlamaForCausalLM on the same device,
+first (before jax holds the memory), with float32 weights and AdamW under bf16 autocast: the same recipe,
+side by side. The table is rewritten after every row, so a run cut short keeps what it measured.
 """
 import pathlib
 import statistics
@@ -34,6 +37,9 @@ _BATCH = flags.DEFINE_integer('batch', 8, 'Sequences per step.')
 _SEQ = flags.DEFINE_integer('seq', 2048, 'Tokens per sequence.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per model.')
 _REMAT = flags.DEFINE_string('remat', 'save_dots', 'model.remat_policy for both models.')
+_TORCH = flags.DEFINE_bool('torch', True, 'Also time the dense model in HF transformers (PyTorch) on the device.')
+_OUT = flags.DEFINE_string('out', '', 'Where to write the table (default results/device.md, device_shrink.md '
+                           'with --shrink).')
 
 
 def dense_1b():
@@ -91,6 +97,27 @@ def run_model(c, steps: int) -> dict:
                 compile_s=compile_s, mem=peak_mem)
 
 
+def run_torch(c, steps: int) -> dict:
+    import torch
+    cfg = config_lib.freeze_model(c.model)
+    b, length = c.data.batch_size, c.data.seq_len
+    device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+    start = time.perf_counter()
+    runner = ts.Torch(c, ts.random_batch(cfg, b, length), device=device)
+    runner.run(1)
+    compile_s = time.perf_counter() - start
+    times = [runner.run(1) for _ in range(steps)]
+    sec = statistics.median(times)
+    mem = torch.cuda.max_memory_allocated() if device == 'cuda' else float('nan')
+    n_params = sum(p.numel() for p in runner.model.parameters())
+    del runner
+    if device == 'cuda':
+        torch.cuda.empty_cache()
+    return dict(sec=sec, tokens_per_s=b * length / sec, flop=flops.train_flops_per_token(cfg, length) * b * length,
+                params=n_params, activated=flops.activated_matmul_params(cfg, include_mtp=False),
+                compile_s=compile_s, mem=mem)
+
+
 def _count(n: float) -> str:
     return f'{n / 1e9:.2f}B' if n >= 1e8 else f'{n / 1e6:.2f}M'
 
@@ -104,13 +131,16 @@ def main(argv):
     print(f'{device.platform} {device.device_kind}: measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s', flush=True)
     rows = []
     runs = [('dense ~1B', dense_1b(), None)] + [(f'MoE ~1B active ({d})', moe_1b_active(), d) for d in _DISPATCH.value]
+    if _TORCH.value:
+        import torch
+        runs.insert(0, (f'dense ~1B, HF transformers (torch {torch.__version__})', dense_1b(), 'torch'))
     for label, c, dispatch in runs:
         c = finish(c, batch, seq)
-        if dispatch:
+        if dispatch not in (None, 'torch'):
             c.model.moe_dispatch = dispatch
             c.model.capacity_factor = 1.25 if dispatch == 'capacity' else 0.0
         try:
-            r = run_model(c, _STEPS.value)
+            r = (run_torch if dispatch == 'torch' else run_model)(c, _STEPS.value)
         except Exception as e:  # noqa: BLE001  (one strategy failing, e.g. out of memory, keeps the rest)
             print(f'{label}: failed: {type(e).__name__}: {str(e)[:300]}', flush=True)
             rows.append((label, None))
@@ -119,16 +149,20 @@ def main(argv):
         r['mfu_nominal'] = r['flop'] / r['sec'] / nominal if nominal else float('nan')
         rows.append((label, r))
         print(label, {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        write_table(rows, device, peak, nominal, batch, seq)
 
+
+def write_table(rows, device, peak, nominal, batch, seq):
     lines = [
         f'{device.platform} `{device.device_kind}`, jax {jax.__version__}; bf16 compute, float32 params and AdamW, '
-        f'remat {_REMAT.value}; batch {batch if not _SHRINK.value else 2} x {seq if not _SHRINK.value else 32} '
+        f'remat {_REMAT.value} (the torch row: float32 weights and AdamW under bf16 autocast, no remat); '
+        f'batch {batch if not _SHRINK.value else 2} x {seq if not _SHRINK.value else 32} '
         f'tokens{" (--shrink: tiny models, a check of the script, not a measurement)" if _SHRINK.value else ""}; '
         f'median of {_STEPS.value} steps. Measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s'
         + (f', nominal {nominal / 1e12:.0f}' if nominal else ', nominal unknown for this device') + '.',
         '',
         '| model | params | activated / token | step ms | tokens/s | MFU (measured peak) | MFU (nominal) '
-        '| compiled peak memory | compile s |',
+        '| peak memory (jax: compiled; torch: allocated) | compile s |',
         '|---|---|---|---|---|---|---|---|---|',
     ]
     for label, r in rows:
@@ -140,8 +174,8 @@ def main(argv):
                      f"| {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {nominal_mfu} | {r['mem'] / 2 ** 30:.2f} GiB "
                      f"| {r['compile_s']:.0f} |")
     table = '\n'.join(lines)
-    print('\n' + table)
-    out = RESULTS / ('device_shrink.md' if _SHRINK.value else 'device.md')
+    print('\n' + table, flush=True)
+    out = pathlib.Path(_OUT.value or RESULTS / ('device_shrink.md' if _SHRINK.value else 'device.md'))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text('# Accelerator MFU\n\n' + table + '\n')
 

@@ -11,8 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# Let XLA take most of the memory up front (the default 75% can be too little for the MoE at batch 8).
+# XLA may grow to most of the memory (the default 75% can be too little for the MoE at batch 8), but on
+# demand, not up front: the PyTorch row runs first in the same process and needs the device's memory too.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
+export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
 python -c 'import jax; d = jax.devices(); print(len(d), "device(s):", d[0].platform, d[0].device_kind)'
 if [[ " $* " != *" --shrink "* ]] && ! python -c 'import jax, sys; sys.exit(jax.default_backend() == "cpu")'; then
   echo "No accelerator visible to jax (see the install note at the top of this script); use --shrink to check on CPU." >&2

@@ -27,17 +27,13 @@ import pathlib
 import time
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsjax import config as config_lib
-from dsjax.interop import hf_mapping
 from dsjax.model import flops
-from dsjax.model.transformer import Transformer
 
-from harness import EXPERIMENTS, build_ours, random_batch, side_by_side  # benchmarks/harness.py
+from harness import EXPERIMENTS, Torch, build_ours, random_batch, side_by_side  # benchmarks/harness.py
 
 RESULTS = pathlib.Path(__file__).parent / 'results' / 'train_step.md'
 
@@ -65,58 +61,6 @@ def experiment(name: str, mtp: bool = True):
     if not mtp:
         c.model.num_nextn_predict_layers = 0
     return c
-
-
-def hf_weights(c):
-    """Our freshly initialised params as numpy (the same init both sides start from)."""
-    cfg = config_lib.freeze_model(c.model)
-    variables = jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-    return cfg, jax.tree.map(np.asarray, nn.meta.unbox(variables))
-
-
-class Torch:
-    """The same model in HF transformers with a plain PyTorch training step."""
-
-    def __init__(self, c, host_batch, experts_implementation=None):
-        import torch
-        import transformers
-        cfg, variables = hf_weights(c)
-        config = transformers.CONFIG_MAPPING[hf_mapping.hf_config_from_model(cfg)['model_type']](
-            **hf_mapping.hf_config_from_model(cfg))
-        kwargs = {} if experts_implementation is None else {'experts_implementation': experts_implementation}
-        model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
-        fused = any(n.endswith('mlp.experts.gate_up_proj') for n, _ in model.named_parameters())
-        state = hf_mapping.hf_from_params(variables['params'], variables.get('moe_bias'), cfg, fused_experts=fused)
-        missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
-                                                    strict=False)
-        assert not unexpected and all(k.endswith('rotary_emb.inv_freq') for k in missing), (missing, unexpected)
-        dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[cfg.dtype]
-        self.model = model.to(dtype).train()
-        self.experts = getattr(model.config, '_experts_implementation', None)
-        self.attention = model.config._attn_implementation
-        o = c.optim
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        self.opt = torch.optim.AdamW([{'params': decay, 'weight_decay': o.weight_decay},
-                                      {'params': no_decay, 'weight_decay': 0.0}],
-                                     lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
-        self.clip = o.clip_norm
-        self.inputs = torch.from_numpy(host_batch['inputs'].astype(np.int64))
-        self.targets = torch.from_numpy(host_batch['targets'].astype(np.int64))
-        self.torch = torch
-
-    def run(self, n: int) -> float:
-        torch = self.torch
-        start = time.perf_counter()
-        for _ in range(n):
-            logits = self.model(input_ids=self.inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.targets.flatten())
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-            self.opt.step()
-        return (time.perf_counter() - start) / n
 
 
 class Peak:
