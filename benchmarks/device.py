@@ -37,6 +37,8 @@ _BATCH = flags.DEFINE_integer('batch', 8, 'Sequences per step.')
 _SEQ = flags.DEFINE_integer('seq', 2048, 'Tokens per sequence.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per model.')
 _REMAT = flags.DEFINE_string('remat', 'save_dots', 'model.remat_policy for both models.')
+_ATTENTION = flags.DEFINE_string('attention_impl', 'auto', "model.attention_impl for both models ('auto' gives "
+                                 'cudnn to the dense model on a GPU, xla to MLA).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time the dense model in HF transformers (PyTorch) on the device.')
 _OUT = flags.DEFINE_string('out', '', 'Where to write the table (default results/device.md, device_shrink.md '
                            'with --shrink).')
@@ -67,7 +69,7 @@ def moe_1b_active():
 
 def finish(c, batch: int, seq: int):
     """Common settings: bf16 compute, remat, batch; --shrink makes everything tiny."""
-    c.model.update(dtype='bfloat16', remat_policy=_REMAT.value)
+    c.model.update(dtype='bfloat16', remat_policy=_REMAT.value, attention_impl=_ATTENTION.value)
     c.data.update(batch_size=batch, seq_len=seq)
     if _SHRINK.value:
         config_lib.smoke(c)
@@ -86,6 +88,7 @@ def run_model(c, steps: int) -> dict:
     ours = ts.build_ours(c, ts.random_batch(cfg, b, length))
     ours.run(1)
     compile_s = time.perf_counter() - start
+    first_loss = float(ours.metrics['loss'])
     times = [ours.run(1) for _ in range(steps)]
     sec = statistics.median(times)
     memory = ours.compiled.memory_analysis()
@@ -94,7 +97,7 @@ def run_model(c, steps: int) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(ours.state.params))
     return dict(sec=sec, tokens_per_s=b * length / sec, flop=flops.train_flops_per_token(cfg, length) * b * length,
                 params=n_params, activated=flops.activated_matmul_params(cfg, include_mtp=False),
-                compile_s=compile_s, mem=peak_mem)
+                compile_s=compile_s, mem=peak_mem, loss=first_loss)
 
 
 def run_torch(c, steps: int) -> dict:
@@ -106,6 +109,7 @@ def run_torch(c, steps: int) -> dict:
     runner = ts.Torch(c, ts.random_batch(cfg, b, length), device=device)
     runner.run(1)
     compile_s = time.perf_counter() - start
+    loss = float(runner.loss)
     times = [runner.run(1) for _ in range(steps)]
     sec = statistics.median(times)
     mem = torch.cuda.max_memory_allocated() if device == 'cuda' else float('nan')
@@ -115,7 +119,7 @@ def run_torch(c, steps: int) -> dict:
         torch.cuda.empty_cache()
     return dict(sec=sec, tokens_per_s=b * length / sec, flop=flops.train_flops_per_token(cfg, length) * b * length,
                 params=n_params, activated=flops.activated_matmul_params(cfg, include_mtp=False),
-                compile_s=compile_s, mem=mem)
+                compile_s=compile_s, mem=mem, loss=loss)
 
 
 def _count(n: float) -> str:
@@ -155,24 +159,24 @@ def main(argv):
 def write_table(rows, device, peak, nominal, batch, seq):
     lines = [
         f'{device.platform} `{device.device_kind}`, jax {jax.__version__}; bf16 compute, float32 params and AdamW, '
-        f'remat {_REMAT.value} (the torch row: float32 weights and AdamW under bf16 autocast, no remat); '
+        f'remat {_REMAT.value}, attention_impl {_ATTENTION.value} (the torch row: float32 weights and AdamW under bf16 autocast, no remat); '
         f'batch {batch if not _SHRINK.value else 2} x {seq if not _SHRINK.value else 32} '
         f'tokens{" (--shrink: tiny models, a check of the script, not a measurement)" if _SHRINK.value else ""}; '
         f'median of {_STEPS.value} steps. Measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s'
         + (f', nominal {nominal / 1e12:.0f}' if nominal else ', nominal unknown for this device') + '.',
         '',
         '| model | params | activated / token | step ms | tokens/s | MFU (measured peak) | MFU (nominal) '
-        '| peak memory (jax: compiled; torch: allocated) | compile s |',
-        '|---|---|---|---|---|---|---|---|---|',
+        '| peak memory (jax: compiled; torch: allocated) | compile s | first-step loss |',
+        '|---|---|---|---|---|---|---|---|---|---|',
     ]
     for label, r in rows:
         if r is None:
-            lines.append(f'| {label} | failed (see the log) | | | | | | | |')
+            lines.append(f'| {label} | failed (see the log) | | | | | | | | |')
             continue
         nominal_mfu = f"{r['mfu_nominal']:.1%}" if nominal else 'n/a'
         lines.append(f"| {label} | {_count(r['params'])} | {_count(r['activated'])} | {r['sec'] * 1e3:.1f} "
                      f"| {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {nominal_mfu} | {r['mem'] / 2 ** 30:.2f} GiB "
-                     f"| {r['compile_s']:.0f} |")
+                     f"| {r['compile_s']:.0f} | {r['loss']:.4f} |")
     table = '\n'.join(lines)
     print('\n' + table, flush=True)
     out = pathlib.Path(_OUT.value or RESULTS / ('device_shrink.md' if _SHRINK.value else 'device.md'))

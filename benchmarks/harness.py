@@ -32,17 +32,18 @@ def random_batch(cfg, batch: int, length: int, seed: int = 0) -> dict:
 
 @dataclasses.dataclass
 class Ours:
-    """A jitted dsjax train step and its (donated) state."""
+    """A jitted dsjax train step and its (donated) state; `metrics` are the last step's."""
     step: object
     state: object
     batch: dict
     compiled: object
+    metrics: dict | None = None
 
     def run(self, n: int) -> float:
         start = time.perf_counter()
         for _ in range(n):
-            self.state, metrics = self.step(self.state, self.batch)
-        jax.block_until_ready((self.state, metrics))
+            self.state, self.metrics = self.step(self.state, self.batch)
+        jax.block_until_ready((self.state, self.metrics))
         return (time.perf_counter() - start) / n
 
 
@@ -72,7 +73,7 @@ def hf_weights(c):
 
 
 class Torch:
-    """The same model in HF transformers with a plain PyTorch training step."""
+    """The same model in HF transformers with a plain PyTorch training step; `loss` is the last step's."""
 
     def __init__(self, c, host_batch, experts_implementation=None, device: str = 'cpu'):
         """On 'cpu' the model runs in the compute dtype throughout; on an accelerator it keeps float32
@@ -116,6 +117,7 @@ class Torch:
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.targets.flatten())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            self.loss = loss.detach()
             if self.clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
             self.opt.step()

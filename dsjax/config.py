@@ -1,6 +1,7 @@
 """Experiment configs: the shared base, validation that names the field, and the frozen model config."""
 import dataclasses
 import math
+import jax
 import ml_collections
 
 ATTENTION_TYPES = ('mha', 'mla')
@@ -8,6 +9,7 @@ SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
 MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
 REMAT_POLICIES = ('none', 'full', 'save_dots')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn')
 STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill', 'grpo')
@@ -70,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = 'float32'
     m.remat_policy = 'none'
     m.scan_layers = True
+    # Training-time attention kernel. 'xla': einsums and a float32 softmax over the whole [L, S] scores;
+    # 'cudnn': the fused flash kernel (GPU, bf16/fp16 compute); 'auto': cudnn where it applies on a GPU
+    # with equal qk and v head widths (MHA/GQA), else xla. See attention.resolve_impl.
+    m.attention_impl = 'auto'
 
     c.data = d = ml_collections.ConfigDict()
     d.source = 'stdlib'
@@ -392,6 +398,12 @@ def validate_model(m) -> None:
     _choice(m.dtype, 'model.dtype', DTYPES)
     _choice(m.param_dtype, 'model.param_dtype', DTYPES)
     _choice(m.remat_policy, 'model.remat_policy', REMAT_POLICIES)
+    _choice(m.attention_impl, 'model.attention_impl', ATTENTION_IMPLS)
+    if m.attention_impl == 'cudnn':
+        _check(jax.default_backend() == 'gpu', 'model.attention_impl', m.attention_impl,
+               f"needs a GPU (this backend is {jax.default_backend()}); use 'auto' or 'xla'")
+        _check(m.dtype in ('bfloat16', 'float16'), 'model.attention_impl', m.attention_impl,
+               f"needs model.dtype bfloat16 or float16, not {m.dtype}")
     _check(m.rms_norm_eps > 0, 'model.rms_norm_eps', m.rms_norm_eps, 'must be > 0')
     _check(m.rope_theta > 0, 'model.rope_theta', m.rope_theta, 'must be > 0')
     _check(m.initializer_range > 0, 'model.initializer_range', m.initializer_range, 'must be > 0')
@@ -588,6 +600,7 @@ class ModelConfig:
     param_dtype: str = 'float32'
     remat_policy: str = 'none'
     scan_layers: bool = True
+    attention_impl: str = 'auto'
 
     @property
     def attn_head_dim(self) -> int:

@@ -21,6 +21,8 @@ BAD = [
     ('model.attention_type', lambda c: c.model.update(attention_type='flash')),
     ('model.dtype', lambda c: c.model.update(dtype='float64')),
     ('model.remat_policy', lambda c: c.model.update(remat_policy='some')),
+    ('model.attention_impl', lambda c: c.model.update(attention_impl='flash')),
+    ('model.attention_impl', lambda c: c.model.update(attention_impl='cudnn')),  # tests run on CPU
     ('model.rope_scaling.type', lambda c: c.model.rope_scaling.update(type='ntk')),
     ('model.rope_scaling.factor', lambda c: c.model.rope_scaling.update(type='yarn', factor=0.5)),
     ('model.rms_norm_eps', lambda c: c.model.update(rms_norm_eps=0.0)),

@@ -9,6 +9,8 @@ token at position s (`cache_entry_shapes`). A cached call writes its L new entri
 then attends over all S slots, seeing slot s from position p iff s <= p. Slots past a row's position
 may hold stale entries (padding, rejected drafts); they are masked until overwritten.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,13 +57,41 @@ def write_cache(cache_BxSxX, new_BxLxX, positions_BxL) -> jax.Array:
     return cache_BxSxX.at[rows_Bx1, positions_BxL].set(new_BxLxX.astype(cache_BxSxX.dtype), mode='drop')
 
 
-def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float):
-    """Softmax attention in float32, grouped so kv heads are shared by Q query heads."""
+def resolve_impl(cfg: ModelConfig, qk_dim: int, v_dim: int, backend: str | None = None) -> str:
+    """The kernel behind `cfg.attention_impl`: 'auto' picks cudnn on a GPU for bf16/fp16 compute when
+    the qk and v head widths are equal and at most 128 (dense DeepSeek-LLM), else xla. An explicit
+    'cudnn' also serves MLA (192 / 128) by zero-padding the values to the qk width."""
+    if cfg.attention_impl != 'auto':
+        return cfg.attention_impl
+    fused = ((backend or jax.default_backend()) == 'gpu' and cfg.dtype in ('bfloat16', 'float16')
+             and qk_dim == v_dim <= 128)
+    return 'cudnn' if fused else 'xla'
+
+
+def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, impl: str = 'xla'):
+    """Softmax attention, grouped so kv heads are shared by Q query heads. impl 'xla': einsums and a
+    float32 softmax; otherwise jax.nn.dot_product_attention with that implementation (fused_attention)."""
+    if impl != 'xla':
+        return fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale, impl)
     logits = jnp.einsum('BLGQK,BSGK->BGQLS', q_BxLxGxQxK, k_BxSxGxK,
                         preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask_BxLxS[:, None, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxU.dtype)
     return jnp.einsum('BGQLS,BSGU->BLGQU', probs, v_BxSxGxU)
+
+
+def fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, implementation: str):
+    """The same attention through jax.nn.dot_product_attention (cudnn: a flash kernel that never holds
+    the [L, S] scores). Values narrower than the keys (MLA) are zero-padded to the key width and the
+    output cut back: the padded columns only ever add zeros."""
+    b, length, g, q, k = q_BxLxGxQxK.shape
+    u = v_BxSxGxU.shape[-1]
+    if u < k:
+        v_BxSxGxU = jnp.pad(v_BxSxGxU, ((0, 0), (0, 0), (0, 0), (0, k - u)))
+    out_BxLxNxK = jax.nn.dot_product_attention(
+        q_BxLxGxQxK.reshape(b, length, g * q, k), k_BxSxGxK, v_BxSxGxU, mask=mask_BxLxS[:, None],
+        scale=scale, implementation=implementation)
+    return out_BxLxNxK[..., :u].reshape(b, length, g, q, u)
 
 
 class MHA(nn.Module):
@@ -89,8 +119,9 @@ class MHA(nn.Module):
             k_BxSxGxK, v_BxSxGxK = cache['k'], cache['v']
             mask_BxLxS = cache_mask(positions_BxL, k_BxSxGxK.shape[1])
         scale = rope.softmax_scale(k, cfg.rope_scaling)
+        impl = resolve_impl(cfg, k, k) if cache is None else 'xla'
         out = dot_product_attention(q_BxLxNxK.reshape(b, length, g, n // g, k), k_BxSxGxK, v_BxSxGxK,
-                                    mask_BxLxS, scale)
+                                    mask_BxLxS, scale, impl)
         out_BxLxNxK = out.reshape(b, length, n, k)
         o_NxKxD = weight(self, 'o', (n, k, d), ('heads', 'head_dim', 'embed'), cfg)
         out_BxLxD = jnp.einsum('BLNK,NKD->BLD', out_BxLxNxK, o_NxKxD)
@@ -149,7 +180,7 @@ class MLA(nn.Module):
     def scale(self):
         return rope.softmax_scale(self.cfg.qk_nope_head_dim + self.cfg.qk_rope_head_dim, self.cfg.rope_scaling)
 
-    def expanded_attention(self, q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS):
+    def expanded_attention(self, q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS, impl: str = 'xla'):
         """Naive MLA: per-head keys and values expanded from the latent [B, S, R]; returns [B, L, N, U]."""
         cfg = self.cfg
         kv_BxSxNxK = jnp.einsum('BSR,RNK->BSNK', c_BxSxR, self.w(self.kv_b))
@@ -159,7 +190,8 @@ class MLA(nn.Module):
         k_BxSxNxK = constrain(jnp.concatenate([k_nope, k_rope_BxSxNxP], axis=-1),
                               ('batch', 'act_len', 'act_heads', None))
         # Every query head has its own key head: grouped attention with N groups of one query.
-        out = dot_product_attention(q_BxLxNxK[:, :, :, None, :], k_BxSxNxK, v_BxSxNxU, mask_BxLxS, self.scale())
+        out = dot_product_attention(q_BxLxNxK[:, :, :, None, :], k_BxSxNxK, v_BxSxNxU, mask_BxLxS, self.scale(),
+                                    impl)
         return out[:, :, :, 0, :]
 
     def absorbed_attention(self, q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS):
@@ -182,7 +214,9 @@ class MLA(nn.Module):
         cache, which is returned updated with x's entries at `positions`: (out, cache)."""
         q_nope, q_rope = self.queries(x_BxLxD, cos, sin)
         c_BxSxR, k_rope_BxSxP = self.latent(x_BxLxD, cos, sin)
-        attend = self.expanded_attention
+        cfg = self.cfg
+        attend = functools.partial(self.expanded_attention, impl=resolve_impl(
+            cfg, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim))
         if cache is not None:
             cache = {'latent': write_cache(cache['latent'], c_BxSxR, positions_BxL),
                      'rope_key': write_cache(cache['rope_key'], k_rope_BxSxP, positions_BxL)}

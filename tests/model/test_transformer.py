@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsjax import config as config_lib
 from dsjax.model.transformer import Transformer
 
 # MLA + MoE + MTP covers the V3 path end to end (each MLA-MoE compile costs ~10 s on 2 cores).
@@ -69,6 +70,38 @@ def test_gqa_with_all_kv_heads_is_plain_mha(tiny_model):
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(got)[0, :, :, 0], np.einsum('nls,snk->lnk', probs, v[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize('q_per_kv,v_dim', [(2, 8), (1, 5)], ids=['gqa', 'mla_narrow_values'])
+def test_fused_attention_equals_xla_einsums(q_per_kv, v_dim):
+    """The jax.nn.dot_product_attention path (the one cudnn takes on GPU; 'xla' here) on a packed mask,
+    grouped heads and values narrower than the keys (MLA, zero-padded) equals our einsum attention."""
+    from dsjax.model import attention
+
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 6, 3, q_per_kv, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 6, 3, v_dim)), jnp.float32)
+    mask = attention.attention_mask(jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]]))
+    want = attention.dot_product_attention(q, k, v, mask, 0.35)
+    got = attention.fused_attention(q, k, v, mask, 0.35, implementation='xla')
+    assert got.shape == want.shape == (2, 6, 3, q_per_kv, v_dim)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_attention_impl_auto_picks_cudnn_only_where_it_applies():
+    from dsjax.model import attention
+
+    def cfg(**fields):
+        m = config_lib.base_config().model
+        m.update(**fields)
+        return config_lib.freeze_model(m)
+
+    assert attention.resolve_impl(cfg(dtype='bfloat16'), 128, 128) == 'xla'  # this backend is the CPU
+    assert attention.resolve_impl(cfg(dtype='bfloat16'), 128, 128, backend='gpu') == 'cudnn'
+    assert attention.resolve_impl(cfg(dtype='float32'), 128, 128, backend='gpu') == 'xla'
+    assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='gpu') == 'xla'  # MLA widths
+    assert attention.resolve_impl(cfg(dtype='bfloat16', attention_impl='xla'), 64, 64, backend='gpu') == 'xla'
 
 
 @pytest.mark.parametrize('case', CASES)
