@@ -95,9 +95,7 @@ def run_model(c, steps: int) -> dict:
     peak_mem = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 + memory.temp_size_in_bytes) if memory is not None else float('nan')
     n_params = sum(x.size for x in jax.tree.leaves(ours.state.params))
-    return dict(sec=sec, tokens_per_s=b * length / sec, flop=flops.train_flops_per_token(cfg, length) * b * length,
-                params=n_params, activated=flops.activated_matmul_params(cfg, include_mtp=False),
-                compile_s=compile_s, mem=peak_mem, loss=first_loss)
+    return _row(cfg, b, length, sec, n_params, compile_s, peak_mem, first_loss)
 
 
 def run_torch(c, steps: int) -> dict:
@@ -117,6 +115,10 @@ def run_torch(c, steps: int) -> dict:
     del runner
     if device == 'cuda':
         torch.cuda.empty_cache()
+    return _row(cfg, b, length, sec, n_params, compile_s, mem, loss)
+
+
+def _row(cfg, b: int, length: int, sec: float, n_params: int, compile_s: float, mem: float, loss: float) -> dict:
     return dict(sec=sec, tokens_per_s=b * length / sec, flop=flops.train_flops_per_token(cfg, length) * b * length,
                 params=n_params, activated=flops.activated_matmul_params(cfg, include_mtp=False),
                 compile_s=compile_s, mem=mem, loss=loss)
@@ -159,7 +161,8 @@ def main(argv):
 def write_table(rows, device, peak, nominal, batch, seq):
     lines = [
         f'{device.platform} `{device.device_kind}`, jax {jax.__version__}; bf16 compute, float32 params and AdamW, '
-        f'remat {_REMAT.value}, attention_impl {_ATTENTION.value} (the torch row: float32 weights and AdamW under bf16 autocast, no remat); '
+        f'remat {_REMAT.value}, attention_impl {_ATTENTION.value} (the torch row: float32 weights and AdamW under '
+        f'bf16 autocast, no remat); '
         f'batch {batch if not _SHRINK.value else 2} x {seq if not _SHRINK.value else 32} '
         f'tokens{" (--shrink: tiny models, a check of the script, not a measurement)" if _SHRINK.value else ""}; '
         f'median of {_STEPS.value} steps. Measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s'
