@@ -88,6 +88,7 @@ def get_config(arg=None):
     base = config_lib.load_experiment(__file__, 'tasks_base', arg)
     if not smoke:  # the base these numbers were measured on: 500 steps of tasks_base
         base.train.steps = base.optim.decay_steps = 500
+        base.train.eval_every = base.train.checkpoint_every = 250
     tasks = tuple(base.data.tasks)
     c = ml_collections.ConfigDict()
     c.stage = 'chain'
