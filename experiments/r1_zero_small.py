@@ -25,7 +25,10 @@ Measured (benchmarks/results/r1_zero_small.md, r1_zero_small_reward.png):
           right more often when sampled (a larger model, or one that errs by chance) is what GRPO needs.
 Tuning history: with the former 1,000-step base (val 0.45; greedy 20.7%, pass@8 42%, so 21 points of
           headroom) GRPO reached 24.4% after 80 steps (by step 20.7 / 15.6 / 21.7 / 21.9 / 24.4%,
-          benchmarks/results/r1_zero_small_base1000.md) and 22.7% with rollouts at T=0.7. lr 3e-4, beta
+          benchmarks/results/r1_zero_small_base1000.md) and 22.7% with rollouts at T=0.7. The largest gain
+          so far, also from that base: G=16 (8 prompts x 16 = 128 rollouts per step), 150 steps: 20.7 ->
+          27.3 / 25.0 / 30.5% at 50 / 100 / 150 (+9.8 points; GRPO alone 27 min idle, so with its base over
+          the 30-minute budget). lr 3e-4, beta
           0.001, 48 new tokens collapsed by step 20 to one canned formatted answer (held-out format
           99.8%, accuracy 0.4%); lr 1e-4, beta 0.04, 48 new tokens reached format 82.8% / accuracy 10.7%
           at step 20 (worked solutions did not fit); 64 new tokens let accuracy recover.
