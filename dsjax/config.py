@@ -10,6 +10,7 @@ TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
 MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
 REMAT_POLICIES = ('none', 'full', 'save_dots')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn')
 STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill', 'grpo')
@@ -402,8 +403,8 @@ def validate_model(m) -> None:
     if m.attention_impl == 'cudnn':
         _check(jax.default_backend() == 'gpu', 'model.attention_impl', m.attention_impl,
                f"needs a GPU (this backend is {jax.default_backend()}); use 'auto' or 'xla'")
-        _check(m.dtype in ('bfloat16', 'float16'), 'model.attention_impl', m.attention_impl,
-               f"needs model.dtype bfloat16 or float16, not {m.dtype}")
+        _check(m.dtype in FUSED_ATTENTION_DTYPES, 'model.attention_impl', m.attention_impl,
+               f"needs model.dtype in {FUSED_ATTENTION_DTYPES}, not {m.dtype}")
     _check(m.rms_norm_eps > 0, 'model.rms_norm_eps', m.rms_norm_eps, 'must be > 0')
     _check(m.rope_theta > 0, 'model.rope_theta', m.rope_theta, 'must be > 0')
     _check(m.initializer_range > 0, 'model.initializer_range', m.initializer_range, 'must be > 0')

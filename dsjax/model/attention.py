@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsjax.config import ModelConfig
+from dsjax.config import FUSED_ATTENTION_DTYPES, ModelConfig
 from dsjax.model import rope
 from dsjax.model.layers import RMSNorm, constrain, param, weight
 
@@ -63,7 +63,7 @@ def resolve_impl(cfg: ModelConfig, qk_dim: int, v_dim: int, backend: str | None 
     'cudnn' also serves MLA (192 / 128) by zero-padding the values to the qk width."""
     if cfg.attention_impl != 'auto':
         return cfg.attention_impl
-    fused = ((backend or jax.default_backend()) == 'gpu' and cfg.dtype in ('bfloat16', 'float16')
+    fused = ((backend or jax.default_backend()) == 'gpu' and cfg.dtype in FUSED_ATTENTION_DTYPES
              and qk_dim == v_dim <= 128)
     return 'cudnn' if fused else 'xla'
 
