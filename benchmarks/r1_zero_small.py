@@ -6,7 +6,9 @@
 Reads the GRPO stage's metrics (WORKDIR/grpo) and writes r1_zero_small.md (held-out accuracy and
 format rate before and after GRPO, completion length, GRPO wall time) and
 r1_zero_small_reward.png (rewards, accuracy and format rate per step with the held-out points,
-completion length, KL and entropy) into benchmarks/results/.
+completion length, KL and entropy) into benchmarks/results/. With --samples=k (default 4; 0 skips it)
+it also evaluates the base and the GRPO checkpoints by the R1 paper's protocol: k completions per
+held-out problem at T=0.6, top-p 0.95, accuracy averaged over them (pass@1), and pass@k.
 """
 import json
 import pathlib
@@ -17,16 +19,34 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+
 from dsjax import report  # noqa: E402
+from dsjax.data import tasks  # noqa: E402
+from dsjax.infer import loading  # noqa: E402
+from dsjax.posttrain import grpo  # noqa: E402
 from dsjax.train import logger  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/r1_zero_small', 'The chain run (holding base/ and grpo/).')
+_SAMPLES = flags.DEFINE_integer('samples', 4, 'Completions per problem for the R1-protocol pass@1 (0: skip).')
 RESULTS = pathlib.Path(__file__).parent / 'results'
 
 
 def wall_minutes(workdir: pathlib.Path) -> float:
     """Minutes from the stage's config write to its last metrics write."""
     return ((workdir / logger.METRICS_FILE).stat().st_mtime - (workdir / 'config.json').stat().st_mtime) / 60
+
+
+def r1_protocol(stage_dir: pathlib.Path, g: dict, k: int) -> dict:
+    """grpo.evaluate of the checkpoint in `stage_dir` with k samples at T=0.6, top-p 0.95."""
+    loaded = loading.load(str(stage_dir))
+    problems = tasks.task_problems(g['tasks'], 'test', g['eval_problems'], 0, 'grpo.tasks')
+    prompts = grpo.encode_prompts(loaded.tokenizer, problems, g['template'])
+    protocol = ml_collections.ConfigDict(dict(eval_samples=k, eval_temperature=0.6, eval_top_p=0.95,
+                                              max_new_tokens=g['max_new_tokens']))
+    return grpo.evaluate(loaded.cfg, loaded.variables, problems, prompts, loaded.tokenizer, protocol, None,
+                         jax.random.PRNGKey(0), 1)
 
 
 def main(argv):
@@ -45,15 +65,25 @@ def main(argv):
         f"{g['batch_size'] // g['group_size']} prompts x G={g['group_size']}, T={g['temperature']}, "
         f"beta={g['beta']}, lr={config['optim']['lr']}, {g['aggregation']}.",
         '',
-        '| | accuracy | format rate | completion tokens |',
-        '|---|---|---|---|',
-        f"| base (GRPO step {before['step']}) | {before['eval_accuracy']:.1%} | {before['eval_format_rate']:.1%} | "
-        f"{before['eval_completion_len']:.1f} |",
-        f"| after GRPO (step {after['step']}) | {after['eval_accuracy']:.1%} | {after['eval_format_rate']:.1%} | "
-        f"{after['eval_completion_len']:.1f} |",
+        '| | accuracy | accuracy of the first answer | format rate | completion tokens |',
+        '|---|---|---|---|---|',
+        *[f"| {name} (GRPO step {r['step']}) | {r['eval_accuracy']:.1%} | {r['eval_first_answer_accuracy']:.1%} | "
+          f"{r['eval_format_rate']:.1%} | {r['eval_completion_len']:.1f} |"
+          for name, r in (('base', before), ('after GRPO', after))],
+        '',
+        'Accuracy grades the last <answer> of a completion; the first-answer column grades the text up to its first '
+        '</answer>, the credit a model that does not stop after its answer would get for it.',
         '',
         f"GRPO wall time: {wall_minutes(root / 'grpo'):.1f} min (evaluations included).",
     ]
+    k = _SAMPLES.value
+    if k:
+        lines += ['', f'The R1 paper\'s protocol on the same problems: {k} completions each at T=0.6, top-p 0.95.', '',
+                  f'| | pass@1 (mean of {k}) | pass@{k} | first answer | format rate |', '|---|---|---|---|---|']
+        for name, stage in (('base', 'base'), ('after GRPO', 'grpo')):
+            r = r1_protocol(root / stage, g, k)
+            lines.append(f"| {name} | {r['eval_accuracy']:.1%} | {r[f'eval_pass_at_{k}']:.1%} | "
+                         f"{r['eval_first_answer_accuracy']:.1%} | {r['eval_format_rate']:.1%} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / 'r1_zero_small.md').write_text('\n'.join(lines) + '\n')
 

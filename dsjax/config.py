@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.max_doc_chars = 200_000
     d.tasks = ('arithmetic:2',)  # source 'tasks': worksheet pages of these task:level entries' train problems
     d.task_documents = 20000  # source 'tasks': pages generated
+    d.worked_fraction = 1.0  # source 'tasks': share of tagged solutions that show their steps (else the result)
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 3e-4
@@ -190,7 +191,9 @@ def base_config() -> ml_collections.ConfigDict:
     g.reward_model = ''  # reward 'reward_model': a reward-model run directory (stage 'reward')
     g.overlong_buffer = 8  # reward 'length': its penalty ramps over the last this many tokens
     g.eval_problems = 512  # held-out (test-split) problems per task entry
-    g.eval_temperature = 0.0  # 0: greedy
+    g.eval_temperature = 0.0  # 0: greedy; the R1 paper's protocol is 0.6 with top-p 0.95 and k samples
+    g.eval_top_p = 1.0
+    g.eval_samples = 1  # k completions per held-out problem: accuracy is their mean (pass@1), plus pass@k
 
     c.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # -1: all devices not used by the other axes
@@ -498,6 +501,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         from dsjax.data import tasks  # tasks reads this module's errors
         tasks.parse_task_entries(d.tasks, 'data.tasks')
         _positive_int(c, 'data.task_documents')
+        _check(0 <= d.worked_fraction <= 1, 'data.worked_fraction', d.worked_fraction, 'must be in [0, 1]')
     elif d.source != 'stdlib':
         _check(len(d.paths) > 0, 'data.paths', d.paths, f'data.source={d.source!r} needs at least one path')
     _check(all(isinstance(p, str) and p for p in d.paths), 'data.paths', d.paths,

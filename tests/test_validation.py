@@ -68,6 +68,7 @@ BAD = [
     ('data.shuffle_seed', _dense, _set('data', shuffle_seed=-1), 8),
     ('data.shuffle_window', _dense, _set('data', shuffle_window=0), 8),
     ('data.tokenizer', _dense, _set('data', tokenizer='bpe'), 8),
+    ('data.worked_fraction', _dense, _set('data', source='tasks', worked_fraction=1.5), 8),
     ('train.keep_checkpoints', _dense, _set('train', keep_checkpoints=0), 8),
     ('train.nonfinite_policy', _dense, _set('train', nonfinite_policy='ignore'), 8),
     ('train.bias_update_until', _dense, _set('train', bias_update_until=1.5), 8),

@@ -135,14 +135,15 @@ def _read_source(data_cfg, counts: _Counts) -> Iterator[Document]:
         for path, name in _match_paths(data_cfg.paths):
             yield from _read_jsonl(path, name, data_cfg.jsonl_field, counts)
     elif data_cfg.source == "tasks":
-        yield from worksheet_documents(data_cfg.tasks, data_cfg.task_documents)
+        yield from worksheet_documents(data_cfg.tasks, data_cfg.task_documents, data_cfg.worked_fraction)
     else:
         raise DataError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
 
 
-def worksheet_documents(entries, n: int) -> Iterator[Document]:
+def worksheet_documents(entries, n: int, worked_fraction: float = 1.0) -> Iterator[Document]:
     """`n` worksheet pages (tasks.worksheet) of train-split problems of the task:level `entries`, taken
-    in turn; each page has its own style and size. Test-split problems never appear."""
+    in turn; each page has its own style and size, and each tagged solution shows its steps with
+    probability `worked_fraction` (else only its result). Test-split problems never appear."""
     parsed = tasks.parse_task_entries(entries, "data.tasks")
     rng = random.Random(0)
     for k in range(n):
@@ -150,7 +151,8 @@ def worksheet_documents(entries, n: int) -> Iterator[Document]:
         size, style = rng.choice(_PAGE_SIZES), rng.choice(tasks.WORKSHEET_STYLES)
         header = rng.choice(("",) + tasks.WORKSHEET_HEADERS[style])
         problems = tasks.make_problems(task, "train", size, level=level, seed=k)
-        yield Document(f"tasks/{task}{level}/{k:07d}", tasks.worksheet(problems, style, header))
+        shown = [rng.random() < worked_fraction for _ in problems] if worked_fraction < 1 else None
+        yield Document(f"tasks/{task}{level}/{k:07d}", tasks.worksheet(problems, style, header, shown))
 
 
 def _match_paths(patterns) -> list[tuple[pathlib.Path, str]]:

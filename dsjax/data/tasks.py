@@ -1,5 +1,9 @@
 """Verifiable reasoning tasks that need no download: multi-digit arithmetic and countdown puzzles.
 
+'multiplication' is arithmetic's multiplications alone (an L-digit by a one-digit factor): the task
+where showing the partial products pays most, so a base that usually answers at once has the most
+to gain from reasoning.
+
 Problems are generated from a seed, so every call with the same arguments returns the same list.
 Each problem belongs to 'train' or 'test' by a hash of its canonical form (the operands, not the
 wording), so a test problem never appears in training data, whatever the seeds or levels.
@@ -17,12 +21,12 @@ import re
 
 from dsjax import config as config_lib
 
-TASKS = ('arithmetic', 'countdown')
+TASKS = ('arithmetic', 'multiplication', 'countdown')
 SPLITS = ('train', 'test')
 TEST_FRACTION = 0.2
-# Difficulty: arithmetic level L joins an L-digit and an (L-1)-digit operand (level 1: two 1-digit ones);
-# countdown gives `level` numbers.
-LEVELS = {'arithmetic': (1, 2, 3, 4, 5, 6), 'countdown': (2, 3, 4, 5)}
+# Difficulty: arithmetic level L joins an L-digit and an (L-1)-digit operand (level 1: two 1-digit ones),
+# or an L-digit and a one-digit factor (as multiplication level L does); countdown gives `level` numbers.
+LEVELS = {'arithmetic': (1, 2, 3, 4, 5, 6), 'multiplication': (2, 3, 4, 5, 6), 'countdown': (2, 3, 4, 5)}
 COUNTDOWN_MAX_NUMBER = 20
 COUNTDOWN_MAX_TARGET = 1000
 # Longer answers are rejected unparsed: an expression over <= 5 numbers is far shorter.
@@ -59,8 +63,12 @@ class Problem:
 
 
 def split_of(task: str, key: str) -> str:
-    """'test' for a fixed TEST_FRACTION of canonical problems (by sha256 of `key`), else 'train'."""
-    digest = hashlib.sha256(f'{task}|{key}'.encode()).digest()
+    """'test' for a fixed TEST_FRACTION of canonical problems (by sha256 of `key`), else 'train'.
+
+    A multiplication problem is the arithmetic problem with the same operands, in the same split.
+    """
+    family = 'arithmetic' if task == 'multiplication' else task
+    digest = hashlib.sha256(f'{family}|{key}'.encode()).digest()
     return 'test' if int.from_bytes(digest[:8], 'big') / 2.0**64 < TEST_FRACTION else 'train'
 
 
@@ -89,7 +97,7 @@ def make_problems(task: str, split: str, n: int, level: int = 2, seed: int = 0) 
     """
     _check_args(task, split, n, level)
     rng = random.Random(f'{task}:{split}:{level}:{seed}')
-    make = _arithmetic if task == 'arithmetic' else _countdown
+    make = {'arithmetic': _arithmetic, 'multiplication': _multiplication, 'countdown': _countdown}[task]
     problems, seen, tries = [], set(), 0
     while len(problems) < n:
         tries += 1
@@ -131,18 +139,22 @@ def _digits(rng: random.Random, digits: int) -> int:
     return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
 
 
-def _arithmetic(rng: random.Random, level: int) -> Problem:
+def _arithmetic(rng: random.Random, level: int, task: str = 'arithmetic', ops: str = '+-*') -> Problem:
     """a + b, a - b (a >= b) or a * c: an L-digit and an (L-1)-digit operand (at least one digit) in
     either order, or an L-digit a and a one-digit c in either order."""
-    op = rng.choice('+-*')
+    op = rng.choice(ops)
     a = _digits(rng, level)
     b = _digits(rng, max(level - 1, 1)) if op != '*' else rng.randrange(2, 10)
     if op == '-' and a < b or op != '-' and rng.random() < 0.5:
         a, b = b, a
     value = {'+': a + b, '-': a - b, '*': a * b}[op]
     expression = f'{a} {op} {b}'
-    return Problem('arithmetic', level, f'Compute {expression}', str(value),
+    return Problem(task, level, f'Compute {expression}', str(value),
                    steps=(expression,) + _place_value_steps(a, b, op, value))
+
+
+def _multiplication(rng: random.Random, level: int) -> Problem:
+    return _arithmetic(rng, level, 'multiplication', '*')
 
 
 def _place_value_steps(a: int, b: int, op: str, value: int) -> tuple[str, ...]:
@@ -189,12 +201,14 @@ def render_zero_prompt(problem: Problem) -> str:
     return R1_ZERO_TEMPLATE.format(prompt=problem.prompt)
 
 
-def worked_solution(problem: Problem) -> str:
-    """A `<think> ... </think> <answer> ... </answer>` completion that shows the reasoning."""
+def worked_solution(problem: Problem, show_steps: bool = True) -> str:
+    """A `<think> ... </think> <answer> ... </answer>` completion that shows the reasoning, or with
+    `show_steps=False` only the result ('476 * 8 = 3808.'), as an answer written at once."""
     if problem.task == 'countdown':
-        thought = ', '.join(problem.steps) + f'. So {problem.answer} = {problem.target}.'
+        steps = ', '.join(problem.steps) + '. ' if show_steps else ''
+        thought = f'{steps}So {problem.answer} = {problem.target}.'
     else:
-        thought = ', '.join(problem.steps[1:]) + '.'
+        thought = ', '.join(problem.steps[1:] if show_steps else [f'{problem.steps[0]} = {problem.answer}']) + '.'
     return f'<think> {thought} </think> <answer> {problem.answer} </answer>'
 
 
@@ -210,22 +224,24 @@ WORKSHEET_HEADERS = {
 }
 
 
-def worksheet(problems, style: str, header: str = '') -> str:
+def worksheet(problems, style: str, header: str = '', shown_steps=None) -> str:
     """A page of solved problems as plain text, the way exercise sheets appear on the web.
 
     'qa': 'Q: <prompt>' / 'A: <answer>'; 'equation': '<expression> = <value>'; 'tagged': a tutoring chat
-    log, 'User: <prompt>. Assistant: <worked solution in think/answer tags>'. None of them holds the
-    R1-Zero template's instructions: a model pre-trained on worksheets has seen the tasks and the tags,
-    never that prompt.
+    log, 'User: <prompt>. Assistant: <worked solution in think/answer tags>' (`shown_steps`, one bool
+    per problem, says which solutions show their steps; default all). None of them holds the R1-Zero
+    template's instructions: a model pre-trained on worksheets has seen the tasks and the tags, never
+    that prompt.
     """
+    shown_steps = [True] * len(problems) if shown_steps is None else shown_steps
     lines = []
-    for p in problems:
+    for p, show in zip(problems, shown_steps, strict=True):
         if style == 'qa':
             lines.append(f'Q: {p.prompt}\nA: {p.answer}')
         elif style == 'equation':
             lines.append(f'{p.answer} = {p.target}' if p.task == 'countdown' else f'{p.steps[0]} = {p.answer}')
         elif style == 'tagged':
-            lines.append(f'User: {p.prompt}. Assistant: {worked_solution(p)}')
+            lines.append(f'User: {p.prompt}. Assistant: {worked_solution(p, show)}')
         else:
             raise ValueError(f'worksheet style {style!r} is invalid: must be one of {WORKSHEET_STYLES}')
     return '\n\n'.join(([header] if header else []) + lines)
@@ -250,7 +266,7 @@ def grade(problem: Problem, completion_text: str) -> bool:
     answer = parse_answer(completion_text)
     if answer is None:
         return False
-    if problem.task == 'arithmetic':
+    if problem.task != 'countdown':
         return answer == problem.answer
     used, value = evaluate_expression(answer)
     if value is None:

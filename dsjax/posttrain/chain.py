@@ -85,8 +85,8 @@ def evaluate_run(run_dir, e) -> dict:
     loaded = loading.load(str(run_dir))
     problems = tasks.task_problems(e.tasks, 'test', e.problems, 0, 'evaluation.tasks')
     prompts = grpo.encode_prompts(loaded.tokenizer, problems, e.template)
-    g = ml_collections.ConfigDict(dict(eval_temperature=0.0, top_p=1.0, batch_size=e.batch_size,
-                                       max_new_tokens=e.max_new_tokens))
+    g = ml_collections.ConfigDict(dict(eval_temperature=0.0, eval_top_p=1.0, eval_samples=1,
+                                       batch_size=e.batch_size, max_new_tokens=e.max_new_tokens))
     metrics = grpo.evaluate(loaded.cfg, loaded.variables, problems, prompts, loaded.tokenizer, g, None,
                             jax.random.PRNGKey(0), 1)
     out = {'accuracy': metrics['eval_accuracy'], 'format_rate': metrics['eval_format_rate'],

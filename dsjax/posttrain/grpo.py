@@ -46,7 +46,8 @@ def validate(config, num_devices: int, extra_rewards=()) -> None:
     tasks.parse_task_entries(g.tasks, 'grpo.tasks')
     if g.template not in TEMPLATES:
         config_lib.fail('grpo.template', g.template, f'must be one of {tuple(TEMPLATES)}')
-    for f in ('batch_size', 'group_size', 'max_new_tokens', 'updates_per_batch', 'eval_problems'):
+    for f in ('batch_size', 'group_size', 'max_new_tokens', 'updates_per_batch', 'eval_problems',
+              'eval_samples'):
         if not (isinstance(g[f], int) and g[f] > 0):
             config_lib.fail(f'grpo.{f}', g[f], 'must be a positive integer')
     if g.batch_size % g.group_size:
@@ -60,10 +61,14 @@ def validate(config, num_devices: int, extra_rewards=()) -> None:
         config_lib.fail('grpo.batch_size', g.batch_size, f'must be divisible by the data-parallel size {shards}')
     if not g.temperature > 0:
         config_lib.fail('grpo.temperature', g.temperature, 'must be > 0: a group of greedy completions is one answer')
-    if not 0 < g.top_p <= 1:
-        config_lib.fail('grpo.top_p', g.top_p, 'must be in (0, 1]')
+    for f in ('top_p', 'eval_top_p'):
+        if not 0 < g[f] <= 1:
+            config_lib.fail(f'grpo.{f}', g[f], 'must be in (0, 1]')
     if g.eval_temperature < 0:
         config_lib.fail('grpo.eval_temperature', g.eval_temperature, 'must be >= 0 (0 is greedy)')
+    if g.eval_samples > 1 and not g.eval_temperature:
+        config_lib.fail('grpo.eval_samples', g.eval_samples, 'must be 1 with greedy evaluation '
+                        '(grpo.eval_temperature=0): every sample would be the same')
     for f in ('beta', 'eps_high', 'overlong_buffer'):
         if g[f] < 0:
             config_lib.fail(f'grpo.{f}', g[f], 'must be >= 0')
@@ -187,21 +192,31 @@ def rollout(model_cfg, variables, prompts, tokenizer, key, sampling, max_new_tok
 
 
 def evaluate(model_cfg, variables, problems, prompts, tokenizer, g, mesh, key, shards: int) -> dict:
-    """Accuracy, format rate and completion length (tokens) on held-out problems, one batched pass at
-    grpo.eval_temperature (greedy by default)."""
-    sampling = SamplingConfig(temperature=g.eval_temperature, top_p=g.top_p if g.eval_temperature else 1.0)
-    padded = prompts + [prompts[-1]] * (-len(prompts) % shards)  # rows divide over the batch shards
+    """Accuracy, format rate and completion length (tokens) on held-out problems, one batched pass of
+    grpo.eval_samples completions per problem at grpo.eval_temperature (greedy by default) and
+    grpo.eval_top_p. With k > 1 samples, accuracy is their mean (pass@1, the R1 paper's protocol) and
+    eval_pass_at_k counts problems solved by any. eval_first_answer_accuracy grades the text up to the
+    first </answer>: the credit a model that never stops after its answer would get for it."""
+    k = g.eval_samples
+    sampling = SamplingConfig(temperature=g.eval_temperature, top_p=g.eval_top_p if g.eval_temperature else 1.0)
+    rows = [p for p in prompts for _ in range(k)]
+    padded = rows + [rows[-1]] * (-len(rows) % shards)  # rows divide over the batch shards
     # One batch: generation on a CPU is several times faster per token at a few hundred rows than at 64.
     _, _, gen, texts = rollout(model_cfg, variables, padded, tokenizer, key, sampling, g.max_new_tokens, mesh)
-    correct = [tasks.grade(p, text) for p, text in zip(problems, texts)]
-    formatted = [tasks.format_ok(text) for text in texts[:len(problems)]]
-    lengths = gen.mask[:len(problems)].sum(axis=1)
-    metrics = {'eval_accuracy': float(np.mean(correct)), 'eval_format_rate': float(np.mean(formatted)),
-               'eval_completion_len': float(np.mean(lengths))}
-    names = [f'{p.task}{p.level}' for p in problems]
+    texts = texts[:len(rows)]
+    problems_R = [p for p in problems for _ in range(k)]
+    correct = np.array([tasks.grade(p, text) for p, text in zip(problems_R, texts)])
+    first = [tasks.grade(p, text.split('</answer>')[0] + '</answer>') for p, text in zip(problems_R, texts)]
+    metrics = {'eval_accuracy': float(correct.mean()),
+               'eval_format_rate': float(np.mean([tasks.format_ok(text) for text in texts])),
+               'eval_completion_len': float(gen.mask[:len(rows)].sum(axis=1).mean()),
+               'eval_first_answer_accuracy': float(np.mean(first))}
+    if k > 1:
+        metrics[f'eval_pass_at_{k}'] = float(correct.reshape(-1, k).any(axis=1).mean())
+    names = np.array([f'{p.task}{p.level}' for p in problems_R])
     if len(set(names)) > 1:
         for name in sorted(set(names)):
-            metrics[f'eval_accuracy_{name}'] = float(np.mean([c for c, x in zip(correct, names) if x == name]))
+            metrics[f'eval_accuracy_{name}'] = float(correct[names == name].mean())
     return metrics
 
 

@@ -168,3 +168,12 @@ def test_overlapping_globs_read_each_file_once(tmp_path):
     write_texts(tmp_path, {"a.txt": "alpha\n", "b.txt": "beta\n"})
     cfg = data_config(paths=(str(tmp_path / "*.txt"), str(tmp_path / "a.txt")), val_fraction=1e-9)
     assert [d.name for d in corpus.load_documents(cfg, "train")] == ["a.txt", "b.txt"]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.3, 0.0])
+def test_worksheet_pages_show_steps_in_the_asked_share_of_tagged_solutions(fraction):
+    thoughts = [line.split("<think>")[1] for doc in corpus.worksheet_documents(("multiplication:3",), 600, fraction)
+                for line in doc.text.split("\n\n") if "<think>" in line and line.startswith("User:")]
+    shown = sum(thought.count("=") > 1 for thought in thoughts) / len(thoughts)  # steps: several equations
+    assert len(thoughts) > 300
+    assert shown == pytest.approx(fraction, abs=0.05)

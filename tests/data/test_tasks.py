@@ -15,7 +15,7 @@ def test_problems_are_deterministic_and_distinct(task):
     assert all(p.task == task and p.level == 3 for p in a)
 
 
-@pytest.mark.parametrize('task,level', [('arithmetic', 2), ('countdown', 3)])
+@pytest.mark.parametrize('task,level', [('arithmetic', 2), ('multiplication', 3), ('countdown', 3)])
 def test_train_and_test_never_overlap(task, level):
     train = {tasks.canonical_key(p) for s in range(3) for p in tasks.make_problems(task, 'train', 800, level, s)}
     test = {tasks.canonical_key(p) for p in tasks.make_problems(task, 'test', 600, level, seed=0)}
@@ -36,13 +36,40 @@ def test_bad_arguments_name_themselves(kwargs, match):
         tasks.make_problems(**args)
 
 
+def test_multiplication_is_arithmetic_multiplication_in_the_same_split():
+    problems = tasks.make_problems('multiplication', 'test', 300, level=3)
+    for p in problems:
+        a, op, b = p.steps[0].split()
+        assert op == '*' and sorted((len(a), len(b))) == [1, 3] and p.answer == str(int(a) * int(b))
+    # An arithmetic base never trains on a multiplication test problem: the split is the operands'.
+    arithmetic_train = {tasks.canonical_key(p) for s in range(3)
+                        for p in tasks.make_problems('arithmetic', 'train', 3000, level=3, seed=s)}
+    assert not arithmetic_train & {tasks.canonical_key(p) for p in problems}
+    assert tasks.split_of('multiplication', '933 * 7') == tasks.split_of('arithmetic', '933 * 7')
+
+
 @pytest.mark.parametrize('task', tasks.TASKS)
 def test_worked_solutions_are_formatted_and_correct(task):
     for level in tasks.LEVELS[task]:
         for p in tasks.make_problems(task, 'train', 40, level=level):
-            text = tasks.worked_solution(p)
-            assert tasks.format_ok(text), text
-            assert tasks.grade(p, text), text
+            for show_steps in (True, False):
+                text = tasks.worked_solution(p, show_steps)
+                assert tasks.format_ok(text), text
+                assert tasks.grade(p, text), text
+
+
+def test_solutions_with_and_without_steps():
+    p = tasks.make_problems('multiplication', 'train', 1, level=3)[0]
+    a, _, b = p.steps[0].split()
+    assert tasks.worked_solution(p) == (f'<think> {", ".join(p.steps[1:])}. </think> '
+                                        f'<answer> {p.answer} </answer>')
+    assert tasks.worked_solution(p, show_steps=False) == (f'<think> {a} * {b} = {p.answer}. </think> '
+                                                          f'<answer> {p.answer} </answer>')
+    page = tasks.worksheet([p, p], 'tagged', shown_steps=[False, True])
+    assert page.split('\n\n') == [f'User: {p.prompt}. Assistant: {tasks.worked_solution(p, False)}',
+                                    f'User: {p.prompt}. Assistant: {tasks.worked_solution(p)}']
+    with pytest.raises(ValueError):
+        tasks.worksheet([p, p], 'tagged', shown_steps=[True])
 
 
 def test_arithmetic_answers_are_exact():

@@ -54,6 +54,31 @@ def test_group_health():
     assert health == {'solved_groups': 1 / 3, 'hopeless_groups': 1 / 3}
 
 
+def test_evaluate_counts_samples_first_answers_and_tasks(monkeypatch):
+    """pass@1 is the mean over k samples, pass@k any of them; the first answer is graded on its own."""
+    problems = [tasks.Problem('arithmetic', 2, 'Compute 2 + 3', '5', steps=('2 + 3',)),
+                tasks.Problem('multiplication', 2, 'Compute 12 * 3', '36', steps=('12 * 3',))]
+    right, wrong = '<think> a </think> <answer> {} </answer>', '<think> a </think> <answer> 0 </answer>'
+    rambles = right + ' User: more <answer> 7 </answer>'  # right first, then another answer
+    texts = [right.format(5), wrong, rambles.format(5), wrong, wrong, right.format(36)]
+
+    def fake_rollout(model_cfg, variables, prompts, tokenizer, key, sampling, max_new_tokens, mesh):
+        assert prompts == ['p0'] * 3 + ['p1'] * 3 and sampling.temperature == 0.6 and sampling.top_p == 0.95
+        mask = np.zeros((6, max_new_tokens), bool)
+        mask[:, :4] = True
+        return None, None, grpo.decode.Generation(tokens=None, mask=mask, logprobs=None, key=None), texts
+
+    monkeypatch.setattr(grpo, 'rollout', fake_rollout)
+    g = config_lib.base_config().grpo
+    g.update(eval_samples=3, eval_temperature=0.6, eval_top_p=0.95)
+    m = grpo.evaluate(None, None, problems, ['p0', 'p1'], None, g, None, None, shards=1)
+    assert m['eval_accuracy'] == pytest.approx(2 / 6) and m['eval_pass_at_3'] == 1.0
+    assert m['eval_first_answer_accuracy'] == pytest.approx(3 / 6)
+    assert m['eval_format_rate'] == pytest.approx(5 / 6) and m['eval_completion_len'] == 4.0
+    assert m['eval_accuracy_arithmetic2'] == pytest.approx(1 / 3)
+    assert m['eval_accuracy_multiplication2'] == pytest.approx(1 / 3)
+
+
 def tiny_config(tmp_path, **grpo_fields):
     c = config_lib.base_config()
     c.stage = 'grpo'
@@ -77,6 +102,8 @@ def tiny_config(tmp_path, **grpo_fields):
     (dict(reward_weights=(1.0,)), 'grpo.reward_weights'),
     (dict(tasks=('arithmetic:9',)), 'grpo.tasks'),
     (dict(temperature=0.0), 'grpo.temperature'),
+    (dict(eval_samples=4, eval_temperature=0.0), 'grpo.eval_samples=4'),
+    (dict(eval_top_p=0.0), 'grpo.eval_top_p'),
 ])
 def test_bad_config_is_named_before_anything_runs(tmp_path, fields, match):
     with pytest.raises(config_lib.ConfigError, match=match):
