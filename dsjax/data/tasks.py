@@ -1,8 +1,7 @@
 """Verifiable reasoning tasks that need no download: multi-digit arithmetic and countdown puzzles.
 
-'multiplication' is arithmetic's multiplications alone (an L-digit by a one-digit factor): the task
-where showing the partial products pays most, so a base that usually answers at once has the most
-to gain from reasoning.
+'multiplication' is arithmetic's multiplications alone (an L-digit by a one-digit factor), the
+operation a small model finds hardest to answer at once.
 
 Problems are generated from a seed, so every call with the same arguments returns the same list.
 Each problem belongs to 'train' or 'test' by a hash of its canonical form (the operands, not the
