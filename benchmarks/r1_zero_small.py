@@ -19,13 +19,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
 from dsjax import report  # noqa: E402
-from dsjax.data import tasks  # noqa: E402
-from dsjax.infer import loading  # noqa: E402
-from dsjax.posttrain import grpo  # noqa: E402
+from dsjax.posttrain import chain  # noqa: E402
 from dsjax.train import logger  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/r1_zero_small', 'The chain run (holding base/ and grpo/).')
@@ -39,14 +36,10 @@ def wall_minutes(workdir: pathlib.Path) -> float:
 
 
 def r1_protocol(stage_dir: pathlib.Path, g: dict, k: int) -> dict:
-    """grpo.evaluate of the checkpoint in `stage_dir` with k samples at T=0.6, top-p 0.95."""
-    loaded = loading.load(str(stage_dir))
-    problems = tasks.task_problems(g['tasks'], 'test', g['eval_problems'], 0, 'grpo.tasks')
-    prompts = grpo.encode_prompts(loaded.tokenizer, problems, g['template'])
-    protocol = ml_collections.ConfigDict(dict(eval_samples=k, eval_temperature=0.6, eval_top_p=0.95,
-                                              max_new_tokens=g['max_new_tokens']))
-    return grpo.evaluate(loaded.cfg, loaded.variables, problems, prompts, loaded.tokenizer, protocol, None,
-                         jax.random.PRNGKey(0), 1)
+    """The checkpoint in `stage_dir` on the GRPO stage's held-out problems, k samples at T=0.6, top-p 0.95."""
+    e = ml_collections.ConfigDict(dict(tasks=g['tasks'], problems=g['eval_problems'], template=g['template'],
+                                       max_new_tokens=g['max_new_tokens'], val_loss=False))
+    return chain.evaluate_run(stage_dir, e, samples=k, temperature=0.6, top_p=0.95)
 
 
 def main(argv):
@@ -82,8 +75,8 @@ def main(argv):
                   f'| | pass@1 (mean of {k}) | pass@{k} | first answer | format rate |', '|---|---|---|---|---|']
         for name, stage in (('base', 'base'), ('after GRPO', 'grpo')):
             r = r1_protocol(root / stage, g, k)
-            lines.append(f"| {name} | {r['eval_accuracy']:.1%} | {r[f'eval_pass_at_{k}']:.1%} | "
-                         f"{r['eval_first_answer_accuracy']:.1%} | {r['eval_format_rate']:.1%} |")
+            lines.append(f"| {name} | {r['accuracy']:.1%} | {r[f'pass_at_{k}']:.1%} | "
+                         f"{r['first_answer_accuracy']:.1%} | {r['format_rate']:.1%} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / 'r1_zero_small.md').write_text('\n'.join(lines) + '\n')
 

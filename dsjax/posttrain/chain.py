@@ -79,18 +79,23 @@ def task_val_loss(loaded, problems, seq_len: int, batch: int = 32) -> float:
     return total / max(tokens, 1.0)
 
 
-def evaluate_run(run_dir, e) -> dict:
-    """Held-out accuracy, format rate (and task validation loss) of the model in `run_dir`."""
+def evaluate_run(run_dir, e, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    """Held-out accuracy, format rate, first-answer accuracy (and task validation loss) of the model in
+    `run_dir`: greedy by default, or `samples` completions per problem at `temperature` / `top_p`
+    (accuracy is then their mean, pass@1, and pass_at_<samples> is added)."""
     t0 = time.perf_counter()
     loaded = loading.load(str(run_dir))
     problems = tasks.task_problems(e.tasks, 'test', e.problems, 0, 'evaluation.tasks')
     prompts = grpo.encode_prompts(loaded.tokenizer, problems, e.template)
-    g = ml_collections.ConfigDict(dict(eval_temperature=0.0, eval_top_p=1.0, eval_samples=1,
-                                       batch_size=e.batch_size, max_new_tokens=e.max_new_tokens))
+    g = ml_collections.ConfigDict(dict(eval_temperature=temperature, eval_top_p=top_p, eval_samples=samples,
+                                       max_new_tokens=e.max_new_tokens))
     metrics = grpo.evaluate(loaded.cfg, loaded.variables, problems, prompts, loaded.tokenizer, g, None,
                             jax.random.PRNGKey(0), 1)
     out = {'accuracy': metrics['eval_accuracy'], 'format_rate': metrics['eval_format_rate'],
+           'first_answer_accuracy': metrics['eval_first_answer_accuracy'],
            'completion_tokens': metrics['eval_completion_len'], 'problems': len(problems)}
+    if samples > 1:
+        out[f'pass_at_{samples}'] = metrics[f'eval_pass_at_{samples}']
     if e.val_loss:
         out['task_val_loss'] = task_val_loss(loaded, problems, e.seq_len)
     out['eval_s'] = time.perf_counter() - t0
