@@ -338,21 +338,18 @@ def run(config, workdir, devices=None, extra_rewards=None) -> dict:
                     **{f'reward_{name}': float(v.mean()) for name, v in parts.items()},
                     **group_health(correct_B, g.group_size))
                 last = host
-                if done % tcfg.log_every == 0 or done == tcfg.steps:
+                if loop.due(done, tcfg.log_every, tcfg.steps):
                     metrics_log.log(done, host)
-                if done % tcfg.eval_every == 0 or done == tcfg.steps:
+                if loop.due(done, tcfg.eval_every, tcfg.steps):
                     last = {**last, **run_eval(done)}
-                if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or stop.received:
+                if loop.due(done, tcfg.checkpoint_every, tcfg.steps) or stop.received:
                     ckpt.save(done * mu, state, config=config.to_dict(), force=True)
                 if stop.received:
                     logging.warning('%s received: saved step %d, exiting.', stop.received, done)
                     last = {**last, loop.STOPPED: stop.received}
                     break
         finally:
-            stop.restore()
-            ckpt.wait()
-            ckpt.close()
-            metrics_log.close()
+            loop.close_stage(stop, ckpt, metrics_log)
     return last
 
 

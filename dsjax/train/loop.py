@@ -229,20 +229,21 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage) -> dict:
                 if pending is not None:
                     last = fetch(*pending[:3], waited) or last
                     pending = None
-                at_end = done == tcfg.steps
-                log_it = done % tcfg.log_every == 0 or at_end
-                if at_end or done % tcfg.eval_every == 0 or done % tcfg.checkpoint_every == 0 or stop.received:
+                log_it = due(done, tcfg.log_every, tcfg.steps)
+                evaluate_now = due(done, tcfg.eval_every, tcfg.steps)
+                save_due = due(done, tcfg.checkpoint_every, tcfg.steps)
+                if evaluate_now or save_due or stop.received:
                     last = fetch(done, metrics, log_it, data_wait) or last
                 else:
                     pending = (done, metrics, log_it)
-                if done % tcfg.eval_every == 0 or at_end:
+                if evaluate_now:
                     evaluated = stage.evaluate(eval_step, state, eval_batches, mesh)
                     metrics_log.log(done, _scalars(evaluated))
                     _save_expert_load(workdir, done, evaluated)
                     last = {**last, **evaluated}
                     # Evaluation time is not training throughput.
                     clock.update(t=time.perf_counter(), step=done, data_wait=data_wait)
-                if done % tcfg.checkpoint_every == 0 or at_end or stop.received:
+                if save_due or stop.received:  # a signal during the evaluation saves too
                     ckpt.save(done, state, data_iterator=train_iter, config=config.to_dict(), force=True)
                     good_step = done
                 if stop.received:
@@ -250,11 +251,22 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage) -> dict:
                     last = {**last, STOPPED: stop.received}  # so a chain stops too, not only this stage
                     break
         finally:
-            stop.restore()
-            ckpt.wait()
-            ckpt.close()
-            metrics_log.close()
+            close_stage(stop, ckpt, metrics_log)
     return last
+
+
+def due(done: int, every: int, total: int) -> bool:
+    """True on every `every`-th step and on the last one (`total`): when to log, evaluate or save."""
+    return done % every == 0 or done == total
+
+
+def close_stage(stop: _StopSignal, ckpt, metrics_log) -> None:
+    """A stage loop's way out, finished, stopped or failing: restores the signal handlers, waits for
+    checkpoint writes in flight, closes the checkpointer and the metrics log."""
+    stop.restore()
+    ckpt.wait()
+    ckpt.close()
+    metrics_log.close()
 
 
 def start_from(path: str, model_cfg, abstract_state, state):
