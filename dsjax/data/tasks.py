@@ -278,6 +278,13 @@ def grade(problem: Problem, completion_text: str) -> bool:
     return value == problem.target
 
 
+def grade_first_answer(problem: Problem, completion_text: str) -> bool:
+    """`grade` of the text up to its first </answer>: the credit a completion that goes on past its
+    answer (into another answer) would get for that answer. An answer never closed earns none."""
+    head, closing, _ = completion_text.partition('</answer>')
+    return grade(problem, head + closing)
+
+
 def evaluate_expression(text: str) -> tuple[list[int], fractions.Fraction | None]:
     """(integer literals used, exact value) of an expression of + - * / and parentheses over integer
     literals; ([], None) for anything else (names, calls, powers, unary minus, division by zero).

@@ -206,7 +206,7 @@ def evaluate(model_cfg, variables, problems, prompts, tokenizer, g, mesh, key, s
     texts = texts[:len(rows)]
     problems_R = [p for p in problems for _ in range(k)]
     correct = np.array([tasks.grade(p, text) for p, text in zip(problems_R, texts)])
-    first = [tasks.grade(p, text.split('</answer>')[0] + '</answer>') for p, text in zip(problems_R, texts)]
+    first = [tasks.grade_first_answer(p, text) for p, text in zip(problems_R, texts)]
     metrics = {'eval_accuracy': float(correct.mean()),
                'eval_format_rate': float(np.mean([tasks.format_ok(text) for text in texts])),
                'eval_completion_len': float(gen.mask[:len(rows)].sum(axis=1).mean()),

@@ -81,6 +81,14 @@ def test_arithmetic_answers_are_exact():
     assert not tasks.grade(p, '132')
 
 
+def test_first_answer_grading():
+    p = tasks.Problem('arithmetic', 2, 'Compute 47 + 85', '132', steps=('47 + 85',))
+    assert tasks.grade_first_answer(p, '<think> x </think> <answer> 132 </answer> User: <answer> 7 </answer>')
+    assert not tasks.grade(p, '<think> x </think> <answer> 132 </answer> User: <answer> 7 </answer>')
+    assert not tasks.grade_first_answer(p, '<answer> 7 </answer> then <answer> 132 </answer>')
+    assert not tasks.grade_first_answer(p, '<think> x </think> <answer> 132')  # never closed: no credit
+
+
 def test_format():
     assert tasks.format_ok(' <think> a </think> <answer> 5 </answer>')
     assert tasks.format_ok('<think></think><answer>5</answer>\n')
