@@ -143,6 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
     s.examples = 2000  # cold-start conversations per task entry
     s.val_examples = 100  # held-out (test-split) conversations per task entry
     s.system = ''  # a system prompt put before every conversation ('' for none)
+    s.template = 'chat'  # or 'zero': one-question conversations in the R1-Zero template
     s.micro_batches = 1  # gradient accumulation: data.batch_size rows in this many micro-batches
     s.seed = 0
 
@@ -309,9 +310,10 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def chain_evaluation(stages, tasks) -> ml_collections.ConfigDict:
     """A chain's `evaluation` section: each named stage answers 512 held-out problems of `tasks` greedily in
-    the chat template (accuracy, format rate) and is scored on their worked solutions' cross-entropy."""
+    the chat template (accuracy, format rate) and is scored on their worked solutions' cross-entropy.
+    `gap=(low, high)`, two of the stages, adds the share of the accuracy gap between them each stage closes."""
     return ml_collections.ConfigDict(dict(stages=tuple(stages), tasks=tasks, problems=512, template='chat',
-                                          max_new_tokens=64, batch_size=128, val_loss=True, seq_len=256))
+                                          max_new_tokens=64, batch_size=128, val_loss=True, seq_len=256, gap=()))
 
 
 def load_experiment(caller_file: str, name: str, arg=None) -> ml_collections.ConfigDict:

@@ -80,7 +80,7 @@ def run_chain(config, workdir) -> dict:
             break
         if evaluation is not None and name in evaluation.stages:
             table[name] = chain.evaluate_stage(name, stage_dir, evaluation)
-            logging.info('Chain so far:\n%s', chain.write_table(workdir, table, wall))
+            logging.info('Chain so far:\n%s', chain.write_table(workdir, table, wall, evaluation.get('gap', ())))
     return results
 
 

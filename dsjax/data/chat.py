@@ -5,7 +5,9 @@ Template (DeepSeek-LLM's plain format; the same one `dsjax.infer.chat` renders a
     [bos]{system}\\n\\nUser: {user}\\n\\nAssistant: {assistant}[eos]User: {user}\\n\\nAssistant: ...
 
 A tokenizer with its own chat template (a HF checkpoint's) renders through that template instead;
-the assistant tokens are then found by rendering each prefix of the conversation.
+the assistant tokens are then found by rendering each prefix of the conversation. template='zero'
+renders a one-question conversation in the R1-Zero template instead (the prompt GRPO and the
+evaluation give with template 'zero'): [bos]{R1-Zero instructions ... User: {user}. Assistant:} {assistant}[eos].
 
 JSONL: one conversation per line, {"messages": [{"role": "system"|"user"|"assistant", "content": str},
 ...]}, with at least one assistant message. A malformed line raises DataError naming file and line.
@@ -22,6 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from dsjax.data.corpus import DataError
+from dsjax.data.tasks import R1_ZERO_TEMPLATE
 
 ROLES = ('system', 'user', 'assistant')
 FIELDS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
@@ -67,10 +70,24 @@ def _render_template(tokenizer, messages: Sequence[dict]) -> tuple[list[int], li
     return full, mask + [0] * (len(full) - len(mask))
 
 
-def tokenize_conversation(tokenizer, messages: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+def render_zero(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """A user question and the assistant's reply in the R1-Zero template: the prompt tokens exactly as
+    GRPO encodes them, then the reply as a completion (its text and eos, masked in)."""
+    if [m['role'] for m in messages] != ['user', 'assistant']:
+        raise DataError('the R1-Zero template holds one user question and one assistant reply, got a conversation '
+                        f"of roles {[m['role'] for m in messages]}: use template 'chat' for system prompts or "
+                        'several turns')
+    prompt = [tokenizer.bos_id] + tokenizer.encode(R1_ZERO_TEMPLATE.format(prompt=messages[0]['content']))
+    reply = tokenizer.encode(' ' + messages[1]['content']) + [tokenizer.eos_id]
+    return prompt + reply, [0] * len(prompt) + [1] * len(reply)
+
+
+def tokenize_conversation(tokenizer, messages: Sequence[dict], template: str = 'chat') -> tuple[np.ndarray, np.ndarray]:
     """(ids_T int32, assistant_mask_T int32) of one conversation, through the tokenizer's chat template
-    if it has one, else the plain template."""
-    if getattr(tokenizer, 'chat_template', None):
+    if it has one, else the plain template; template='zero': the R1-Zero template."""
+    if template == 'zero':
+        ids, mask = render_zero(tokenizer, messages)
+    elif getattr(tokenizer, 'chat_template', None):
         ids, mask = _render_template(tokenizer, messages)
     else:
         ids, mask = render_plain(tokenizer, messages)

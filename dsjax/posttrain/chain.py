@@ -11,7 +11,9 @@ Evaluation (a chain config's optional `evaluation` section): for each stage name
 task entry (greedy, `evaluation.template`), giving accuracy and format rate; with
 `evaluation.val_loss` also the cross-entropy of the worked solutions of those problems (assistant
 tokens only). Results are cached in <stage>/eval.json (a resumed chain does not redo them) and the
-table goes to WORKDIR/table.md and table.json.
+table goes to WORKDIR/table.md and table.json; `evaluation.gap=(low, high)` adds each stage's share of
+the accuracy gap between those two stages (e.g. a distilled student's, between the same student
+trained alone and its teacher).
 """
 import json
 import pathlib
@@ -62,9 +64,10 @@ def resolve_references(stage_cfg, dirs: dict) -> None:
         stage_cfg.init.checkpoint = ''
 
 
-def task_val_loss(loaded, problems, seq_len: int, batch: int = 32) -> float:
-    """Mean cross-entropy per assistant token of the problems' worked solutions (chat template)."""
-    rows = sft.packed_rows(loaded.tokenizer, sft.cold_start_conversations(problems), seq_len, 'evaluation set')
+def task_val_loss(loaded, problems, seq_len: int, template: str = 'chat', batch: int = 32) -> float:
+    """Mean cross-entropy per assistant token of the problems' worked solutions (in `template`)."""
+    rows = sft.packed_rows(loaded.tokenizer, sft.cold_start_conversations(problems), seq_len, 'evaluation set',
+                           template)
     forward = jax.jit(lambda v, b: Transformer(loaded.cfg).apply(v, b['inputs'], b['positions'], b['segment_ids'])[0])
     total, tokens = 0.0, 0.0
     for start in range(0, len(rows), batch):
@@ -97,7 +100,7 @@ def evaluate_run(run_dir, e, samples: int = 1, temperature: float = 0.0, top_p: 
     if samples > 1:
         out[f'pass_at_{samples}'] = metrics[f'eval_pass_at_{samples}']
     if e.val_loss:
-        out['task_val_loss'] = task_val_loss(loaded, problems, e.seq_len)
+        out['task_val_loss'] = task_val_loss(loaded, problems, e.seq_len, e.template)
     out['eval_s'] = time.perf_counter() - t0
     return out
 
@@ -114,9 +117,21 @@ def evaluate_stage(name: str, stage_dir, e) -> dict:
     return result
 
 
-def write_table(workdir, rows: dict, wall: dict) -> str:
-    """WORKDIR/table.md and table.json: one line per evaluated stage."""
-    columns = ['accuracy', 'format_rate', 'task_val_loss', 'completion_tokens']
+def gap_closed(rows: dict, gap) -> dict:
+    """{stage: (accuracy - accuracy[low]) / (accuracy[high] - accuracy[low])} for gap=(low, high), once
+    both are evaluated and differ; else {}."""
+    if not gap or any(name not in rows for name in gap):
+        return {}
+    low, high = (rows[name]['accuracy'] for name in gap)
+    return {} if high == low else {name: (r['accuracy'] - low) / (high - low) for name, r in rows.items()}
+
+
+def write_table(workdir, rows: dict, wall: dict, gap=()) -> str:
+    """WORKDIR/table.md and table.json: one line per evaluated stage (with `gap=(low, high)`, the share
+    of the accuracy gap between those two stages each one closes)."""
+    closed = gap_closed(rows, gap)
+    rows = {name: {**r, 'gap_closed': closed[name]} if name in closed else r for name, r in rows.items()}
+    columns = ['accuracy', 'format_rate', 'task_val_loss', 'completion_tokens'] + (['gap_closed'] if closed else [])
     lines = ['| stage | ' + ' | '.join(columns) + ' | stage wall time (s) |',
              '|---' * (len(columns) + 2) + '|']
     for name, r in rows.items():

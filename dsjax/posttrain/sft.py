@@ -4,7 +4,9 @@ Run:  python -m dsjax.main --config=experiments/<file>.py --config.stage=sft --w
 Data: `sft.source='jsonl'` reads `sft.paths` (dsjax/data/chat.py's format; conversations are split
 train/validation by a hash of their text with `data.val_fraction`); `sft.source='cold_start'` renders
 worked `<think> ... </think> <answer> ... </answer>` solutions of generated task problems (train split
-for training, test split for validation). The model starts from `init.checkpoint`.
+for training, test split for validation). `sft.template` is 'chat' (dsjax/data/chat.py) or 'zero'
+(the R1-Zero template, for a policy GRPO and the evaluation prompt that way). The model starts from
+`init.checkpoint`.
 
 The step is `dsjax.train.step.make_accumulating_step` with the masked cross-entropy normalised by the
 whole batch's assistant-token count, so `sft.micro_batches` > 1 trains exactly as one big batch.
@@ -24,6 +26,7 @@ from dsjax.train import loop
 from dsjax.train import step as step_lib
 
 SOURCES = ('jsonl', 'cold_start')
+TEMPLATES = ('chat', 'zero')
 
 
 def conversation(problem, completion: str, system: str = '') -> list[dict]:
@@ -42,6 +45,11 @@ def validate(config) -> None:
     s = config.sft
     if s.source not in SOURCES:
         config_lib.fail('sft.source', s.source, f'must be one of {SOURCES}')
+    if s.template not in TEMPLATES:
+        config_lib.fail('sft.template', s.template, f'must be one of {TEMPLATES}')
+    if s.template == 'zero' and s.system:
+        config_lib.fail('sft.system', s.system, "must be '' with sft.template='zero' (the R1-Zero template has no "
+                        'system prompt)')
     if s.source == 'jsonl' and not s.paths:
         config_lib.fail('sft.paths', s.paths, "sft.source='jsonl' needs at least one JSONL file")
     if s.source == 'cold_start':
@@ -75,9 +83,10 @@ def load_conversations(config, split: str) -> list[list[dict]]:
     return out
 
 
-def packed_rows(tokenizer, conversations, seq_len: int, what: str) -> list[dict]:
+def packed_rows(tokenizer, conversations, seq_len: int, what: str, template: str = 'chat') -> list[dict]:
     """Conversations -> packed rows; logs how many did not fit."""
-    rows, dropped = chat.pack_examples((chat.tokenize_conversation(tokenizer, m) for m in conversations), seq_len)
+    rows, dropped = chat.pack_examples((chat.tokenize_conversation(tokenizer, m, template) for m in conversations),
+                                       seq_len)
     if dropped:
         logging.warning('SFT %s: %d of %d conversations are longer than data.seq_len + 1 = %d tokens and '
                         'were dropped', what, dropped, len(conversations), seq_len + 1)
@@ -124,8 +133,9 @@ def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop
     validate(config)
     d = config.data
     model = Transformer(model_cfg)
-    train_rows = packed_rows(tokenizer, load_conversations(config, 'train'), d.seq_len, 'training set')
-    val_rows = packed_rows(tokenizer, load_conversations(config, 'validation'), d.seq_len, 'validation set')
+    t = config.sft.template
+    train_rows = packed_rows(tokenizer, load_conversations(config, 'train'), d.seq_len, 'training set', t)
+    val_rows = packed_rows(tokenizer, load_conversations(config, 'validation'), d.seq_len, 'validation set', t)
     logging.info('SFT: %d training rows, %d validation rows of %d tokens', len(train_rows), len(val_rows), d.seq_len)
     step = step_lib.make_accumulating_step(make_loss_fn(model), optimizer, schedule, config.train,
                                            config.sft.micro_batches)

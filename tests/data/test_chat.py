@@ -34,6 +34,21 @@ def test_mask_marks_only_assistant_replies_and_their_eos():
     assert chat.prompt_tokens(tok, MESSAGES[:2]) == list(ids[:len(chat.prompt_tokens(tok, MESSAGES[:2]))])
 
 
+def test_zero_template_prompt_is_grpos_and_only_the_reply_is_masked():
+    from dsjax.data import tasks
+    from dsjax.posttrain import grpo
+
+    tok = Chars()
+    problem = tasks.task_problems(('multiplication:3',), 'test', 1, 0, 'x')[0]
+    ids, mask = chat.tokenize_conversation(tok, [{'role': 'user', 'content': problem.prompt},
+                                                 {'role': 'assistant', 'content': 'r'}], 'zero')
+    prompt = grpo.encode_prompts(tok, [problem], 'zero')[0]
+    assert list(ids) == prompt + tok.encode(' r') + [tok.eos_id]  # what GRPO and the evaluation prompt
+    assert list(mask) == [0] * len(prompt) + [1, 1, 1]
+    with pytest.raises(DataError, match="roles \\['system', 'user', 'assistant'\\].*template 'chat'"):
+        chat.tokenize_conversation(tok, MESSAGES[:3], 'zero')
+
+
 def test_packing_keeps_conversations_whole_and_weights_assistant_targets():
     tok = Chars()
     examples = [chat.tokenize_conversation(tok, MESSAGES[1:3]), chat.tokenize_conversation(tok, MESSAGES[3:5]),

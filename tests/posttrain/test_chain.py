@@ -85,3 +85,13 @@ def test_a_stage_stopped_by_a_signal_stops_the_chain(tmp_path, monkeypatch):
     del c.evaluation
     stages.run(c, tmp_path)
     assert ran == ['first']
+
+
+def test_table_reports_the_share_of_the_gap_each_stage_closes(tmp_path):
+    rows = {'teacher': {'accuracy': 0.9}, 'alone': {'accuracy': 0.1}, 'distilled': {'accuracy': 0.7}}
+    text = chain.write_table(tmp_path, rows, {}, gap=('alone', 'teacher'))
+    assert '| distilled | 0.700 |  |  |  | 0.750 |' in text  # (0.7 - 0.1) / (0.9 - 0.1)
+    assert json.loads((tmp_path / 'table.json').read_text())['stages']['teacher']['gap_closed'] == 1.0
+    # Until both ends are evaluated (or when they tie) there is no gap to report.
+    assert chain.gap_closed({'alone': {'accuracy': 0.1}}, ('alone', 'teacher')) == {}
+    assert chain.gap_closed({'a': {'accuracy': 0.5}, 'b': {'accuracy': 0.5}}, ('a', 'b')) == {}

@@ -90,6 +90,13 @@ def test_bad_fields_are_named():
     c.sft.micro_batches = 3
     with pytest.raises(config_lib.ConfigError, match='sft.micro_batches'):
         sft.validate(c)
+    c.sft.micro_batches = 1
+    c.sft.template = 'r1'
+    with pytest.raises(config_lib.ConfigError, match="sft.template='r1'.*'chat', 'zero'"):
+        sft.validate(c)
+    c.sft.template, c.sft.system = 'zero', 'Be brief.'
+    with pytest.raises(config_lib.ConfigError, match='sft.system.*R1-Zero template has no system prompt'):
+        sft.validate(c)
 
 
 def test_cold_start_sft_stage_lowers_the_assistant_loss(tmp_path):
