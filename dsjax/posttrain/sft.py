@@ -20,13 +20,12 @@ import grain
 from dsjax import config as config_lib
 from dsjax.data import chat, tasks
 from dsjax.data.corpus import DataError
-from dsjax.posttrain import losses
+from dsjax.posttrain import grpo, losses
 from dsjax.model.transformer import Transformer
 from dsjax.train import loop
 from dsjax.train import step as step_lib
 
 SOURCES = ('jsonl', 'cold_start')
-TEMPLATES = ('chat', 'zero')
 
 
 def conversation(problem, completion: str, system: str = '') -> list[dict]:
@@ -45,8 +44,8 @@ def validate(config) -> None:
     s = config.sft
     if s.source not in SOURCES:
         config_lib.fail('sft.source', s.source, f'must be one of {SOURCES}')
-    if s.template not in TEMPLATES:
-        config_lib.fail('sft.template', s.template, f'must be one of {TEMPLATES}')
+    if s.template not in grpo.TEMPLATES:  # the prompts GRPO, rejection sampling and evaluation use
+        config_lib.fail('sft.template', s.template, f'must be one of {tuple(grpo.TEMPLATES)}')
     if s.template == 'zero' and s.system:
         config_lib.fail('sft.system', s.system, "must be '' with sft.template='zero' (the R1-Zero template has no "
                         'system prompt)')

@@ -92,7 +92,7 @@ def test_bad_fields_are_named():
         sft.validate(c)
     c.sft.micro_batches = 1
     c.sft.template = 'r1'
-    with pytest.raises(config_lib.ConfigError, match="sft.template='r1'.*'chat', 'zero'"):
+    with pytest.raises(config_lib.ConfigError, match="sft.template='r1'.*'zero', 'chat'"):
         sft.validate(c)
     c.sft.template, c.sft.system = 'zero', 'Be brief.'
     with pytest.raises(config_lib.ConfigError, match='sft.system.*R1-Zero template has no system prompt'):
