@@ -51,17 +51,20 @@ def main():
     threads = xla_threads()
     torch.set_num_threads(threads)
     lines = [f'# llm_small\'s matmuls alone: jax {jax.__version__} vs torch {torch.__version__}, float32, {threads} '
-             'threads', '', '| product | GFLOP | jax GFLOP/s | torch GFLOP/s | jax / torch speed |', '|---|---|---|---|---|']
+             'threads', '', '| product | GFLOP | jax GFLOP/s | torch GFLOP/s | jax / torch speed |',
+             '|---|---|---|---|---|']
     rng = np.random.default_rng(0)
     for name, (sa, sb, lhs_t, rhs_t) in CASES.items():
         a, b = rng.standard_normal(sa, np.float32), rng.standard_normal(sb, np.float32)
         jax_fn = jax.jit(lambda x, y, lt=lhs_t, rt=rhs_t: (jnp.swapaxes(x, -1, -2) if lt else x) @
                          (jnp.swapaxes(y, -1, -2) if rt else y))
-        torch_fn = lambda x, y, lt=lhs_t, rt=rhs_t: (x.transpose(-1, -2) if lt else x) @ (y.transpose(-1, -2) if rt else y)
+        torch_fn = lambda x, y, lt=lhs_t, rt=rhs_t: ((x.transpose(-1, -2) if lt else x) @
+                                                     (y.transpose(-1, -2) if rt else y))
         t_jax = best_time(jax_fn, jnp.asarray(a), jnp.asarray(b), jax.block_until_ready)
         t_torch = best_time(torch_fn, torch.from_numpy(a), torch.from_numpy(b), lambda r: r)
         f = flop(sa, sb, lhs_t, rhs_t)
-        lines.append(f'| {name} | {f / 1e9:.2f} | {f / t_jax / 1e9:.0f} | {f / t_torch / 1e9:.0f} | {t_torch / t_jax:.2f}x |')
+        lines.append(f'| {name} | {f / 1e9:.2f} | {f / t_jax / 1e9:.0f} | {f / t_torch / 1e9:.0f} | '
+                     f'{t_torch / t_jax:.2f}x |')
     text = '\n'.join(lines) + '\n'
     print(text)
     (pathlib.Path(__file__).parent / 'results' / 'matmul_shapes.md').write_text(text)

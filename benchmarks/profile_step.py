@@ -55,7 +55,8 @@ def main(argv):
     for name, ns in ops.items():
         kinds[name.split('.')[0]] += ns
     busy_ms = sum(ops.values()) / n / 1e6
-    lines = [f'# Where {_SHAPE.value}\'s train step spends its time ({jax.default_backend()}, jax {jax.__version__})', '',
+    lines = [f'# Where {_SHAPE.value}\'s train step spends its time ({jax.default_backend()}, '
+             f'jax {jax.__version__})', '',
              f'Step wall time {wall_ms:.0f} ms under the profiler; XLA ops {busy_ms:.0f} ms summed over '
              f'{len(threads)} worker threads: the cores are busy {busy_ms / (wall_ms * max(len(threads), 1)):.0%} '
              'of the step.', '', '| op kind | ms per step | share of op time |', '|---|---|---|']
