@@ -3,8 +3,10 @@
 Run: `python benchmarks/matmul_shapes.py` (seconds); prints markdown and writes results/matmul_shapes.md.
 Shapes for T = 16 x 256 tokens, d = 128, ffn 344, vocab 4096: each layer's forward (x @ W), its two
 backward products (g @ W^T for the input, x^T @ g for the weight), the head's three, and one attention
-score product (64 = batch x heads, 256 positions, head dim 32). Best of 5 rounds of 10 calls each.
+score product (64 = batch x heads, 256 positions, head dim 32). Median of 5 rounds of 10 calls, the rounds
+alternating jax and torch (harness.side_by_side).
 """
+import os
 import pathlib
 import time
 
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from harness import side_by_side  # benchmarks/harness.py
 from train_step import xla_threads  # benchmarks/train_step.py
 
 T, D, F, V = 4096, 128, 344, 4096
@@ -35,23 +38,25 @@ def flop(sa, sb, lhs_t: bool, rhs_t: bool) -> int:
     return 2 * int(np.prod(sa[:-2], dtype=np.int64)) * m * n * k
 
 
-def best_time(fn, a, b, sync) -> float:
-    sync(fn(a, b))
-    best = float('inf')
-    for _ in range(5):
+class Product:
+    """One matmul on fixed operands, a side_by_side runner: run(n) -> seconds per call."""
+
+    def __init__(self, fn, a, b, sync):
+        self.fn, self.a, self.b, self.sync = fn, a, b, sync
+
+    def run(self, n: int) -> float:
         start = time.perf_counter()
-        for _ in range(10):
-            out = fn(a, b)
-        sync(out)
-        best = min(best, (time.perf_counter() - start) / 10)
-    return best
+        for _ in range(n):
+            out = self.fn(self.a, self.b)
+        self.sync(out)
+        return (time.perf_counter() - start) / n
 
 
 def main():
     threads = xla_threads()
     torch.set_num_threads(threads)
     lines = [f'# llm_small\'s matmuls alone: jax {jax.__version__} vs torch {torch.__version__}, float32, {threads} '
-             'threads', '', '| product | GFLOP | jax GFLOP/s | torch GFLOP/s | jax / torch speed |',
+             f'threads, load average {os.getloadavg()[0]:.1f} at the start', '', '| product | GFLOP | jax GFLOP/s | torch GFLOP/s | jax / torch speed |',
              '|---|---|---|---|---|']
     rng = np.random.default_rng(0)
     for name, (sa, sb, lhs_t, rhs_t) in CASES.items():
@@ -60,8 +65,10 @@ def main():
                          (jnp.swapaxes(y, -1, -2) if rt else y))
         torch_fn = lambda x, y, lt=lhs_t, rt=rhs_t: ((x.transpose(-1, -2) if lt else x) @
                                                      (y.transpose(-1, -2) if rt else y))
-        t_jax = best_time(jax_fn, jnp.asarray(a), jnp.asarray(b), jax.block_until_ready)
-        t_torch = best_time(torch_fn, torch.from_numpy(a), torch.from_numpy(b), lambda r: r)
+        seconds = side_by_side({'jax': Product(jax_fn, jnp.asarray(a), jnp.asarray(b), jax.block_until_ready),
+                                'torch': Product(torch_fn, torch.from_numpy(a), torch.from_numpy(b), lambda r: r)},
+                               repeats=5, steps=10)
+        t_jax, t_torch = seconds['jax'], seconds['torch']
         f = flop(sa, sb, lhs_t, rhs_t)
         lines.append(f'| {name} | {f / 1e9:.2f} | {f / t_jax / 1e9:.0f} | {f / t_torch / 1e9:.0f} | '
                      f'{t_torch / t_jax:.2f}x |')
