@@ -28,7 +28,7 @@ import numpy as np
 from dsjax import config as config_lib
 from dsjax import sharding
 from dsjax.model.transformer import Transformer
-from dsjax.train import loop, losses, optim
+from dsjax.train import loop, optim
 from dsjax.train import step as step_lib
 
 import harness as ts  # benchmarks/harness.py, beside this file
@@ -88,12 +88,7 @@ def peak_bytes(compiled) -> dict:
 def activation_bytes(model, abstract, batch) -> int:
     """Bytes of the residuals jax saves between forward and backward (remat policy applied)."""
     def loss(params, buffers, batch):
-        logits, aux = model.apply({'params': params, **buffers}, batch['inputs'], batch['positions'],
-                                  batch['segment_ids'], batch['targets'], deterministic=False)
-        total = losses.cross_entropy(logits, batch['targets'], batch['weights'])[0] + aux['balance_loss']
-        if 'mtp_logits' in aux:
-            total = total + losses.mtp_loss(aux['mtp_logits'], batch['targets'], batch['weights'])
-        return total
+        return step_lib.pretrain_loss(model, params, buffers, batch, jax.random.PRNGKey(0), 1.0)[0]
 
     plain = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     residuals = saved_residuals(loss, plain(abstract.params), plain(abstract.buffers), plain(batch))

@@ -9,7 +9,7 @@ SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
 MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
 REMAT_POLICIES = ('none', 'full', 'save_dots')
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn')
 FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn')
@@ -72,10 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = 'float32'  # compute
     m.param_dtype = 'float32'
     m.remat_policy = 'none'
-    m.scan_layers = True
     # Training-time attention kernel. 'xla': einsums and a float32 softmax over the whole [L, S] scores;
-    # 'cudnn': the fused flash kernel (GPU, bf16/fp16 compute); 'auto': cudnn where it applies on a GPU
-    # with equal qk and v head widths (MHA/GQA), else xla. See attention.resolve_impl.
+    # 'blocked': the same per block of queries, skipping the keys above the causal diagonal; 'cudnn': the
+    # fused flash kernel (GPU, bf16/fp16 compute); 'auto': cudnn where it applies on a GPU with equal qk
+    # and v head widths (MHA/GQA), blocked on the CPU, else xla. See attention.resolve_impl.
     m.attention_impl = 'auto'
 
     c.data = d = ml_collections.ConfigDict()
@@ -606,7 +606,6 @@ class ModelConfig:
     dtype: str = 'float32'
     param_dtype: str = 'float32'
     remat_policy: str = 'none'
-    scan_layers: bool = True
     attention_impl: str = 'auto'
 
     @property

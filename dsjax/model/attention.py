@@ -58,19 +58,24 @@ def write_cache(cache_BxSxX, new_BxLxX, positions_BxL) -> jax.Array:
 
 
 def resolve_impl(cfg: ModelConfig, qk_dim: int, v_dim: int, backend: str | None = None) -> str:
-    """The kernel behind `cfg.attention_impl`: 'auto' picks cudnn on a GPU for bf16/fp16 compute when
-    the qk and v head widths are equal and at most 128 (dense DeepSeek-LLM), else xla. An explicit
-    'cudnn' also serves MLA (192 / 128) by zero-padding the values to the qk width."""
+    """The kernel behind `cfg.attention_impl` for (uncached) self-attention: 'auto' picks cudnn on a GPU
+    for bf16/fp16 compute when the qk and v head widths are equal and at most 128 (dense DeepSeek-LLM),
+    blocked on the CPU (measured: README, Performance), else xla.
+    An explicit 'cudnn' also serves MLA (192 / 128) by zero-padding the values to the qk width."""
     if cfg.attention_impl != 'auto':
         return cfg.attention_impl
-    fused = ((backend or jax.default_backend()) == 'gpu' and cfg.dtype in FUSED_ATTENTION_DTYPES
-             and qk_dim == v_dim <= 128)
-    return 'cudnn' if fused else 'xla'
+    backend = backend or jax.default_backend()
+    if backend == 'gpu' and cfg.dtype in FUSED_ATTENTION_DTYPES and qk_dim == v_dim <= 128:
+        return 'cudnn'
+    return 'blocked' if backend == 'cpu' else 'xla'
 
 
 def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, impl: str = 'xla'):
     """Softmax attention, grouped so kv heads are shared by Q query heads. impl 'xla': einsums and a
-    float32 softmax; otherwise jax.nn.dot_product_attention with that implementation (fused_attention)."""
+    float32 softmax; 'blocked': the same over causal query blocks (self-attention under a mask that
+    never looks ahead); otherwise jax.nn.dot_product_attention with that implementation (fused_attention)."""
+    if impl == 'blocked':
+        return causal_block_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale)
     if impl != 'xla':
         return fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale, impl)
     logits = jnp.einsum('BLGQK,BSGK->BGQLS', q_BxLxGxQxK, k_BxSxGxK,
@@ -78,6 +83,26 @@ def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: 
     logits = jnp.where(mask_BxLxS[:, None, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxU.dtype)
     return jnp.einsum('BGQLS,BSGU->BLGQU', probs, v_BxSxGxU)
+
+
+def query_block(length: int) -> int:
+    """causal_block_attention's block: 64 queries (their [64, S] scores stay small enough for a CPU's
+    caches), or L / 8 for long sequences (at most 8 blocks: 7/16 of the scores skipped)."""
+    return max(64, -(-length // 8))
+
+
+def causal_block_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float):
+    """Self-attention (S = L) under a mask that never looks ahead, one block of queries at a time:
+    queries [start, end) attend to keys [0, end) only, so the blocks above the diagonal are never
+    computed (4 blocks at L = 256: 3/8 of the scores). The mask still applies inside each block."""
+    length = q_BxLxGxQxK.shape[1]
+    block = query_block(length)
+    outs = []
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        outs.append(dot_product_attention(q_BxLxGxQxK[:, start:end], k_BxSxGxK[:, :end], v_BxSxGxU[:, :end],
+                                          mask_BxLxS[:, start:end, :end], scale))
+    return jnp.concatenate(outs, axis=1)
 
 
 def fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, implementation: str):

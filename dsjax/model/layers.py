@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding [V, D]; `attend` gives tied-head logits."""
+    """Token embedding [V, D] (its transpose is the head when tied)."""
     cfg: ModelConfig
 
     def setup(self):
@@ -57,10 +57,6 @@ class Embed(nn.Module):
     def __call__(self, tokens_BxL):
         x_BxLxD = jnp.take(self.embedding, tokens_BxL, axis=0).astype(self.cfg.dtype)
         return constrain(x_BxLxD, ('batch', 'act_len', 'act_embed'))
-
-    def attend(self, x_BxLxD):
-        return jnp.einsum('BLD,VD->BLV', x_BxLxD, self.embedding.astype(x_BxLxD.dtype))
-
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); `width` overrides intermediate_size (MoE shared experts)."""

@@ -3,7 +3,8 @@
 Axis legend: B batch, L length, D model width, V vocab, E routed experts, M MoE layers.
 `Transformer.apply(variables, tokens)` returns (logits [B, L, V] float32, aux) where aux holds
 `balance_loss` (scalar), `load` ({stack name: tokens per expert, [M, E] or [E]}), `dropped`,
-`hidden` (pre-norm final hidden state) and, with MTP, `mtp_logits` [D, B, L, V].
+`hidden` (pre-norm final hidden state) and, with MTP, `mtp_logits` [D, B, L, V] (`apply_head=False`:
+normed hidden states instead of logits, for losses.head_cross_entropy).
 
 Cached decoding: pass `cache` ({stack name: {entry: [layers, B, S, ...]}}, see dsjax/infer/cache.py)
 and the tokens' `positions`; aux['cache'] holds it updated. MTP does not run then: `MTPDraft` runs
@@ -103,18 +104,25 @@ class MTPLayer(nn.Module):
         return block(x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache, positions_BxL)
 
 
-def _output_head(module: nn.Module, cfg: ModelConfig, embed: Embed):
-    """head(h, norm_name): float32 logits of a pre-norm hidden state, through the (maybe tied) head."""
+def _head_weight(module: nn.Module, cfg: ModelConfig, embed: Embed) -> jax.Array:
+    """The output head [D, V] in the compute dtype: lm_head, or the embedding's transpose when tied."""
     if cfg.tie_word_embeddings:
-        unembed = embed.attend
-    else:
-        head_DxV = weight(module, 'lm_head', (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), cfg)
-        unembed = lambda x: jnp.einsum('BLD,DV->BLV', x, head_DxV)
+        return embed.embedding.T.astype(cfg.dtype)
+    return weight(module, 'lm_head', (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), cfg)
+
+
+def _output_head(module: nn.Module, cfg: ModelConfig, embed: Embed, apply_head: bool = True):
+    """head(h, norm_name): float32 logits of a pre-norm hidden state, through the (maybe tied) head;
+    with `apply_head` False only the normed state. Also returns the head [D, V]."""
+    head_DxV = _head_weight(module, cfg, embed)
 
     def head(h_BxLxD, norm_name):
-        logits = unembed(RMSNorm(cfg, name=norm_name)(h_BxLxD))
+        normed_BxLxD = RMSNorm(cfg, name=norm_name)(h_BxLxD)
+        if not apply_head:
+            return normed_BxLxD
+        logits = jnp.einsum('BLD,DV->BLV', normed_BxLxD, head_DxV)
         return constrain(logits, ('batch', 'act_len', 'act_vocab')).astype(jnp.float32)
-    return head
+    return head, head_DxV
 
 
 class Transformer(nn.Module):
@@ -127,8 +135,12 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, next_tokens_BxL=None,
-                 deterministic: bool = True, cache=None):
+                 deterministic: bool = True, cache=None, apply_head: bool = True):
         """Forward pass. `next_tokens` (the targets) feeds MTP; without it MTP sees shifted inputs.
+
+        `apply_head=False` (training through losses.head_cross_entropy, which applies the head chunk by
+        chunk) returns the normed final hidden state [B, L, D] in place of the logits, aux['head'] the
+        output head [D, V], and aux['mtp_hidden'] [depths, B, L, D] in place of aux['mtp_logits'].
 
         With `cache`, the tokens sit at `positions` (default 0..L-1) and attend to the cache, not to
         each other by segment; `segment_ids` then only marks padding (0) for the MoE.
@@ -146,7 +158,7 @@ class Transformer(nn.Module):
 
         embed = Embed(cfg, name='embed')
         x_BxLxD = embed(tokens_BxL)
-        head = _output_head(self, cfg, embed)
+        head, head_DxV = _output_head(self, cfg, embed, apply_head)
 
         args = (cos, sin, mask_BxLxL, token_mask_BxL)
         aux = {'balance_loss': jnp.zeros((), jnp.float32), 'load': {}, 'dropped': jnp.zeros((), jnp.float32)}
@@ -166,6 +178,8 @@ class Transformer(nn.Module):
                 aux['load']['moe_layers'] = stack_aux['load']
                 aux['dropped'] = stack_aux['dropped'].mean()
         aux['hidden'] = x_BxLxD
+        if not apply_head:
+            aux['head'] = head_DxV
         logits = head(x_BxLxD, 'final_norm')
         if cache is not None:
             aux['cache'] = new_cache
@@ -184,7 +198,7 @@ class Transformer(nn.Module):
                     aux['balance_loss'] += mtp_aux['balance_loss']
                     aux['load'][f'mtp_{depth}'] = mtp_aux['load']
                 mtp_logits.append(head(h_BxLxD, f'mtp_{depth}_norm'))
-            aux['mtp_logits'] = jnp.stack(mtp_logits)
+            aux['mtp_logits' if apply_head else 'mtp_hidden'] = jnp.stack(mtp_logits)
         return logits, aux
 
 
@@ -208,5 +222,5 @@ class MTPDraft(nn.Module):
         layer = MTPLayer(cfg, absorb=self.absorb, name='mtp_0')
         h_BxLxD, aux = layer(hidden_BxLxD, embed(next_tokens_BxL), cos, sin, None, token_mask_BxL,
                              cache['mtp_0'], positions_BxL)
-        logits = _output_head(self, cfg, embed)(h_BxLxD, 'mtp_0_norm')
+        logits = _output_head(self, cfg, embed)[0](h_BxLxD, 'mtp_0_norm')
         return logits, {**cache, 'mtp_0': aux['cache']}

@@ -1,9 +1,15 @@
 """Pre-training losses: masked next-token cross-entropy and its multi-token-prediction variant.
 
-Axis legend: B batch, L length, V vocab.
+Axis legend: B batch, L length, V vocab, D model width, C a chunk of L.
 """
 import jax
 import jax.numpy as jnp
+
+from dsjax.model.layers import constrain
+
+# head_cross_entropy's chunks hold at most this many logits (32 MiB in float32): small enough to stay
+# in a CPU's cache-friendly range and to bound memory at a 129K vocabulary, large enough for full matmuls.
+CHUNK_LOGITS = 2 ** 21
 
 
 def token_nll(logits_BxLxV, targets_BxL):
@@ -37,12 +43,86 @@ def mtp_targets(targets_BxL, weights_BxL, depth: int):
     return shift(targets_BxL, depth), w
 
 
-def mtp_loss(mtp_logits_DxBxLxV, targets_BxL, weights_BxL):
-    """(1/D) sum_k of the depth-k mean cross-entropy (the spec's L_MTP before lambda)."""
-    depths = mtp_logits_DxBxLxV.shape[0]
+def mtp_loss(mtp_hidden_DxBxLxD, head_DxV, targets_BxL, weights_BxL):
+    """(1/D) sum_k of the depth-k mean cross-entropy (the spec's L_MTP before lambda), from each depth's
+    normed hidden state through the shared output head."""
+    depths = mtp_hidden_DxBxLxD.shape[0]
     total = 0.0
     for k in range(depths):
         t, w = mtp_targets(targets_BxL, weights_BxL, k + 1)
-        loss_sum, weight_sum = cross_entropy(mtp_logits_DxBxLxV[k], t, w)
+        loss_sum, weight_sum = head_cross_entropy(mtp_hidden_DxBxLxD[k], head_DxV, t, w)
         total += loss_sum / jnp.maximum(weight_sum, 1.0)
     return total / depths
+
+
+def chunk_length(batch: int, length: int, vocab: int) -> int:
+    """The longest divisor of `length` whose [batch, chunk, vocab] logits fit in CHUNK_LOGITS (>= 1)."""
+    fit = max(1, CHUNK_LOGITS // (batch * vocab))
+    return max(c for c in range(1, min(fit, length) + 1) if length % c == 0)
+
+
+def _head_chunks(hidden_BxLxD, targets_BxL, weights_BxL, vocab: int):
+    """[B, L, ...] -> [L / C, B, C, ...] chunks of the sequence, the layout head_cross_entropy scans."""
+    b, length = targets_BxL.shape
+    c = chunk_length(b, length, vocab)
+    split = lambda x: jnp.swapaxes(x.reshape(b, length // c, c, *x.shape[2:]), 0, 1)
+    return split(hidden_BxLxD), split(targets_BxL), split(weights_BxL)
+
+
+def _chunk_logits(h_BxCxD, head_DxV):
+    logits = jnp.einsum('BCD,DV->BCV', h_BxCxD, head_DxV, preferred_element_type=jnp.float32)
+    return constrain(logits, ('batch', 'act_len', 'act_vocab'))
+
+
+@jax.custom_vjp
+def head_cross_entropy(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL):
+    """cross_entropy(hidden @ head, targets, weights) without the [B, L, V] logits: the sequence is
+    scanned in chunks (chunk_length), and the gradient is computed chunk by chunk in the forward pass
+    (d loss_sum / d logits = weight * (softmax - onehot) needs nothing from later), so the logits and
+    their gradient only ever exist one chunk at a time. `hidden` is the normed final hidden state in
+    the compute dtype, `head` [D, V] the output head in it; logits are float32. Returns
+    (loss_sum, weight_sum) like cross_entropy."""
+    h_NxBxCxD, t_NxBxC, w_NxBxC = _head_chunks(hidden_BxLxD, targets_BxL, weights_BxL, head_DxV.shape[1])
+
+    def chunk(total, inputs):
+        h_BxCxD, t_BxC, w_BxC = inputs
+        return total + (token_nll(_chunk_logits(h_BxCxD, head_DxV), t_BxC) * w_BxC).sum(), None
+
+    loss_sum, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32), (h_NxBxCxD, t_NxBxC, w_NxBxC))
+    return loss_sum, weights_BxL.sum()
+
+
+def _head_cross_entropy_fwd(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL):
+    b, length, d = hidden_BxLxD.shape
+    vocab = head_DxV.shape[1]
+    h_NxBxCxD, t_NxBxC, w_NxBxC = _head_chunks(hidden_BxLxD, targets_BxL, weights_BxL, vocab)
+
+    def chunk(carry, inputs):
+        total, dhead_DxV = carry
+        h_BxCxD, t_BxC, w_BxC = inputs
+        logits_BxCxV = _chunk_logits(h_BxCxD, head_DxV)
+        lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+        is_target_BxCxV = t_BxC[..., None] == jnp.arange(vocab, dtype=t_BxC.dtype)
+        target_BxC = jnp.sum(jnp.where(is_target_BxCxV, logits_BxCxV, 0.0), axis=-1)
+        total = total + ((lse_BxC - target_BxC) * w_BxC).sum()
+        dlogits_BxCxV = (jnp.exp(logits_BxCxV - lse_BxC[..., None]) - is_target_BxCxV) * w_BxC[..., None]
+        dlogits_BxCxV = dlogits_BxCxV.astype(head_DxV.dtype)
+        dh_BxCxD = jnp.einsum('BCV,DV->BCD', dlogits_BxCxV, head_DxV)
+        dhead_DxV = dhead_DxV + jnp.einsum('BCD,BCV->DV', h_BxCxD, dlogits_BxCxV,
+                                           preferred_element_type=jnp.float32)
+        return (total, dhead_DxV), dh_BxCxD
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(head_DxV.shape, jnp.float32))
+    (loss_sum, dhead_DxV), dh_NxBxCxD = jax.lax.scan(chunk, init, (h_NxBxCxD, t_NxBxC, w_NxBxC))
+    dhidden_BxLxD = jnp.swapaxes(dh_NxBxCxD, 0, 1).reshape(b, length, d)
+    return (loss_sum, weights_BxL.sum()), (dhidden_BxLxD, dhead_DxV.astype(head_DxV.dtype))
+
+
+def _head_cross_entropy_bwd(residuals, cotangents):
+    """Only the loss sum is differentiable (the weight sum is data): scale the forward's gradients."""
+    dhidden_BxLxD, dhead_DxV = residuals
+    g = cotangents[0]
+    return (dhidden_BxLxD * g.astype(dhidden_BxLxD.dtype), dhead_DxV * g.astype(dhead_DxV.dtype), None, None)
+
+
+head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd)

@@ -11,10 +11,10 @@ from dsjax.train import losses
 from dsjax.train.state import TrainState
 
 
-def _apply(model, params, buffers, batch, deterministic: bool, rng=None):
+def _apply(model, params, buffers, batch, deterministic: bool, rng=None, apply_head: bool = True):
     return model.apply({'params': params, **buffers}, batch['inputs'], batch['positions'],
                        batch['segment_ids'], batch['targets'], deterministic=deterministic,
-                       rngs=None if rng is None else {'dropout': rng})
+                       rngs=None if rng is None else {'dropout': rng}, apply_head=apply_head)
 
 
 def _scheduled(value, final, switch_fraction, step, total_steps):
@@ -44,6 +44,21 @@ def keep_if_finite(finite, new, old):
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
+def pretrain_loss(model, params, buffers, batch, rng, mtp_weight):
+    """The pre-training objective: mean next-token cross-entropy (through the chunked head, so the
+    [B, L, V] logits never exist whole) + the MoE balance losses + mtp_weight * the MTP loss.
+    Returns (total, (ce, mtp, tokens, aux))."""
+    hidden, aux = _apply(model, params, buffers, batch, deterministic=False, rng=rng, apply_head=False)
+    loss_sum, tokens = losses.head_cross_entropy(hidden, aux['head'], batch['targets'], batch['weights'])
+    ce = loss_sum / jnp.maximum(tokens, 1.0)
+    total = ce + aux['balance_loss']
+    mtp = jnp.zeros((), jnp.float32)
+    if 'mtp_hidden' in aux:
+        mtp = losses.mtp_loss(aux['mtp_hidden'], aux['head'], batch['targets'], batch['weights'])
+        total = total + mtp_weight * mtp
+    return total, (ce, mtp, tokens, aux)
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, schedule, train_cfg):
     """Returns step(state, batch) -> (state, metrics); jit it with explicit shardings."""
     total_steps = train_cfg.steps
@@ -56,18 +71,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule, tr
         # a resumed run draws exactly what an uninterrupted one does.
         step_rng = jax.random.fold_in(state.rng, state.step)
 
-        def loss_fn(params):
-            logits, aux = _apply(model, params, state.buffers, batch, deterministic=False, rng=step_rng)
-            loss_sum, tokens = losses.cross_entropy(logits, batch['targets'], batch['weights'])
-            ce = loss_sum / jnp.maximum(tokens, 1.0)
-            total = ce + aux['balance_loss']
-            mtp = jnp.zeros((), jnp.float32)
-            if 'mtp_logits' in aux:
-                mtp = losses.mtp_loss(aux['mtp_logits'], batch['targets'], batch['weights'])
-                total = total + mtp_weight * mtp
-            return total, (ce, mtp, tokens, aux)
-
-        (total, (ce, mtp, tokens, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (total, (ce, mtp, tokens, aux)), grads = jax.value_and_grad(pretrain_loss, argnums=1, has_aux=True)(
+            model, state.params, state.buffers, batch, step_rng, mtp_weight)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -97,11 +97,39 @@ def test_attention_impl_auto_picks_cudnn_only_where_it_applies():
         m.update(**fields)
         return config_lib.freeze_model(m)
 
-    assert attention.resolve_impl(cfg(dtype='bfloat16'), 128, 128) == 'xla'  # this backend is the CPU
+    assert attention.resolve_impl(cfg(dtype='bfloat16'), 128, 128) == 'blocked'  # this backend is the CPU
     assert attention.resolve_impl(cfg(dtype='bfloat16'), 128, 128, backend='gpu') == 'cudnn'
     assert attention.resolve_impl(cfg(dtype='float32'), 128, 128, backend='gpu') == 'xla'
     assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='gpu') == 'xla'  # MLA widths
     assert attention.resolve_impl(cfg(dtype='bfloat16', attention_impl='xla'), 64, 64, backend='gpu') == 'xla'
+    assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='tpu') == 'xla'
+
+
+@pytest.mark.parametrize('length', [150, 256, 1000])  # blocks of 64 (the last 22); 4 x 64; 8 x 125
+def test_blocked_attention_equals_full(length):
+    """Causal query blocks give the full attention's output and gradients on a packed (three-document)
+    mask, grouped heads included."""
+    from dsjax.model import attention
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, length, 2, 2, 8)).astype(np.float32))
+    k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)).astype(np.float32)) for _ in range(2))
+    segments = np.ones((2, length), np.int32)
+    segments[0, length // 3:] = 2
+    segments[0, length // 2:] = 3
+    mask = attention.attention_mask(jnp.asarray(segments))
+
+    def run(impl):
+        def loss(q, k, v):
+            out = attention.dot_product_attention(q, k, v, mask, 0.3, impl)
+            return (out * jnp.cos(out)).sum(), out
+        return jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+    (_, want), want_grads = run('xla')
+    (_, got), got_grads = run('blocked')
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4)
 
 
 @pytest.mark.parametrize('case', CASES)

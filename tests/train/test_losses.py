@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dsjax.train import losses
 
@@ -33,14 +34,50 @@ def test_mtp_targets_shift_and_stay_inside_documents():
 
 def test_mtp_loss_averages_depths():
     rng = np.random.default_rng(1)
-    logits = jnp.asarray(rng.normal(size=(2, 1, 6, 7)).astype(np.float32))
+    hidden = jnp.asarray(rng.normal(size=(2, 1, 6, 4)).astype(np.float32))
+    head = jnp.asarray(rng.normal(size=(4, 7)).astype(np.float32))
     targets = jnp.asarray(rng.integers(0, 7, size=(1, 6)))
     weights = jnp.ones((1, 6), jnp.float32)
     per_depth = []
     for k in (1, 2):
         t, w = losses.mtp_targets(targets, weights, k)
-        s, n = losses.cross_entropy(logits[k - 1], t, w)
+        s, n = losses.cross_entropy(hidden[k - 1] @ head, t, w)
         per_depth.append(float(s / n))
-    np.testing.assert_allclose(float(losses.mtp_loss(logits, targets, weights)), np.mean(per_depth), rtol=1e-6)
-    grads = jax.grad(lambda x: losses.mtp_loss(x, targets, weights))(logits)
+    np.testing.assert_allclose(float(losses.mtp_loss(hidden, head, targets, weights)), np.mean(per_depth), rtol=1e-6)
+    grads = jax.grad(lambda x: losses.mtp_loss(x, head, targets, weights))(hidden)
     assert np.all(np.asarray(grads[:, :, -1]) == 0)  # the last position has no target at any depth
+
+
+@pytest.mark.parametrize('chunk_logits', [1, 4 * 37, 10 ** 6])  # chunks of 1, of 4 / 3 -> 2, one chunk
+def test_head_cross_entropy_matches_logits_path(monkeypatch, chunk_logits):
+    """Value and gradients (hidden and head, through jit and a scaled loss) equal cross_entropy on the
+    materialised logits, whatever the chunking."""
+    monkeypatch.setattr(losses, 'CHUNK_LOGITS', chunk_logits)
+    rng = np.random.default_rng(2)
+    b, length, d, v = 2, 10, 8, 37
+    hidden = jnp.asarray(rng.normal(size=(b, length, d)).astype(np.float32))
+    head = jnp.asarray(rng.normal(size=(d, v)).astype(np.float32))
+    targets = jnp.asarray(rng.integers(0, v, (b, length)).astype(np.int32))
+    weights = jnp.asarray((rng.random((b, length)) > 0.3).astype(np.float32))
+
+    def via_logits(h, w):
+        s, n = losses.cross_entropy(jnp.einsum('BLD,DV->BLV', h, w), targets, weights)
+        return 3.0 * s / n
+
+    def fused(h, w):
+        s, n = losses.head_cross_entropy(h, w, targets, weights)
+        return 3.0 * s / n
+
+    want, want_grads = jax.value_and_grad(via_logits, (0, 1))(hidden, head)
+    got, got_grads = jax.jit(jax.value_and_grad(fused, (0, 1)))(hidden, head)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    np.testing.assert_allclose(float(fused(hidden, head)), float(want), rtol=1e-6)  # primal alone
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_length_divides_and_fits(monkeypatch):
+    monkeypatch.setattr(losses, 'CHUNK_LOGITS', 2 ** 21)
+    assert losses.chunk_length(16, 256, 4096) == 32  # 16 x 32 x 4096 = 2^21
+    assert losses.chunk_length(16, 250, 4096) == 25  # the longest divisor of 250 under 32
+    assert losses.chunk_length(64, 4096, 129280) == 1  # never below one position
