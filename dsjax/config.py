@@ -8,7 +8,7 @@ ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
 MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
-REMAT_POLICIES = ('none', 'full', 'save_dots')
+REMAT_POLICIES = ('auto', 'none', 'full', 'save_dots')
 ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn')
 FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -71,7 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.initializer_range = 0.02
     m.dtype = 'float32'  # compute
     m.param_dtype = 'float32'
-    m.remat_policy = 'none'
+    # What a layer saves for the backward: 'none' everything, 'full' only its input (the rest is recomputed),
+    # 'save_dots' the matmul outputs; 'auto': full on the CPU (cheaper than storing and re-reading the
+    # residuals there: README, Performance), none elsewhere. See transformer.resolve_remat.
+    m.remat_policy = 'auto'
     # Training-time attention kernel. 'xla': einsums and a float32 softmax over the whole [L, S] scores;
     # 'blocked': the same per block of queries, skipping the keys above the causal diagonal; 'cudnn': the
     # fused flash kernel (GPU, bf16/fp16 compute); 'auto': cudnn where it applies on a GPU with equal qk
@@ -605,7 +608,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     dtype: str = 'float32'
     param_dtype: str = 'float32'
-    remat_policy: str = 'none'
+    remat_policy: str = 'auto'
     attention_impl: str = 'auto'
 
     @property

@@ -73,16 +73,52 @@ def resolve_impl(cfg: ModelConfig, qk_dim: int, v_dim: int, backend: str | None 
 def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, impl: str = 'xla'):
     """Softmax attention, grouped so kv heads are shared by Q query heads. impl 'xla': einsums and a
     float32 softmax; 'blocked': the same over causal query blocks (self-attention under a mask that
-    never looks ahead); otherwise jax.nn.dot_product_attention with that implementation (fused_attention)."""
+    never looks ahead), with the recomputing backward (recomputed_attention); otherwise
+    jax.nn.dot_product_attention with that implementation (fused_attention)."""
     if impl == 'blocked':
         return causal_block_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale)
     if impl != 'xla':
         return fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale, impl)
-    logits = jnp.einsum('BLGQK,BSGK->BGQLS', q_BxLxGxQxK, k_BxSxGxK,
-                        preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask_BxLxS[:, None, None], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxU.dtype)
-    return jnp.einsum('BGQLS,BSGU->BLGQU', probs, v_BxSxGxU)
+    probs = jax.nn.softmax(_scores(q_BxLxGxQxK, k_BxSxGxK, mask_BxLxS, scale), axis=-1)
+    return jnp.einsum('BGQLS,BSGU->BLGQU', probs.astype(v_BxSxGxU.dtype), v_BxSxGxU)
+
+
+def _scores(q_BxLxGxQxK, k_BxSxGxK, mask_BxLxS, scale):
+    """Masked float32 logits [B, G, Q, L, S]."""
+    logits = jnp.einsum('BLGQK,BSGK->BGQLS', q_BxLxGxQxK, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
+    return jnp.where(mask_BxLxS[:, None, None], logits, _MASK_VALUE)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def recomputed_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale):
+    """dot_product_attention's 'xla' math with a flash-style backward: the forward keeps only the
+    output and the rows' logsumexp, the backward recomputes the probabilities from them, so no
+    [L, S] array is saved between the passes (one more q @ k^T in the backward)."""
+    return _recomputed_attention_fwd(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale)[0]
+
+
+def _recomputed_attention_fwd(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale):
+    logits = _scores(q_BxLxGxQxK, k_BxSxGxK, mask_BxLxS, scale)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - lse).astype(v_BxSxGxU.dtype)
+    out = jnp.einsum('BGQLS,BSGU->BLGQU', probs, v_BxSxGxU)
+    return out, (q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, out, lse)
+
+
+def _recomputed_attention_bwd(scale, res, dout):
+    q, k, v, mask, out, lse = res
+    # A fully masked row (padding) has lse = _MASK_VALUE + log S, so it recomputes its uniform forward.
+    probs = jnp.exp(_scores(q, k, mask, scale) - lse)
+    dv = jnp.einsum('BGQLS,BLGQU->BSGU', probs.astype(v.dtype), dout)
+    dprobs = jnp.einsum('BLGQU,BSGU->BGQLS', dout, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum('BLGQU,BLGQU->BGQL', dout, out, preferred_element_type=jnp.float32)[..., None]
+    dlogits = (probs * (dprobs - delta) * scale).astype(q.dtype)
+    dq = jnp.einsum('BGQLS,BSGK->BLGQK', dlogits, k)
+    dk = jnp.einsum('BGQLS,BLGQK->BSGK', dlogits, q)
+    return dq, dk, dv, None
+
+
+recomputed_attention.defvjp(_recomputed_attention_fwd, _recomputed_attention_bwd)
 
 
 def query_block(length: int) -> int:
@@ -94,14 +130,15 @@ def query_block(length: int) -> int:
 def causal_block_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float):
     """Self-attention (S = L) under a mask that never looks ahead, one block of queries at a time:
     queries [start, end) attend to keys [0, end) only, so the blocks above the diagonal are never
-    computed (4 blocks at L = 256: 3/8 of the scores). The mask still applies inside each block."""
+    computed (4 blocks at L = 256: 3/8 of the scores). The mask still applies inside each block, and
+    no block saves its probabilities for the backward (recomputed_attention)."""
     length = q_BxLxGxQxK.shape[1]
     block = query_block(length)
     outs = []
     for start in range(0, length, block):
         end = min(start + block, length)
-        outs.append(dot_product_attention(q_BxLxGxQxK[:, start:end], k_BxSxGxK[:, :end], v_BxSxGxU[:, :end],
-                                          mask_BxLxS[:, start:end, :end], scale))
+        outs.append(recomputed_attention(q_BxLxGxQxK[:, start:end], k_BxSxGxK[:, :end], v_BxSxGxU[:, :end],
+                                         mask_BxLxS[:, start:end, :end], scale))
     return jnp.concatenate(outs, axis=1)
 
 

@@ -26,6 +26,14 @@ _REMAT_POLICIES = {
 }
 
 
+def resolve_remat(cfg: ModelConfig, backend: str | None = None) -> str:
+    """The policy behind `cfg.remat_policy`: 'auto' is 'full' on the CPU, where recomputing a layer in the
+    backward costs less than the scan stacking and re-reading its saved activations, else 'none'."""
+    if cfg.remat_policy != 'auto':
+        return cfg.remat_policy
+    return 'full' if (backend or jax.default_backend()) == 'cpu' else 'none'
+
+
 class Block(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(.)) with a dense MLP or MoE.
 
@@ -72,8 +80,9 @@ class Stack(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache=None, positions_BxL=None):
         block = Block
-        if self.cfg.remat_policy != 'none':
-            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[self.cfg.remat_policy])
+        policy = resolve_remat(self.cfg)
+        if policy != 'none':
+            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[policy])
         scanned = nn.scan(
             block,
             variable_axes={'params': 0, 'moe_bias': 0},

@@ -105,6 +105,16 @@ def test_attention_impl_auto_picks_cudnn_only_where_it_applies():
     assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='tpu') == 'xla'
 
 
+def test_remat_auto_is_full_on_cpu_only():
+    from dsjax.model import transformer
+
+    m = config_lib.base_config().model
+    assert transformer.resolve_remat(config_lib.freeze_model(m)) == 'full'  # this backend is the CPU
+    assert transformer.resolve_remat(config_lib.freeze_model(m), backend='gpu') == 'none'
+    m.remat_policy = 'save_dots'
+    assert transformer.resolve_remat(config_lib.freeze_model(m), backend='cpu') == 'save_dots'
+
+
 @pytest.mark.parametrize('length', [150, 256, 1000])  # blocks of 64 (the last 22); 4 x 64; 8 x 125
 def test_blocked_attention_equals_full(length):
     """Causal query blocks give the full attention's output and gradients on a packed (three-document)
