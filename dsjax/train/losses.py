@@ -7,9 +7,11 @@ import jax.numpy as jnp
 
 from dsjax.model.layers import constrain
 
-# head_cross_entropy's chunks hold at most this many logits (8 MiB in float32): few enough to bound the
-# memory at a 129K vocabulary, enough for full-speed matmuls (2^20 to 2^22 time alike on llm_small's CPU step).
+# head_cross_entropy's chunks hold at most this many logits (8 MiB in float32), enough for full-speed
+# matmuls (2^20 to 2^22 time alike on llm_small's CPU step), unless that makes more than MAX_CHUNKS
+# chunks: a scan of hundreds of small steps would serialise an accelerator (a 129K vocabulary at 8 x 2048).
 CHUNK_LOGITS = 2 ** 21
+MAX_CHUNKS = 16
 
 
 def token_nll(logits_BxLxV, targets_BxL):
@@ -56,9 +58,13 @@ def mtp_loss(mtp_hidden_DxBxLxD, head_DxV, targets_BxL, weights_BxL):
 
 
 def chunk_length(batch: int, length: int, vocab: int) -> int:
-    """The longest divisor of `length` whose [batch, chunk, vocab] logits fit in CHUNK_LOGITS (>= 1)."""
-    fit = max(1, CHUNK_LOGITS // (batch * vocab))
-    return max(c for c in range(1, min(fit, length) + 1) if length % c == 0)
+    """The longest divisor of `length` whose [batch, chunk, vocab] logits fit in CHUNK_LOGITS, or, if that
+    cuts the sequence into more than MAX_CHUNKS chunks, the shortest divisor that does not."""
+    divisors = [c for c in range(1, length + 1) if length % c == 0]
+    fit = max(c for c in divisors if batch * c * vocab <= CHUNK_LOGITS or c == 1)
+    if length // fit <= MAX_CHUNKS:
+        return fit
+    return min(c for c in divisors if length // c <= MAX_CHUNKS)
 
 
 def _head_chunks(hidden_BxLxD, targets_BxL, weights_BxL, vocab: int):

@@ -76,8 +76,11 @@ def test_head_cross_entropy_matches_logits_path(monkeypatch, chunk_logits):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
-def test_chunk_length_divides_and_fits(monkeypatch):
+def test_chunk_length_divides_fits_and_bounds_the_chunks(monkeypatch):
     monkeypatch.setattr(losses, 'CHUNK_LOGITS', 2 ** 21)
-    assert losses.chunk_length(16, 256, 4096) == 32  # 16 x 32 x 4096 = 2^21
+    monkeypatch.setattr(losses, 'MAX_CHUNKS', 16)
+    assert losses.chunk_length(16, 256, 4096) == 32  # 16 x 32 x 4096 = 2^21: 8 chunks
     assert losses.chunk_length(16, 250, 4096) == 25  # the longest divisor of 250 under 32
-    assert losses.chunk_length(64, 4096, 129280) == 1  # never below one position
+    assert losses.chunk_length(8, 2048, 129280) == 128  # 2 positions would fit; 16 chunks at most
+    assert losses.chunk_length(8, 251, 129280) == 251  # a prime length: one chunk rather than 251
+    assert losses.chunk_length(1, 8, 10) == 8  # it all fits: one chunk
