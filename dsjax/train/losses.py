@@ -14,15 +14,17 @@ CHUNK_LOGITS = 2 ** 21
 MAX_CHUNKS = 16
 
 
+def _target_logit(logits_BxLxV, targets_BxL):
+    """(one-hot mask [B, L, V], the target's logit [B, L]). The pick compares against iota rather than
+    using take_along_axis, whose gradient would be a scatter into a zeroed [B, L, V] buffer."""
+    is_target_BxLxV = targets_BxL[..., None] == jnp.arange(logits_BxLxV.shape[-1], dtype=targets_BxL.dtype)
+    return is_target_BxLxV, jnp.sum(jnp.where(is_target_BxLxV, logits_BxLxV, 0.0), axis=-1)
+
+
 def token_nll(logits_BxLxV, targets_BxL):
     """-log p(target) per position, in float32: logsumexp(logits) - logits[target]."""
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    # The target logit is picked with a compare against iota, not take_along_axis: its gradient is then
-    # an elementwise select that fuses into softmax - onehot, where take_along_axis's is a scatter into
-    # a zeroed [B, L, V] buffer (about 10% of a CPU train step at vocab 4096, benchmarks/train_step.py).
-    is_target_BxLxV = targets_BxL[..., None] == jnp.arange(logits_BxLxV.shape[-1], dtype=targets_BxL.dtype)
-    target_BxL = jnp.sum(jnp.where(is_target_BxLxV, logits_BxLxV, 0.0), axis=-1)
-    return jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_BxL
+    return jax.nn.logsumexp(logits_BxLxV, axis=-1) - _target_logit(logits_BxLxV, targets_BxL)[1]
 
 
 def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL):
@@ -108,8 +110,7 @@ def _head_cross_entropy_fwd(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL):
         h_BxCxD, t_BxC, w_BxC = inputs
         logits_BxCxV = _chunk_logits(h_BxCxD, head_DxV)
         lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-        is_target_BxCxV = t_BxC[..., None] == jnp.arange(vocab, dtype=t_BxC.dtype)
-        target_BxC = jnp.sum(jnp.where(is_target_BxCxV, logits_BxCxV, 0.0), axis=-1)
+        is_target_BxCxV, target_BxC = _target_logit(logits_BxCxV, t_BxC)
         total = total + ((lse_BxC - target_BxC) * w_BxC).sum()
         dlogits_BxCxV = (jnp.exp(logits_BxCxV - lse_BxC[..., None]) - is_target_BxCxV) * w_BxC[..., None]
         dlogits_BxCxV = dlogits_BxCxV.astype(head_DxV.dtype)
