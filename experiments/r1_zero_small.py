@@ -21,7 +21,11 @@ Measured (benchmarks/results/r1_zero_small.md, r1_zero_small_reward.png): held-o
           also scores 45.5%: the gain is in the answers, not only in stopping after them. By the R1
           paper's protocol (4 samples at T=0.6, top-p 0.95): pass@1 39.9% -> 64.6%, pass@4 60.0% -> 78.1%.
           Another GRPO seed (--config.train.seed=1: other prompts and samples, same base): 62.1 / 65.4 /
-          64.6 / 65.2% at steps 20-80 (+19.7), format 100%.
+          64.6 / 65.2% at steps 20-80 (+19.7), format 100%. The numbers above predate the chunked head,
+          blocked attention and CPU remat (the same math, other float rounding); the chain command re-run
+          with them: base 42.2% -> 58.4 / 57.8 / 58.8 / 59.6% (+17.4), format 99.4%, 14.5 min in all
+          (a test job shared the cores for part of it). The spread of the base and the gain across such
+          reruns is a few points; the tables and curve in benchmarks/results are from the earlier run.
 What GRPO does here (256 held-out problems, first answers): the base answers a product at once and its
           digits are uncertain, not wrong by habit: greedy 47.7%, but 24% of T=1 draws are right and 68%
           of problems within 8 draws, so two thirds of the groups are mixed and carry a signal. 36% of
