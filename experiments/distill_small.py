@@ -38,6 +38,10 @@ deterministic: a run stage by stage gave the same numbers):
     | student_seq   | 82.0%    | 100.0%      | 0.547         | 92%                   | 37             |
     | student_logit | 82.0%    | 100.0%      | 0.551         | 92%                   | 71             |
 
+    Re-run on the chunked head, blocked attention and CPU remat (the same math, other float rounding),
+    27.5 min for the chain: teacher_base 73.6%, teacher 88.3%, student_base 0.2%, student_alone 0.4%,
+    student_seq 80.7% (91% of the gap), student_logit 81.1% (92%).
+
 What it shows: R1's finding at laptop scale. The 2-layer student cannot bootstrap by RL: its base
 never answers right (it garbles the operands after the template's preamble), so every GRPO group is
 all-wrong and RL teaches only the format (97.9%). 2,770 answers of the teacher (92% of 3,000 prompts;
