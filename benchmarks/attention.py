@@ -9,7 +9,6 @@ and `backward`. Median of 5 rounds of 10 calls, rounds alternating (harness.side
 """
 import os
 import pathlib
-import time
 
 from absl import app, flags
 import jax
@@ -19,24 +18,10 @@ import torch
 
 from dsjax.model import attention
 
-from harness import side_by_side  # benchmarks/harness.py
+from harness import Timed, side_by_side  # benchmarks/harness.py
 from train_step import xla_threads  # benchmarks/train_step.py
 
 _SHAPE = flags.DEFINE_list('shape', ['16', '256', '4', '32'], 'Batch, length, heads, head width.')
-
-
-class Runner:
-    """fn() -> something to wait on (sync), a side_by_side runner: run(n) -> seconds per call."""
-
-    def __init__(self, fn, sync):
-        self.fn, self.sync = fn, sync
-
-    def run(self, n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            out = self.fn()
-        self.sync(out)
-        return (time.perf_counter() - start) / n
 
 
 def main(argv):
@@ -54,7 +39,7 @@ def main(argv):
             out = attention.dot_product_attention(q[:, :, :, None], key, v, mask, k ** -0.5, impl)
             return (out[:, :, :, 0] * dout).sum()
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        return Runner(lambda: grad(*args), jax.block_until_ready)
+        return Timed(lambda: grad(*args), jax.block_until_ready)
 
     tq, tk, tv = (torch.tensor(x.transpose(0, 2, 1, 3).copy(), requires_grad=True) for x in (q, key, v))
     tdout = torch.from_numpy(dout.transpose(0, 2, 1, 3).copy())
@@ -64,7 +49,7 @@ def main(argv):
         torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True).backward(tdout)
         return tq.grad
 
-    runners = {'xla': ours('xla'), 'blocked': ours('blocked'), 'torch': Runner(torch_step, lambda r: r)}
+    runners = {'xla': ours('xla'), 'blocked': ours('blocked'), 'torch': Timed(torch_step, lambda r: r)}
     seconds = side_by_side(runners, repeats=5, steps=10)
     lines = [f'# One layer\'s causal attention, forward + backward ({b} x {length}, {n} heads of {k}, float32)', '',
              f'jax {jax.__version__} vs torch {torch.__version__}, {threads} threads, load average '

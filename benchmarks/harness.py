@@ -126,6 +126,20 @@ class Torch:
         return (time.perf_counter() - start) / n
 
 
+class Timed:
+    """fn() repeated, then sync(its last result): a side_by_side runner, run(n) -> seconds per call."""
+
+    def __init__(self, fn, sync):
+        self.fn, self.sync = fn, sync
+
+    def run(self, n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            out = self.fn()
+        self.sync(out)
+        return (time.perf_counter() - start) / n
+
+
 def side_by_side(runners: dict, repeats: int, steps: int) -> dict:
     """Median seconds per step of each runner, rounds alternating between them."""
     for r in runners.values():

@@ -8,14 +8,13 @@ alternating jax and torch (harness.side_by_side).
 """
 import os
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from harness import side_by_side  # benchmarks/harness.py
+from harness import Timed, side_by_side  # benchmarks/harness.py
 from train_step import xla_threads  # benchmarks/train_step.py
 
 T, D, F, V = 4096, 128, 344, 4096
@@ -38,20 +37,6 @@ def flop(sa, sb, lhs_t: bool, rhs_t: bool) -> int:
     return 2 * int(np.prod(sa[:-2], dtype=np.int64)) * m * n * k
 
 
-class Product:
-    """One matmul on fixed operands, a side_by_side runner: run(n) -> seconds per call."""
-
-    def __init__(self, fn, a, b, sync):
-        self.fn, self.a, self.b, self.sync = fn, a, b, sync
-
-    def run(self, n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            out = self.fn(self.a, self.b)
-        self.sync(out)
-        return (time.perf_counter() - start) / n
-
-
 def main():
     threads = xla_threads()
     torch.set_num_threads(threads)
@@ -65,9 +50,9 @@ def main():
                          (jnp.swapaxes(y, -1, -2) if rt else y))
         torch_fn = lambda x, y, lt=lhs_t, rt=rhs_t: ((x.transpose(-1, -2) if lt else x) @
                                                      (y.transpose(-1, -2) if rt else y))
-        seconds = side_by_side({'jax': Product(jax_fn, jnp.asarray(a), jnp.asarray(b), jax.block_until_ready),
-                                'torch': Product(torch_fn, torch.from_numpy(a), torch.from_numpy(b), lambda r: r)},
-                               repeats=5, steps=10)
+        ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        seconds = side_by_side({'jax': Timed(lambda: jax_fn(ja, jb), jax.block_until_ready),
+                                'torch': Timed(lambda: torch_fn(ta, tb), lambda r: r)}, repeats=5, steps=10)
         t_jax, t_torch = seconds['jax'], seconds['torch']
         f = flop(sa, sb, lhs_t, rhs_t)
         lines.append(f'| {name} | {f / 1e9:.2f} | {f / t_jax / 1e9:.0f} | {f / t_torch / 1e9:.0f} | '
