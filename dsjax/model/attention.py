@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from dsjax.config import FUSED_ATTENTION_DTYPES, ModelConfig
 from dsjax.model import rope
-from dsjax.model.layers import RMSNorm, constrain, param, weight
+from dsjax.model.layers import RMSNorm, constrain, dense, param, weight
 
 # A large negative instead of -inf keeps fully-masked rows (padding) finite.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -167,9 +167,9 @@ class MHA(nn.Module):
         cfg = self.cfg
         d, n, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
         b, length = x_BxLxD.shape[:2]
-        q_BxLxNxK = jnp.einsum('BLD,DNK->BLNK', x_BxLxD, weight(self, 'q', (d, n, k), ('embed', 'heads', 'head_dim'), cfg))
-        k_BxLxGxK = jnp.einsum('BLD,DGK->BLGK', x_BxLxD, weight(self, 'k', (d, g, k), ('embed', 'kv_heads', 'head_dim'), cfg))
-        v_BxLxGxK = jnp.einsum('BLD,DGK->BLGK', x_BxLxD, weight(self, 'v', (d, g, k), ('embed', 'kv_heads', 'head_dim'), cfg))
+        q_BxLxNxK = dense(x_BxLxD, weight(self, 'q', (d, n, k), ('embed', 'heads', 'head_dim'), cfg))
+        k_BxLxGxK = dense(x_BxLxD, weight(self, 'k', (d, g, k), ('embed', 'kv_heads', 'head_dim'), cfg))
+        v_BxLxGxK = dense(x_BxLxD, weight(self, 'v', (d, g, k), ('embed', 'kv_heads', 'head_dim'), cfg))
         q_BxLxNxK = rope.apply_rope(q_BxLxNxK, cos, sin, cfg.rope_interleave)
         k_BxLxGxK = rope.apply_rope(k_BxLxGxK, cos, sin, cfg.rope_interleave)
         q_BxLxNxK = constrain(q_BxLxNxK, ('batch', 'act_len', 'act_heads', None))
@@ -186,7 +186,7 @@ class MHA(nn.Module):
                                     mask_BxLxS, scale, impl)
         out_BxLxNxK = out.reshape(b, length, n, k)
         o_NxKxD = weight(self, 'o', (n, k, d), ('heads', 'head_dim', 'embed'), cfg)
-        out_BxLxD = jnp.einsum('BLNK,NKD->BLD', out_BxLxNxK, o_NxKxD)
+        out_BxLxD = dense(out_BxLxNxK, o_NxKxD, contract=2)
         return out_BxLxD if cache is None else (out_BxLxD, cache)
 
 
@@ -223,10 +223,10 @@ class MLA(nn.Module):
         """Per-head (nope, roped) query parts: [B, L, N, K-P] and [B, L, N, P]."""
         cfg = self.cfg
         if cfg.q_lora_rank:
-            c_BxLxC = self.q_a_norm(jnp.einsum('BLD,DC->BLC', x_BxLxD, self.w(self.q_a)))
-            q_BxLxNxK = jnp.einsum('BLC,CNK->BLNK', c_BxLxC, self.w(self.q_b))
+            c_BxLxC = self.q_a_norm(dense(x_BxLxD, self.w(self.q_a)))
+            q_BxLxNxK = dense(c_BxLxC, self.w(self.q_b))
         else:
-            q_BxLxNxK = jnp.einsum('BLD,DNK->BLNK', x_BxLxD, self.w(self.q))
+            q_BxLxNxK = dense(x_BxLxD, self.w(self.q))
         q_BxLxNxK = constrain(q_BxLxNxK, ('batch', 'act_len', 'act_heads', None))
         q_nope, q_rope = jnp.split(q_BxLxNxK, [cfg.qk_nope_head_dim], axis=-1)
         return q_nope, rope.apply_rope(q_rope, cos, sin, cfg.rope_interleave)
@@ -234,7 +234,7 @@ class MLA(nn.Module):
     def latent(self, x_BxLxD, cos, sin):
         """What the MLA cache holds: the normed kv latent [B, L, R] and the roped shared key [B, L, P]."""
         cfg = self.cfg
-        kv_BxLxRP = jnp.einsum('BLD,DR->BLR', x_BxLxD, self.w(self.kv_a))
+        kv_BxLxRP = dense(x_BxLxD, self.w(self.kv_a))
         c_BxLxR, k_rope_BxLxP = jnp.split(kv_BxLxRP, [cfg.kv_lora_rank], axis=-1)
         k_rope_BxLxP = rope.apply_rope(k_rope_BxLxP[:, :, None, :], cos, sin, cfg.rope_interleave)[:, :, 0]
         return self.kv_a_norm(c_BxLxR), k_rope_BxLxP
@@ -245,7 +245,7 @@ class MLA(nn.Module):
     def expanded_attention(self, q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS, impl: str = 'xla'):
         """Naive MLA: per-head keys and values expanded from the latent [B, S, R]; returns [B, L, N, U]."""
         cfg = self.cfg
-        kv_BxSxNxK = jnp.einsum('BSR,RNK->BSNK', c_BxSxR, self.w(self.kv_b))
+        kv_BxSxNxK = dense(c_BxSxR, self.w(self.kv_b))
         k_nope, v_BxSxNxU = jnp.split(kv_BxSxNxK, [cfg.qk_nope_head_dim], axis=-1)
         k_rope_BxSxNxP = jnp.broadcast_to(k_rope_BxSxP[:, :, None, :], k_nope.shape[:3] + (cfg.qk_rope_head_dim,))
         q_BxLxNxK = jnp.concatenate([q_nope, q_rope], axis=-1)
@@ -286,5 +286,5 @@ class MLA(nn.Module):
             mask_BxLxS = cache_mask(positions_BxL, c_BxSxR.shape[1])
             attend = self.absorbed_attention if self.absorb else self.expanded_attention
         out_BxLxNxU = attend(q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS)
-        out_BxLxD = jnp.einsum('BLNU,NUD->BLD', out_BxLxNxU, self.w(self.o))
+        out_BxLxD = dense(out_BxLxNxU, self.w(self.o), contract=2)
         return out_BxLxD if cache is None else (out_BxLxD, cache)

@@ -3,6 +3,7 @@
 Axis legend: B batch, L length, D model width, F ffn width, V vocab.
 Weights are stored [in, out] (Flax kernels), the transpose of HF's torch layout.
 """
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -29,6 +30,17 @@ def weight(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[st
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Activation sharding constraint by logical names (a no-op outside a mesh context)."""
     return nn.with_logical_constraint(x, tuple(axes))
+
+
+def dense(x, w, contract: int = 1, **dot_kwargs) -> jax.Array:
+    """x [..., *in] @ w [*in, *out] -> [..., *out] for the `contract` trailing axes of x (w's leading
+    ones), as one 2-D matmul over the flattened rows. The same product as an einsum like 'BLD,DF->BLF',
+    but its weight gradient is then [T, D]^T @ [T, F] rather than a contraction over both B and L, which
+    XLA on the CPU runs only after a transposed copy of the [B, L, F] activation (llm_small's MLP
+    forward + backward: 49 -> 18 ms on 2 cores)."""
+    lead, inner = x.shape[:x.ndim - contract], math.prod(w.shape[:contract])
+    y = jnp.matmul(x.reshape(-1, inner), w.reshape(inner, -1), **dot_kwargs)
+    return y.reshape(*lead, *w.shape[contract:])
 
 
 class RMSNorm(nn.Module):
@@ -58,6 +70,13 @@ class Embed(nn.Module):
         x_BxLxD = jnp.take(self.embedding, tokens_BxL, axis=0).astype(self.cfg.dtype)
         return constrain(x_BxLxD, ('batch', 'act_len', 'act_embed'))
 
+def swiglu(gate, up):
+    """silu(gate) * up. Written out rather than jax.nn.silu, which is a nested jit: its call boundary kept
+    XLA from fusing the backward of silu with the product's, costing an extra transposed copy of [T, F]
+    per layer (llm_small's MLP forward + backward alone: 33 -> 21 ms on 2 CPU cores)."""
+    return gate * jax.nn.sigmoid(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); `width` overrides intermediate_size (MoE shared experts)."""
     cfg: ModelConfig
@@ -71,7 +90,5 @@ class MLP(nn.Module):
         gate_DxF = weight(self, 'gate', (d, f), ('embed', 'mlp'), cfg)
         up_DxF = weight(self, 'up', (d, f), ('embed', 'mlp'), cfg)
         down_FxD = weight(self, 'down', (f, d), ('mlp', 'embed'), cfg)
-        h_BxLxF = nn.silu(jnp.einsum('BLD,DF->BLF', x_BxLxD, gate_DxF)) * jnp.einsum(
-            'BLD,DF->BLF', x_BxLxD, up_DxF)
-        h_BxLxF = constrain(h_BxLxF, ('batch', 'act_len', 'act_mlp'))
-        return jnp.einsum('BLF,FD->BLD', h_BxLxF, down_FxD)
+        h_BxLxF = constrain(swiglu(dense(x_BxLxD, gate_DxF), dense(x_BxLxD, up_DxF)), ('batch', 'act_len', 'act_mlp'))
+        return dense(h_BxLxF, down_FxD)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
-from dsjax.model.layers import MLP, constrain, param, weight
+from dsjax.model.layers import MLP, constrain, param, swiglu, weight
 from dsjax.sharding import BATCH_AXES
 
 
@@ -136,16 +136,12 @@ def sequence_balance_loss(scores_BxLxE, mask_BxL, k: int):
 
 # ---------------------------------------------------------------- dispatch strategies
 
-def _swiglu(h_gate, h_up):
-    return nn.silu(h_gate) * h_up
-
-
 def dispatch_dense(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
     """Reference: every expert on every token, combined with the (mostly zero) gate matrix."""
     del capacity
     e = gate_ExDxF.shape[0]
     gates_TxE = jnp.einsum('TK,TKE->TE', weights_TxK, jax.nn.one_hot(idx_TxK, e, dtype=weights_TxK.dtype))
-    h_ExTxF = _swiglu(jnp.einsum('TD,EDF->ETF', x_TxD, gate_ExDxF), jnp.einsum('TD,EDF->ETF', x_TxD, up_ExDxF))
+    h_ExTxF = swiglu(jnp.einsum('TD,EDF->ETF', x_TxD, gate_ExDxF), jnp.einsum('TD,EDF->ETF', x_TxD, up_ExDxF))
     y_ExTxD = jnp.einsum('ETF,EFD->ETD', h_ExTxF, down_ExFxD)
     return jnp.einsum('ETD,TE->TD', y_ExTxD, gates_TxE.astype(y_ExTxD.dtype)), jnp.zeros((), jnp.float32)
 
@@ -168,7 +164,7 @@ def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFx
     order_A, token_A, _, sizes_E = _sort_by_expert(weights_TxK, idx_TxK, gate_ExDxF.shape[0])
     x_AxD = x_TxD[token_A]
     sizes_E = sizes_E.astype(jnp.int32)
-    h_AxF = _swiglu(jax.lax.ragged_dot(x_AxD, gate_ExDxF, sizes_E), jax.lax.ragged_dot(x_AxD, up_ExDxF, sizes_E))
+    h_AxF = swiglu(jax.lax.ragged_dot(x_AxD, gate_ExDxF, sizes_E), jax.lax.ragged_dot(x_AxD, up_ExDxF, sizes_E))
     y_AxD = jax.lax.ragged_dot(h_AxF, down_ExFxD, sizes_E)
     w_A = weights_TxK.reshape(-1)[order_A].astype(y_AxD.dtype)
     return jnp.zeros((t, d), y_AxD.dtype).at[token_A].add(y_AxD * w_A[:, None]), jnp.zeros((), jnp.float32)
@@ -191,7 +187,7 @@ def _capacity_experts(x_AxD, expert_A, priority_A, gate_ExDxF, up_ExDxF, down_Ex
     buf_ExCxD = jnp.zeros((e, capacity + 1, d), x_AxD.dtype).at[expert_A, slot_A].set(x_AxD)[:, :capacity]
     if buffer_axes:
         buf_ExCxD = constrain(buf_ExCxD, buffer_axes)
-    h_ExCxF = _swiglu(jnp.einsum('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF), jnp.einsum('ECD,EDF->ECF', buf_ExCxD, up_ExDxF))
+    h_ExCxF = swiglu(jnp.einsum('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF), jnp.einsum('ECD,EDF->ECF', buf_ExCxD, up_ExDxF))
     y_ExCxD = jnp.einsum('ECF,EFD->ECD', h_ExCxF, down_ExFxD)
     return jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A], kept_A
 
@@ -314,7 +310,7 @@ def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExF
     # Padding rows read a zero token (row t).
     token_R = jnp.where(src_R < t * k, src_R // k, t)
     x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
-    h_NxBxF = _swiglu(jnp.einsum('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N]),
+    h_NxBxF = swiglu(jnp.einsum('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N]),
                       jnp.einsum('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N]))
     y_RxD = jnp.einsum('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N]).reshape(n * block, d)
     y_TxKxD = y_RxD[row_A].reshape(t, k, d)

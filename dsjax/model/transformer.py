@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from dsjax.config import ModelConfig
 from dsjax.model import rope
 from dsjax.model.attention import MHA, MLA, attention_mask
-from dsjax.model.layers import MLP, Embed, RMSNorm, constrain, weight
+from dsjax.model.layers import MLP, Embed, RMSNorm, constrain, dense, weight
 from dsjax.model.moe import MoE
 
 _REMAT_POLICIES = {
@@ -107,7 +107,7 @@ class MTPLayer(nn.Module):
         d = cfg.hidden_size
         # The checkpoint's order is [embedding; hidden] (the paper's eq. 21 writes the reverse).
         both = jnp.concatenate([RMSNorm(cfg, name='enorm')(emb_BxLxD), RMSNorm(cfg, name='hnorm')(h_BxLxD)], -1)
-        x_BxLxD = jnp.einsum('BLX,XD->BLD', both, weight(self, 'eh_proj', (2 * d, d), (None, 'embed'), cfg))
+        x_BxLxD = dense(both, weight(self, 'eh_proj', (2 * d, d), (None, 'embed'), cfg))
         block = Block(cfg, use_moe=cfg.num_moe_layers > 0, deterministic=self.deterministic, absorb=self.absorb,
                       name='block')
         return block(x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache, positions_BxL)
@@ -129,7 +129,7 @@ def _output_head(module: nn.Module, cfg: ModelConfig, embed: Embed, apply_head: 
         normed_BxLxD = RMSNorm(cfg, name=norm_name)(h_BxLxD)
         if not apply_head:
             return normed_BxLxD
-        logits = jnp.einsum('BLD,DV->BLV', normed_BxLxD, head_DxV)
+        logits = dense(normed_BxLxD, head_DxV)
         return constrain(logits, ('batch', 'act_len', 'act_vocab')).astype(jnp.float32)
     return head, head_DxV
 

@@ -5,7 +5,7 @@ Axis legend: B batch, L length, V vocab, D model width, C a chunk of L.
 import jax
 import jax.numpy as jnp
 
-from dsjax.model.layers import constrain
+from dsjax.model.layers import constrain, dense
 
 # head_cross_entropy's chunks hold at most this many logits (8 MiB in float32), enough for full-speed
 # matmuls (2^20 to 2^22 time alike on llm_small's CPU step), unless that makes more than MAX_CHUNKS
@@ -78,7 +78,7 @@ def _head_chunks(hidden_BxLxD, targets_BxL, weights_BxL, vocab: int):
 
 
 def _chunk_logits(h_BxCxD, head_DxV):
-    logits = jnp.einsum('BCD,DV->BCV', h_BxCxD, head_DxV, preferred_element_type=jnp.float32)
+    logits = dense(h_BxCxD, head_DxV, preferred_element_type=jnp.float32)
     return constrain(logits, ('batch', 'act_len', 'act_vocab'))
 
 
@@ -114,8 +114,9 @@ def _head_cross_entropy_fwd(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL):
         total = total + ((lse_BxC - target_BxC) * w_BxC).sum()
         dlogits_BxCxV = (jnp.exp(logits_BxCxV - lse_BxC[..., None]) - is_target_BxCxV) * w_BxC[..., None]
         dlogits_BxCxV = dlogits_BxCxV.astype(head_DxV.dtype)
-        dh_BxCxD = jnp.einsum('BCV,DV->BCD', dlogits_BxCxV, head_DxV)
-        dhead_DxV = dhead_DxV + jnp.einsum('BCD,BCV->DV', h_BxCxD, dlogits_BxCxV,
+        dh_BxCxD = dense(dlogits_BxCxV, head_DxV.T)
+        # Over flattened rows, as in layers.dense: a contraction over both B and C costs a transposed copy.
+        dhead_DxV = dhead_DxV + jnp.matmul(h_BxCxD.reshape(-1, d).T, dlogits_BxCxV.reshape(-1, vocab),
                                            preferred_element_type=jnp.float32)
         return (total, dhead_DxV), dh_BxCxD
 

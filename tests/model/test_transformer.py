@@ -115,6 +115,23 @@ def test_remat_auto_is_full_on_cpu_only():
     assert transformer.resolve_remat(config_lib.freeze_model(m), backend='cpu') == 'save_dots'
 
 
+@pytest.mark.parametrize('contract', [1, 2])
+def test_dense_equals_einsum_and_its_gradients(contract):
+    """layers.dense (flattened rows) is the einsum it replaces, gradients included ('BLNK,NKD->BLD' for 2)."""
+    from dsjax.model.layers import dense
+
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (3, 5, 4, 6)[:2 + contract])
+    w = jax.random.normal(kw, ((4, 6)[:contract] if contract == 2 else (4,)) + (7, 2))
+    spec = 'BLD,DFG->BLFG' if contract == 1 else 'BLNK,NKFG->BLFG'
+    ct = jax.random.normal(kx, (3, 5, 7, 2))
+    ours = jax.vjp(lambda a, b: dense(a, b, contract), x, w)
+    ref = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[1](ct), ref[1](ct)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('length', [150, 256, 1000])  # blocks of 64 (the last 22); 4 x 64; 8 x 125
 def test_blocked_attention_equals_full(length):
     """Causal query blocks give the full attention's output and gradients on a packed (three-document)
