@@ -2,7 +2,7 @@
 
 Run: `python benchmarks/attention.py` (under a minute); prints markdown and writes results/attention.md.
 The shape is llm_small's (batch 16, 256 positions, 4 heads of 32; `--shape=B,L,N,K` for another), float32,
-one document per row. dsjax runs `attention.dot_product_attention` with impl 'xla' (einsums over the whole
+one document per row. dsjax runs `attention.self_attention` with impl 'xla' (einsums over the whole
 [L, L] scores) and 'blocked' (the CPU's 'auto': causal query blocks, recomputing backward), jitted with
 its gradient; PyTorch runs `scaled_dot_product_attention(is_causal=True)` (its fused flash kernel on CPU)
 and `backward`. Median of 5 rounds of 10 calls, rounds alternating (harness.side_by_side), same threads.
@@ -31,12 +31,12 @@ def main(argv):
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     q, key, v, dout = (rng.standard_normal((b, length, n, k), np.float32) for _ in range(4))
-    mask = attention.attention_mask(jnp.ones((b, length), jnp.int32))
+    segments = jnp.ones((b, length), jnp.int32)
     args = [jnp.asarray(x) for x in (q, key, v, dout)]
 
     def ours(impl):
         def loss(q, key, v, dout):
-            out = attention.dot_product_attention(q[:, :, :, None], key, v, mask, k ** -0.5, impl)
+            out = attention.self_attention(q[:, :, :, None], key, v, segments, k ** -0.5, impl)
             return (out[:, :, :, 0] * dout).sum()
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         return Timed(lambda: grad(*args), jax.block_until_ready)

@@ -70,52 +70,64 @@ def resolve_impl(cfg: ModelConfig, qk_dim: int, v_dim: int, backend: str | None 
     return 'blocked' if backend == 'cpu' else 'xla'
 
 
-def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, impl: str = 'xla'):
-    """Softmax attention, grouped so kv heads are shared by Q query heads. impl 'xla': einsums and a
-    float32 softmax; 'blocked': the same over causal query blocks (self-attention under a mask that
-    never looks ahead), with the recomputing backward (recomputed_attention); otherwise
-    jax.nn.dot_product_attention with that implementation (fused_attention)."""
+def self_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: float, impl: str = 'xla'):
+    """Causal self-attention within documents: query t sees key s iff s <= t and both carry the same
+    segment id (attention_mask; 0 marks padding). impl 'blocked' runs causal query blocks that never
+    build the [B, L, L] mask (causal_block_attention); the others go through dot_product_attention."""
     if impl == 'blocked':
-        return causal_block_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale)
+        return causal_block_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale)
+    return dot_product_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, attention_mask(segment_ids_BxL), scale, impl)
+
+
+def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, impl: str = 'xla'):
+    """Softmax attention under an explicit mask, grouped so kv heads are shared by Q query heads.
+    impl 'xla': einsums and a float32 softmax; otherwise jax.nn.dot_product_attention with that
+    implementation (fused_attention)."""
     if impl != 'xla':
         return fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale, impl)
-    probs = jax.nn.softmax(_scores(q_BxLxGxQxK, k_BxSxGxK, mask_BxLxS, scale), axis=-1)
+    logits = jnp.einsum('BLGQK,BSGK->BGQLS', q_BxLxGxQxK, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(mask_BxLxS[:, None, None], logits, _MASK_VALUE), axis=-1)
     return jnp.einsum('BGQLS,BSGU->BLGQU', probs.astype(v_BxSxGxU.dtype), v_BxSxGxU)
 
 
-def _scores(q_BxLxGxQxK, k_BxSxGxK, mask_BxLxS, scale):
-    """Masked float32 logits [B, G, Q, L, S]."""
-    logits = jnp.einsum('BLGQK,BSGK->BGQLS', q_BxLxGxQxK, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
-    return jnp.where(mask_BxLxS[:, None, None], logits, _MASK_VALUE)
+def _block_logits(q_XxRxK, k_XxSxK, seg_q_XxR, seg_k_XxS, pos_R, scale):
+    """Masked float32 logits [X, R, S] of one query block: row r (at position pos_R[r]) sees key s iff
+    s <= pos_R[r] and their segments match."""
+    logits = jnp.einsum('XRK,XSK->XRS', q_XxRxK, k_XxSxK, preferred_element_type=jnp.float32) * scale
+    keys_S = jnp.arange(k_XxSxK.shape[1])
+    visible = (keys_S[None, None, :] <= pos_R[None, :, None]) & (seg_q_XxR[:, :, None] == seg_k_XxS[:, None, :])
+    return jnp.where(visible, logits, _MASK_VALUE)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def recomputed_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale):
-    """dot_product_attention's 'xla' math with a flash-style backward: the forward keeps only the
-    output and the rows' logsumexp, the backward recomputes the probabilities from them, so no
-    [L, S] array is saved between the passes (one more q @ k^T in the backward)."""
-    return _recomputed_attention_fwd(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def recomputed_attention(q_XxRxK, k_XxSxK, v_XxSxU, seg_q_XxR, seg_k_XxS, pos_R, scale):
+    """One query block's attention over X = batch x kv-head rows (_block_logits' mask) with a
+    flash-style backward: the forward keeps only the output and the rows' logsumexp, the backward
+    recomputes the probabilities from them, so no [R, S] array is saved between the passes (one more
+    q @ k^T in the backward)."""
+    return _recomputed_attention_fwd(q_XxRxK, k_XxSxK, v_XxSxU, seg_q_XxR, seg_k_XxS, pos_R, scale)[0]
 
 
-def _recomputed_attention_fwd(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale):
-    logits = _scores(q_BxLxGxQxK, k_BxSxGxK, mask_BxLxS, scale)
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    probs = jnp.exp(logits - lse).astype(v_BxSxGxU.dtype)
-    out = jnp.einsum('BGQLS,BSGU->BLGQU', probs, v_BxSxGxU)
-    return out, (q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, out, lse)
+def _recomputed_attention_fwd(q_XxRxK, k_XxSxK, v_XxSxU, seg_q_XxR, seg_k_XxS, pos_R, scale):
+    logits = _block_logits(q_XxRxK, k_XxSxK, seg_q_XxR, seg_k_XxS, pos_R, scale)
+    top = logits.max(axis=-1, keepdims=True)
+    unnormed = jnp.exp(logits - top)
+    total = unnormed.sum(axis=-1, keepdims=True)
+    out = (jnp.einsum('XRS,XSU->XRU', unnormed.astype(v_XxSxU.dtype), v_XxSxU,
+                      preferred_element_type=jnp.float32) / total).astype(v_XxSxU.dtype)
+    return out, (q_XxRxK, k_XxSxK, v_XxSxU, seg_q_XxR, seg_k_XxS, pos_R, out, top + jnp.log(total))
 
 
 def _recomputed_attention_bwd(scale, res, dout):
-    q, k, v, mask, out, lse = res
-    # A fully masked row (padding) has lse = _MASK_VALUE + log S, so it recomputes its uniform forward.
-    probs = jnp.exp(_scores(q, k, mask, scale) - lse)
-    dv = jnp.einsum('BGQLS,BLGQU->BSGU', probs.astype(v.dtype), dout)
-    dprobs = jnp.einsum('BLGQU,BSGU->BGQLS', dout, v, preferred_element_type=jnp.float32)
-    delta = jnp.einsum('BLGQU,BLGQU->BGQL', dout, out, preferred_element_type=jnp.float32)[..., None]
+    q, k, v, seg_q, seg_k, pos, out, lse = res
+    probs = jnp.exp(_block_logits(q, k, seg_q, seg_k, pos, scale) - lse)
+    dv = jnp.einsum('XRS,XRU->XSU', probs.astype(v.dtype), dout)
+    dprobs = jnp.einsum('XRU,XSU->XRS', dout, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum('XRU,XRU->XR', dout, out, preferred_element_type=jnp.float32)[..., None]
     dlogits = (probs * (dprobs - delta) * scale).astype(q.dtype)
-    dq = jnp.einsum('BGQLS,BSGK->BLGQK', dlogits, k)
-    dk = jnp.einsum('BGQLS,BLGQK->BSGK', dlogits, q)
-    return dq, dk, dv, None
+    dq = jnp.einsum('XRS,XSK->XRK', dlogits, k)
+    dk = jnp.einsum('XRS,XRK->XSK', dlogits, q)
+    return dq, dk, dv, None, None, None
 
 
 recomputed_attention.defvjp(_recomputed_attention_fwd, _recomputed_attention_bwd)
@@ -127,19 +139,30 @@ def query_block(length: int) -> int:
     return max(64, -(-length // 8))
 
 
-def causal_block_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float):
-    """Self-attention (S = L) under a mask that never looks ahead, one block of queries at a time:
-    queries [start, end) attend to keys [0, end) only, so the blocks above the diagonal are never
-    computed (4 blocks at L = 256: 3/8 of the scores). The mask still applies inside each block, and
-    no block saves its probabilities for the backward (recomputed_attention)."""
-    length = q_BxLxGxQxK.shape[1]
+def causal_block_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: float):
+    """self_attention one block of queries at a time: queries [start, end) attend to keys [0, end)
+    only, so the blocks above the diagonal are never computed (4 blocks at L = 256: 3/8 of the
+    scores), and the mask comes from positions and segment ids inside each block. Each kv head's
+    rows are laid out [B x G, Q x block, K], so every product is one plain batched matmul (the
+    [B, L, G, Q, K] einsums cost layout copies per block on the CPU), and no block saves its
+    probabilities for the backward (recomputed_attention)."""
+    b, length, g, nq, kd = q_BxLxGxQxK.shape
+    u = v_BxLxGxU.shape[-1]
+    q_XxQxLxK = jnp.moveaxis(q_BxLxGxQxK, 1, 3).reshape(b * g, nq, length, kd)
+    k_XxSxK = jnp.moveaxis(k_BxLxGxK, 1, 2).reshape(b * g, length, kd)
+    v_XxSxU = jnp.moveaxis(v_BxLxGxU, 1, 2).reshape(b * g, length, u)
+    seg_XxS = jnp.repeat(segment_ids_BxL, g, axis=0)
     block = query_block(length)
     outs = []
     for start in range(0, length, block):
         end = min(start + block, length)
-        outs.append(recomputed_attention(q_BxLxGxQxK[:, start:end], k_BxSxGxK[:, :end], v_BxSxGxU[:, :end],
-                                         mask_BxLxS[:, start:end, :end], scale))
-    return jnp.concatenate(outs, axis=1)
+        rows = nq * (end - start)
+        out = recomputed_attention(
+            q_XxQxLxK[:, :, start:end].reshape(b * g, rows, kd), k_XxSxK[:, :end], v_XxSxU[:, :end],
+            jnp.tile(seg_XxS[:, start:end], (1, nq)), seg_XxS[:, :end], jnp.tile(jnp.arange(start, end), nq), scale)
+        outs.append(out.reshape(b * g, nq, end - start, u))
+    out_BxGxQxLxU = jnp.concatenate(outs, axis=2).reshape(b, g, nq, length, u)
+    return jnp.moveaxis(out_BxGxQxLxU, 3, 1)
 
 
 def fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, implementation: str):
@@ -161,9 +184,10 @@ class MHA(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos, sin, mask_BxLxS, cache=None, positions_BxL=None):
-        """Self-attention over x; with `cache` ({'k', 'v'} [B, S, G, K]) over the cache, which is
-        returned updated with x's entries at `positions`: (out, cache)."""
+    def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache=None, positions_BxL=None):
+        """Causal self-attention over x within its documents (`segment_ids`); with `cache` ({'k', 'v'}
+        [B, S, G, K]) over the cache instead, masked by position, and returned updated with x's entries
+        at `positions`: (out, cache)."""
         cfg = self.cfg
         d, n, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
         b, length = x_BxLxD.shape[:2]
@@ -175,15 +199,15 @@ class MHA(nn.Module):
         q_BxLxNxK = constrain(q_BxLxNxK, ('batch', 'act_len', 'act_heads', None))
         k_BxSxGxK = constrain(k_BxLxGxK, ('batch', 'act_len', 'act_kv_heads', None))
         v_BxSxGxK = v_BxLxGxK
-        if cache is not None:
+        q_BxLxGxQxK = q_BxLxNxK.reshape(b, length, g, n // g, k)
+        scale = rope.softmax_scale(k, cfg.rope_scaling)
+        if cache is None:
+            out = self_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL, scale, resolve_impl(cfg, k, k))
+        else:
             cache = {'k': write_cache(cache['k'], k_BxSxGxK, positions_BxL),
                      'v': write_cache(cache['v'], v_BxSxGxK, positions_BxL)}
-            k_BxSxGxK, v_BxSxGxK = cache['k'], cache['v']
-            mask_BxLxS = cache_mask(positions_BxL, k_BxSxGxK.shape[1])
-        scale = rope.softmax_scale(k, cfg.rope_scaling)
-        impl = resolve_impl(cfg, k, k) if cache is None else 'xla'
-        out = dot_product_attention(q_BxLxNxK.reshape(b, length, g, n // g, k), k_BxSxGxK, v_BxSxGxK,
-                                    mask_BxLxS, scale, impl)
+            out = dot_product_attention(q_BxLxGxQxK, cache['k'], cache['v'],
+                                        cache_mask(positions_BxL, cache['k'].shape[1]), scale)
         out_BxLxNxK = out.reshape(b, length, n, k)
         o_NxKxD = weight(self, 'o', (n, k, d), ('heads', 'head_dim', 'embed'), cfg)
         out_BxLxD = dense(out_BxLxNxK, o_NxKxD, contract=2)
@@ -242,8 +266,9 @@ class MLA(nn.Module):
     def scale(self):
         return rope.softmax_scale(self.cfg.qk_nope_head_dim + self.cfg.qk_rope_head_dim, self.cfg.rope_scaling)
 
-    def expanded_attention(self, q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS, impl: str = 'xla'):
-        """Naive MLA: per-head keys and values expanded from the latent [B, S, R]; returns [B, L, N, U]."""
+    def expanded_attention(self, q_nope, q_rope, c_BxSxR, k_rope_BxSxP, kernel):
+        """Naive MLA: per-head keys and values expanded from the latent [B, S, R], attended by
+        `kernel(q, k, v, scale)` (self_attention or dot_product_attention); returns [B, L, N, U]."""
         cfg = self.cfg
         kv_BxSxNxK = dense(c_BxSxR, self.w(self.kv_b))
         k_nope, v_BxSxNxU = jnp.split(kv_BxSxNxK, [cfg.qk_nope_head_dim], axis=-1)
@@ -252,9 +277,7 @@ class MLA(nn.Module):
         k_BxSxNxK = constrain(jnp.concatenate([k_nope, k_rope_BxSxNxP], axis=-1),
                               ('batch', 'act_len', 'act_heads', None))
         # Every query head has its own key head: grouped attention with N groups of one query.
-        out = dot_product_attention(q_BxLxNxK[:, :, :, None, :], k_BxSxNxK, v_BxSxNxU, mask_BxLxS, self.scale(),
-                                    impl)
-        return out[:, :, :, 0, :]
+        return kernel(q_BxLxNxK[:, :, :, None, :], k_BxSxNxK, v_BxSxNxU, self.scale())[:, :, :, 0, :]
 
     def absorbed_attention(self, q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS):
         """MLA attending in latent space: W_UK folded into the query, W_UV applied to the attended
@@ -271,20 +294,28 @@ class MLA(nn.Module):
         o_lat_BxLxNxR = jnp.einsum('BNLS,BSR->BLNR', probs_BxNxLxS, c_BxSxR)
         return jnp.einsum('BLNR,RNU->BLNU', o_lat_BxLxNxR, w_uv_RxNxU)
 
-    def __call__(self, x_BxLxD, cos, sin, mask_BxLxS, cache=None, positions_BxL=None):
-        """Self-attention over x; with `cache` ({'latent' [B, S, R], 'rope_key' [B, S, P]}) over the
-        cache, which is returned updated with x's entries at `positions`: (out, cache)."""
+    def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache=None, positions_BxL=None):
+        """Causal self-attention over x within its documents (`segment_ids`); with `cache` ({'latent'
+        [B, S, R], 'rope_key' [B, S, P]}) over the cache instead, masked by position, and returned
+        updated with x's entries at `positions`: (out, cache)."""
         q_nope, q_rope = self.queries(x_BxLxD, cos, sin)
         c_BxSxR, k_rope_BxSxP = self.latent(x_BxLxD, cos, sin)
         cfg = self.cfg
-        attend = functools.partial(self.expanded_attention, impl=resolve_impl(
-            cfg, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim))
-        if cache is not None:
+        if cache is None:
+            impl = resolve_impl(cfg, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim)
+            out_BxLxNxU = self.expanded_attention(
+                q_nope, q_rope, c_BxSxR, k_rope_BxSxP,
+                lambda q, k, v, scale: self_attention(q, k, v, segment_ids_BxL, scale, impl))
+        else:
             cache = {'latent': write_cache(cache['latent'], c_BxSxR, positions_BxL),
                      'rope_key': write_cache(cache['rope_key'], k_rope_BxSxP, positions_BxL)}
             c_BxSxR, k_rope_BxSxP = cache['latent'], cache['rope_key']
             mask_BxLxS = cache_mask(positions_BxL, c_BxSxR.shape[1])
-            attend = self.absorbed_attention if self.absorb else self.expanded_attention
-        out_BxLxNxU = attend(q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS)
+            if self.absorb:
+                out_BxLxNxU = self.absorbed_attention(q_nope, q_rope, c_BxSxR, k_rope_BxSxP, mask_BxLxS)
+            else:
+                out_BxLxNxU = self.expanded_attention(
+                    q_nope, q_rope, c_BxSxR, k_rope_BxSxP,
+                    lambda q, k, v, scale: dot_product_attention(q, k, v, mask_BxLxS, scale))
         out_BxLxD = dense(out_BxLxNxU, self.w(self.o), contract=2)
         return out_BxLxD if cache is None else (out_BxLxD, cache)

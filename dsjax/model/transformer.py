@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.model import rope
-from dsjax.model.attention import MHA, MLA, attention_mask
+from dsjax.model.attention import MHA, MLA
 from dsjax.model.layers import MLP, Embed, RMSNorm, constrain, dense, weight
 from dsjax.model.moe import MoE
 
@@ -45,14 +45,14 @@ class Block(nn.Module):
     absorb: bool = True
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache=None, positions_BxL=None):
+    def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, token_mask_BxL, cache=None, positions_BxL=None):
         cfg = self.cfg
         attn = MLA(cfg, self.absorb, name='attn') if cfg.attention_type == 'mla' else MHA(cfg, name='attn')
         normed = RMSNorm(cfg, name='input_norm')(x_BxLxD)
         if cache is None:
-            h_BxLxD = x_BxLxD + attn(normed, cos, sin, mask_BxLxL)
+            h_BxLxD = x_BxLxD + attn(normed, cos, sin, segment_ids_BxL)
         else:
-            attended, cache = attn(normed, cos, sin, mask_BxLxL, cache, positions_BxL)
+            attended, cache = attn(normed, cos, sin, segment_ids_BxL, cache, positions_BxL)
             h_BxLxD = x_BxLxD + attended
         normed = RMSNorm(cfg, name='post_attn_norm')(h_BxLxD)
         if self.use_moe:
@@ -78,7 +78,7 @@ class Stack(nn.Module):
     absorb: bool = True
 
     @nn.compact
-    def __call__(self, x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache=None, positions_BxL=None):
+    def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, token_mask_BxL, cache=None, positions_BxL=None):
         block = Block
         policy = resolve_remat(self.cfg)
         if policy != 'none':
@@ -92,7 +92,7 @@ class Stack(nn.Module):
             metadata_params={nn.PARTITION_NAME: 'layers'},
         )
         return scanned(self.cfg, self.use_moe, self.deterministic, self.absorb, name='layers')(
-            x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache, positions_BxL)
+            x_BxLxD, cos, sin, segment_ids_BxL, token_mask_BxL, cache, positions_BxL)
 
 
 class MTPLayer(nn.Module):
@@ -102,7 +102,7 @@ class MTPLayer(nn.Module):
     absorb: bool = True
 
     @nn.compact
-    def __call__(self, h_BxLxD, emb_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache=None, positions_BxL=None):
+    def __call__(self, h_BxLxD, emb_BxLxD, cos, sin, segment_ids_BxL, token_mask_BxL, cache=None, positions_BxL=None):
         cfg = self.cfg
         d = cfg.hidden_size
         # The checkpoint's order is [embedding; hidden] (the paper's eq. 21 writes the reverse).
@@ -110,7 +110,7 @@ class MTPLayer(nn.Module):
         x_BxLxD = dense(both, weight(self, 'eh_proj', (2 * d, d), (None, 'embed'), cfg))
         block = Block(cfg, use_moe=cfg.num_moe_layers > 0, deterministic=self.deterministic, absorb=self.absorb,
                       name='block')
-        return block(x_BxLxD, cos, sin, mask_BxLxL, token_mask_BxL, cache, positions_BxL)
+        return block(x_BxLxD, cos, sin, segment_ids_BxL, token_mask_BxL, cache, positions_BxL)
 
 
 def _head_weight(module: nn.Module, cfg: ModelConfig, embed: Embed) -> jax.Array:
@@ -161,15 +161,13 @@ class Transformer(nn.Module):
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones((b, length), jnp.int32)
         cos, sin = rope.cos_sin(positions_BxL, cfg)
-        # A cached call's attention masks by position over the cache slots instead.
-        mask_BxLxL = attention_mask(segment_ids_BxL) if cache is None else None
         token_mask_BxL = segment_ids_BxL != 0
 
         embed = Embed(cfg, name='embed')
         x_BxLxD = embed(tokens_BxL)
         head, head_DxV = _output_head(self, cfg, embed, apply_head)
 
-        args = (cos, sin, mask_BxLxL, token_mask_BxL)
+        args = (cos, sin, segment_ids_BxL, token_mask_BxL)
         aux = {'balance_loss': jnp.zeros((), jnp.float32), 'load': {}, 'dropped': jnp.zeros((), jnp.float32)}
         new_cache = None if cache is None else dict(cache)
         for name, use_moe, length in (('dense_layers', False, cfg.num_dense_layers),

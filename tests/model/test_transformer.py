@@ -135,7 +135,7 @@ def test_dense_equals_einsum_and_its_gradients(contract):
 @pytest.mark.parametrize('length', [150, 256, 1000])  # blocks of 64 (the last 22); 4 x 64; 8 x 125
 def test_blocked_attention_equals_full(length):
     """Causal query blocks give the full attention's output and gradients on a packed (three-document)
-    mask, grouped heads included."""
+    row and a padded one, grouped heads included."""
     from dsjax.model import attention
 
     rng = np.random.default_rng(0)
@@ -144,11 +144,11 @@ def test_blocked_attention_equals_full(length):
     segments = np.ones((2, length), np.int32)
     segments[0, length // 3:] = 2
     segments[0, length // 2:] = 3
-    mask = attention.attention_mask(jnp.asarray(segments))
+    segments[1, length - 7:] = 0  # padding
 
     def run(impl):
         def loss(q, k, v):
-            out = attention.dot_product_attention(q, k, v, mask, 0.3, impl)
+            out = attention.self_attention(q, k, v, jnp.asarray(segments), 0.3, impl)
             return (out * jnp.cos(out)).sum(), out
         return jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
 
