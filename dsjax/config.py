@@ -8,7 +8,7 @@ ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
 MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
-REMAT_POLICIES = ('auto', 'none', 'full', 'save_dots')
+REMAT_POLICIES = ('auto', 'none', 'full', 'save_dots', 'save_attention')
 ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn')
 FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -72,8 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = 'float32'  # compute
     m.param_dtype = 'float32'
     # What a layer saves for the backward: 'none' everything, 'full' only its input (the rest is recomputed),
-    # 'save_dots' the matmul outputs; 'auto': full on the CPU (cheaper than storing and re-reading the
-    # residuals there: README, Performance), none elsewhere. See transformer.resolve_remat.
+    # 'save_dots' the matmul outputs, 'save_attention' its input plus the blocked attention's output and
+    # logsumexp (so the backward recomputes the projections but not the attention); 'auto': save_attention
+    # on the CPU (cheaper than storing and re-reading all residuals there: README, Performance), none
+    # elsewhere. See transformer.resolve_remat.
     m.remat_policy = 'auto'
     # Training-time attention kernel. 'xla': einsums and a float32 softmax over the whole [L, S] scores;
     # 'blocked': the same per block of queries, skipping the keys above the causal diagonal; 'cudnn': the

@@ -14,6 +14,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import FUSED_ATTENTION_DTYPES, ModelConfig
 from dsjax.model import rope
@@ -21,6 +22,9 @@ from dsjax.model.layers import RMSNorm, constrain, dense, param, weight
 
 # A large negative instead of -inf keeps fully-masked rows (padding) finite.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# checkpoint_name()s of what recomputed_attention's backward needs beyond q, k, v: the remat policy
+# 'save_attention' keeps them, so a rematted layer recomputes its projections but not its attention.
+ATTENTION_RESIDUALS = ('attention_out', 'attention_lse')
 
 
 def attention_mask(segment_ids_BxL) -> jax.Array:
@@ -115,7 +119,9 @@ def _recomputed_attention_fwd(q_XxRxK, k_XxSxK, v_XxSxU, seg_q_XxR, seg_k_XxS, p
     total = unnormed.sum(axis=-1, keepdims=True)
     out = (jnp.einsum('XRS,XSU->XRU', unnormed.astype(v_XxSxU.dtype), v_XxSxU,
                       preferred_element_type=jnp.float32) / total).astype(v_XxSxU.dtype)
-    return out, (q_XxRxK, k_XxSxK, v_XxSxU, seg_q_XxR, seg_k_XxS, pos_R, out, top + jnp.log(total))
+    out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
+    lse = checkpoint_name(top + jnp.log(total), ATTENTION_RESIDUALS[1])
+    return out, (q_XxRxK, k_XxSxK, v_XxSxU, seg_q_XxR, seg_k_XxS, pos_R, out, lse)
 
 
 def _recomputed_attention_bwd(scale, res, dout):

@@ -16,22 +16,24 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.model import rope
-from dsjax.model.attention import MHA, MLA
+from dsjax.model.attention import ATTENTION_RESIDUALS, MHA, MLA
 from dsjax.model.layers import MLP, Embed, RMSNorm, constrain, dense, weight
 from dsjax.model.moe import MoE
 
 _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'save_dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    'save_attention': jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS),
 }
 
 
 def resolve_remat(cfg: ModelConfig, backend: str | None = None) -> str:
-    """The policy behind `cfg.remat_policy`: 'auto' is 'full' on the CPU, where recomputing a layer in the
-    backward costs less than the scan stacking and re-reading its saved activations, else 'none'."""
+    """The policy behind `cfg.remat_policy`: 'auto' is 'save_attention' on the CPU, where recomputing a
+    layer's projections and MLP in the backward costs less than the scan stacking and re-reading their
+    saved activations, but recomputing the attention does not; else 'none'."""
     if cfg.remat_policy != 'auto':
         return cfg.remat_policy
-    return 'full' if (backend or jax.default_backend()) == 'cpu' else 'none'
+    return 'save_attention' if (backend or jax.default_backend()) == 'cpu' else 'none'
 
 
 class Block(nn.Module):
