@@ -1,14 +1,20 @@
-"""Where a train step's time goes on this backend: XLA ops timed by the profiler, summed by kind.
+"""Where a train step's time goes on this backend: XLA ops timed by the profiler, summed by kind and by
+the model part they come from.
 
 Run: `python benchmarks/profile_step.py` (llm_small; `--shape=v3_small` for the MoE); prints markdown and
 writes results/profile_step_<shape>.md. The step is benchmarks/harness.py's (the loop's jitted train step),
-warmed up, then `--steps` steps run under `jax.profiler.trace`; each XLA op's events on the worker threads
+warmed up, then `--steps` steps run under `jax.profiler.trace`. Each XLA op's events on the worker threads
 are summed per step and grouped by kind (the op name without its '.N' suffix: 'ynn_fusion' are the
-YNNPACK dots on CPU, 'copy_bitcast_fusion' copies and layout changes, ...). The busy share compares the
-ops' summed time with the step's wall time times the worker threads: how much of the cores XLA keeps busy.
+YNNPACK dots on CPU, 'copy_bitcast_fusion' copies and layout changes, ...) and by model part (the
+op's jax name in the compiled HLO: attention, MLP, norms, the chunked head + loss, the rest; the
+backward of each is 'transpose(...)' there). An op runs on one thread while the other works for it
+inside parallel regions, and independent ops overlap, so op times add up to more than the wall time;
+the shares compare parts with each other. The busy share counts a thread busy inside an op or a
+parallel region.
 """
 import collections
 import pathlib
+import re
 import tempfile
 import time
 
@@ -22,21 +28,43 @@ from harness import build_ours, random_batch  # benchmarks/harness.py
 _SHAPE = flags.DEFINE_string('shape', 'llm_small', 'Experiment file whose model and batch to profile.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Profiled steps (after two warm-up steps).')
 _TOP = flags.DEFINE_integer('top', 12, 'Op kinds and single ops listed.')
+PARTS = (('/attn/', 'attention'), ('/mlp/', 'MLP / MoE'), ('norm', 'RMSNorm'), ('jvp()/while', 'head + loss'))
 
 
-def op_times(trace_dir) -> tuple[collections.Counter, set]:
-    """{op name: summed duration in ns} over the XLA worker threads, and the threads' names."""
+def op_times(trace_dir) -> tuple[collections.Counter, int, int]:
+    """({op name: summed duration in ns} over XLA's CPU worker threads, busy ns summed over the threads,
+    the number of threads)."""
     path = next(pathlib.Path(trace_dir).rglob('*.xplane.pb'))
-    ops, threads = collections.Counter(), set()
+    ops, busy, threads = collections.Counter(), 0, 0
     for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
         for line in plane.lines:
-            if 'XLAEigen' not in line.name:  # XLA's CPU worker threads
+            if 'XLAEigen' not in line.name:
                 continue
-            threads.add(line.name)
-            for event in line.events:
-                if not event.name.startswith('ThunkExecutor'):  # the containers, not ops
+            threads += 1
+            spans, region = [], None
+            for event in sorted(line.events, key=lambda e: e.start_ns):
+                if event.name == 'ThreadpoolListener::StartRegion':
+                    region = event.start_ns
+                elif event.name == 'ThreadpoolListener::StopRegion' and region is not None:
+                    spans.append((region, event.start_ns))
+                    region = None
+                elif not event.name.startswith(('ThunkExecutor', 'ThreadpoolListener', 'end:')):
                     ops[event.name] += event.duration_ns
-    return ops, threads
+                    spans.append((event.start_ns, event.start_ns + event.duration_ns))
+            end = 0
+            for a, b in sorted(spans):  # the union of the thread's busy spans
+                busy += max(0, b - max(a, end))
+                end = max(end, b)
+    return ops, busy, threads
+
+
+def model_part(hlo_text: str) -> dict:
+    """{op name: 'forward <part>' or 'backward <part>'} from the compiled HLO's op_name metadata."""
+    parts = {}
+    for name, jax_name in re.findall(r'%([\w.-]+) = [^\n]*?op_name="([^"]*)"', hlo_text):
+        part = next((label for key, label in PARTS if key in jax_name), 'other (embedding, optimizer, ...)')
+        parts[name] = ('backward ' if 'transpose(' in jax_name else 'forward ') + part
+    return parts
 
 
 def main(argv):
@@ -50,19 +78,24 @@ def main(argv):
             start = time.perf_counter()
             ours.run(n)
             wall_ms = (time.perf_counter() - start) / n * 1e3
-        ops, threads = op_times(trace_dir)
-    kinds = collections.Counter()
+        ops, busy_ns, threads = op_times(trace_dir)
+    part_of = model_part(ours.compiled.as_text())
+    kinds, parts = collections.Counter(), collections.Counter()
     for name, ns in ops.items():
         kinds[name.split('.')[0]] += ns
-    busy_ms = sum(ops.values()) / n / 1e6
+        parts[part_of.get(name, 'no jax name (fills, copies, loop control)')] += ns
+    op_ms = sum(ops.values()) / n / 1e6
     lines = [f'# Where {_SHAPE.value}\'s train step spends its time ({jax.default_backend()}, '
              f'jax {jax.__version__})', '',
-             f'Step wall time {wall_ms:.0f} ms under the profiler; XLA ops {busy_ms:.0f} ms summed over '
-             f'{len(threads)} worker threads: the cores are busy {busy_ms / (wall_ms * max(len(threads), 1)):.0%} '
-             'of the step.', '', '| op kind | ms per step | share of op time |', '|---|---|---|']
-    lines += [f'| {k} | {ns / n / 1e6:.1f} | {ns / n / 1e6 / busy_ms:.0%} |' for k, ns in kinds.most_common(_TOP.value)]
-    lines += ['', '| single op | ms per step |', '|---|---|']
-    lines += [f'| {k} | {ns / n / 1e6:.1f} |' for k, ns in ops.most_common(_TOP.value)]
+             f'Step wall time {wall_ms:.0f} ms under the profiler; {threads} worker threads, busy '
+             f'{busy_ns / n / 1e6 / (wall_ms * max(threads, 1)):.0%} of the step (inside an op or a parallel region); '
+             f'XLA op events sum to {op_ms:.0f} ms per step.', '',
+             '| model part | ms of op time per step | share |', '|---|---|---|']
+    lines += [f'| {k} | {ns / n / 1e6:.1f} | {ns / n / 1e6 / op_ms:.0%} |' for k, ns in parts.most_common()]
+    lines += ['', '| op kind | ms per step | share of op time |', '|---|---|---|']
+    lines += [f'| {k} | {ns / n / 1e6:.1f} | {ns / n / 1e6 / op_ms:.0%} |' for k, ns in kinds.most_common(_TOP.value)]
+    lines += ['', '| single op | ms per step | model part |', '|---|---|---|']
+    lines += [f'| {k} | {ns / n / 1e6:.1f} | {part_of.get(k, "")} |' for k, ns in ops.most_common(_TOP.value)]
     text = '\n'.join(lines) + '\n'
     print(text)
     (pathlib.Path(__file__).parent / 'results' / f'profile_step_{_SHAPE.value}.md').write_text(text)
