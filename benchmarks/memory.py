@@ -10,7 +10,7 @@ benchmarks/results/memory.md.
   build). The estimate beside it: params (4 B each in float32), AdamW moments (8 B), gradients (4 B), and
   activations = the residuals jax saves for the backward pass (`saved_residuals` of the loss under the
   config's remat policy), counted from their shapes.
-- Remat policies none / full / save_dots (model.remat_policy): compiled peak and median step time of
+- Remat policies none / full / save_dots / save_attention (model.remat_policy): compiled peak and median step time of
   alternating rounds, for both experiment shapes.
 - Largest v3_small-shaped model in 24 GB: width multiples of v3_small (hidden, heads, ranks, ffn and expert
   widths scaled together; 32 experts top-4, vocab 4096, batch 8 x 256, float32, AdamW), each compiled at
@@ -34,7 +34,7 @@ from dsjax.train import step as step_lib
 import harness as ts  # benchmarks/harness.py, beside this file
 
 RESULTS = pathlib.Path(__file__).parent / 'results' / 'memory.md'
-POLICIES = ('none', 'full', 'save_dots')
+POLICIES = ('none', 'full', 'save_dots', 'save_attention')
 BUDGET = 24 * 2 ** 30
 WIDTHS = (2, 8)
 ROUNDS = 2
