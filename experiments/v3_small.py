@@ -6,12 +6,14 @@ bias balancing (gamma 1e-2, see below), sequence-wise balance loss (alpha 1e-4),
 0.1), YaRN-ready RoPE (interleaved pairs as in the checkpoints; see v3_long.py to extend).
 
 Run:      python -m dsjax.main --config=experiments/v3_small.py
-Hardware: 2 CPU cores: 300 steps x 8 x 256 tokens in 7.7 minutes on the idle machine (1,471 tokens/s,
-          MFU 0.31 with MTP; measured; ~9.5 minutes and 1,260 tokens/s before the chunked head, blocked
-          attention and CPU remat).
-Expect:   validation loss 8.38 -> 5.46 (100) -> 4.82 (200) -> 4.66 (300), global MaxVio 1.12 -> 0.87
-          (measured with shuffled rows, data.shuffle_window; the run before those changes, same math with
-          other rounding: 5.44 / 4.81 / 4.65, MaxVio 0.93). At 150 steps before that change:
+Hardware: 2 CPU cores: 300 steps x 8 x 256 tokens in 7.2 minutes on the idle machine (1,615 tokens/s
+          with MTP; measured; 7.7 minutes and 1,471 tokens/s before the flattened projections, the
+          [B x G]-row attention and remat save_attention, ~9.5 minutes and 1,260 tokens/s before the
+          chunked head, blocked attention and CPU remat).
+Expect:   validation loss 8.38 -> 5.47 (100) -> 4.82 (200) -> 4.65 (300), global MaxVio 1.12 -> 0.74
+          (measured with shuffled rows, data.shuffle_window; earlier runs of the same math with other
+          rounding: 5.46 / 4.82 / 4.66, MaxVio 0.87, and 5.44 / 4.81 / 4.65, MaxVio 0.93). At 150 steps
+          before that change:
           5.59, MaxVio 0.88 against 4.19 without balancing
           (benchmarks/results/sweeps/balancing/v3_small_width256_seed0.md).
           experiments/sweeps/balancing.py compares the balancing methods over three seeds.
