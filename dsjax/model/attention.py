@@ -96,7 +96,7 @@ def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: 
 
 def _block_logits(q_XxRxK, k_XxSxK, seg_q_XxR, seg_k_XxS, pos_R, scale):
     """Masked float32 logits [X, R, S] of one query block: row r (at position pos_R[r]) sees key s iff
-    s <= pos_R[r] and their segments match."""
+    s <= pos_R[r] and their segments match (so every row sees at least itself, padding included)."""
     logits = jnp.einsum('XRK,XSK->XRS', q_XxRxK, k_XxSxK, preferred_element_type=jnp.float32) * scale
     keys_S = jnp.arange(k_XxSxK.shape[1])
     visible = (keys_S[None, None, :] <= pos_R[None, :, None]) & (seg_q_XxR[:, :, None] == seg_k_XxS[:, None, :])

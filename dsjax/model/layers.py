@@ -70,6 +70,7 @@ class Embed(nn.Module):
         x_BxLxD = jnp.take(self.embedding, tokens_BxL, axis=0).astype(self.cfg.dtype)
         return constrain(x_BxLxD, ('batch', 'act_len', 'act_embed'))
 
+
 def swiglu(gate, up):
     """silu(gate) * up. Written out rather than jax.nn.silu, which is a nested jit: its call boundary kept
     XLA from fusing the backward of silu with the product's, costing an extra transposed copy of [T, F]
@@ -90,5 +91,6 @@ class MLP(nn.Module):
         gate_DxF = weight(self, 'gate', (d, f), ('embed', 'mlp'), cfg)
         up_DxF = weight(self, 'up', (d, f), ('embed', 'mlp'), cfg)
         down_FxD = weight(self, 'down', (f, d), ('mlp', 'embed'), cfg)
-        h_BxLxF = constrain(swiglu(dense(x_BxLxD, gate_DxF), dense(x_BxLxD, up_DxF)), ('batch', 'act_len', 'act_mlp'))
+        h_BxLxF = swiglu(dense(x_BxLxD, gate_DxF), dense(x_BxLxD, up_DxF))
+        h_BxLxF = constrain(h_BxLxF, ('batch', 'act_len', 'act_mlp'))
         return dense(h_BxLxF, down_FxD)
