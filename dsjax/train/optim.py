@@ -94,6 +94,19 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm's math, g * min(1, max_norm / ||g||), as a scalar multiply that XLA
+    folds into AdamW's moment updates. optax writes it `where(norm < max_norm, g, g / norm * max_norm)`,
+    whose two branches make XLA materialise the clipped gradients: on the CPU a fresh parameter-sized
+    buffer every step (v3_small with 128 experts: 70K page faults and 2.1x the optimizer's time)."""
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
     """Global-norm clipping (if `clip_norm` > 0), then AdamW on `make_schedule` with decay on ndim >= 2 params.
 
@@ -109,5 +122,5 @@ def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
     mask = decay_mask if params is None else decay_mask(params)
     adamw = optax.adamw(make_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)
     if c.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(c.clip_norm), adamw)
+        return optax.chain(clip_by_global_norm(c.clip_norm), adamw)
     return adamw

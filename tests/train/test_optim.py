@@ -91,6 +91,20 @@ def test_clipping_clips_global_norm():
     jax.tree.map(close, _adam_input(_cfg(clip_norm=0.0), grads), grads)
 
 
+@pytest.mark.parametrize('max_norm', [0.5, 50.0])
+def test_clip_matches_optax(max_norm):
+    """Our scalar-multiply clip against optax's where-based one, clipping (0.5) and not (50): same
+    updates to float rounding, and the same (empty) state, so checkpoints of either restore."""
+    rng = np.random.default_rng(0)
+    grads = {'w': jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+             'b': jnp.asarray(rng.standard_normal((16,)), jnp.float32)}
+    ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    ours_out, ours_state = ours.update(grads, ours.init(grads))
+    theirs_out, theirs_state = theirs.update(grads, theirs.init(grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours_out, theirs_out)
+    assert jax.tree.structure(ours_state) == jax.tree.structure(theirs_state)
+
+
 @pytest.mark.parametrize('field, value', [
     ('lr', 0.0), ('schedule', 'linear'), ('warmup_steps', -1), ('min_lr_ratio', 1.5),
     ('b1', 1.0), ('b2', -0.1), ('eps', 0.0), ('weight_decay', -0.1), ('clip_norm', -1.0),
