@@ -11,9 +11,9 @@ local all_to_alls, so it measures the packing overhead). On CPU, jax lowers ragg
 dense dot over every group (`_ragged_dot_general_impl`), so ragged costs about K x dense there; ragged and
 `capacity C=T` (which costs what dense costs) run at T=256 only.
 
-Part 2, a full v3_small training step (benchmarks/train_step.py's build, MTP on, 8 x 256 tokens) with
-n_routed_experts = 16 and 128 (top-4, expert width 128) for capacity (factor 1.25) and grouped (the
-defaults 'auto' picks on CPU); every cell runs once per round, medians of the rounds.
+Part 2, a full v3_small training step (benchmarks/train_step.py's build, MTP on, 8 x 256 tokens, then
+32 x 256) with n_routed_experts = 16 and 128 (top-4, expert width 128) for capacity (factor 1.25) and
+grouped (the defaults 'auto' picks on CPU); every cell runs once per round, medians of the rounds.
 """
 import math
 import pathlib
@@ -80,6 +80,9 @@ def time_ms(fn, args, min_seconds: float = 0.4, repeats: int = 3) -> float:
 
 
 FULL_STEP_EXPERTS = (16, 128)
+# v3_small's batch of 8 x 256 tokens, then 4x: AdamW and the gradient buffers cost what the total
+# parameters cost (8x from 16 to 128 experts), whatever the tokens; a bigger batch shares them out.
+FULL_STEP_BATCHES = (8, 32)
 # Measured at T=256 only: both cost what dense costs or more on CPU (see the docstring), and at T=2048
 # they would take most of the run.
 SMALL_T_ONLY = ('ragged', 'capacity C=T')
@@ -131,24 +134,25 @@ def format_block(tokens: int, strategies, ms: dict, dropped: dict) -> list[str]:
     return lines
 
 
-def full_step_table(repeats: int = 3) -> list[str]:
-    """Part 2: a whole v3_small train step per strategy and expert count. Every (strategy, E) runs once
-    per round, so the E=128 / E=16 ratio compares steps timed under the same load."""
+def full_step_table(batch: int, repeats: int = 3) -> list[str]:
+    """Part 2: a whole v3_small train step at `batch` x 256 tokens per strategy and expert count. Every
+    (strategy, E) runs once per round, so the E=128 / E=16 ratio compares steps timed under the same load."""
     import harness as ts  # benchmarks/harness.py, beside this file
     runners = {}
     for e in FULL_STEP_EXPERTS:
         for label, (name, factor) in FULL_STEP_STRATEGIES.items():
             c = config_lib.load_experiment(str(ts.EXPERIMENTS / 'v3_small.py'), 'v3_small')
             c.model.update(n_routed_experts=e, moe_dispatch=name, capacity_factor=factor)
+            c.data.batch_size = batch
             cfg = config_lib.freeze_model(c.model)
             runners[label, e] = ts.build_ours(c, ts.random_batch(cfg, c.data.batch_size, c.data.seq_len))
     sec = ts.side_by_side(runners, repeats, 1)
     for (label, e), v in sec.items():
-        print(f'full step {label:>10} E={e:<4} {v * 1e3:8.0f} ms', flush=True)
+        print(f'full step batch {batch} {label:>10} E={e:<4} {v * 1e3:8.0f} ms', flush=True)
     lines = [
-        '### Full v3_small training step',
+        f'### Full v3_small training step, {batch} x 256 tokens',
         '',
-        f'ms per training step (forward, losses, backward, AdamW; MTP on; 8 x 256 tokens, top-4, expert width '
+        f'ms per training step (forward, losses, backward, AdamW; MTP on; {batch} x 256 tokens, top-4, expert width '
         f'128), median of {repeats} rounds, each round running every cell once; capacity factor {CAPACITY_FACTOR}.',
         '',
         '| strategy | ' + ' | '.join(f'E={e}' for e in FULL_STEP_EXPERTS) + ' | 128 vs 16 |',
@@ -176,7 +180,8 @@ def main(parts=('block', 'step')):
             for tokens in TOKEN_COUNTS:
                 lines += expert_block_table(tokens)
         else:
-            lines += full_step_table()
+            for batch in FULL_STEP_BATCHES:
+                lines += full_step_table(batch)
         lines.append('Load average (1/5/15 min): ' + ' / '.join(f'{x:.1f}' for x in load_before) + ' at the start, '
                      + ' / '.join(f'{x:.1f}' for x in os.getloadavg()) + ' at the end.')
         write(out, lines)
