@@ -2,9 +2,11 @@
 
 Run: `python benchmarks/matmul_shapes.py` (seconds); prints markdown and writes results/matmul_shapes.md.
 Shapes for T = 16 x 256 tokens, d = 128, ffn 344, vocab 4096: each layer's forward (x @ W), its two
-backward products (g @ W^T for the input, x^T @ g for the weight), the head's three, and one attention
-score product (64 = batch x heads, 256 positions, head dim 32). Median of 5 rounds of 10 calls, the rounds
-alternating jax and torch (harness.side_by_side).
+backward products (g @ W^T for the input, x^T @ g for the weight), the head's three, and attention's
+three kinds of batched product (64 = batch x heads, 256 positions, head dim 32): scores q @ k^T, the
+output p @ v, and the backward's p^T @ g (dv; dk has the same shape), whose contraction runs over the
+rows of both operands. Median of 5 rounds of 10 calls, the rounds alternating jax and torch
+(harness.side_by_side).
 """
 import os
 import pathlib
@@ -28,6 +30,8 @@ CASES = {
     'head dE = g^T @ x  (T,V)^T x (T,D)': ((T, V), (T, D), True, False),
     'head dx = g @ E  (T,V) x (V,D)': ((T, V), (V, D), False, False),
     'attention q @ k^T  (64,256,32) x (64,256,32)^T': ((64, 256, 32), (64, 256, 32), False, True),
+    'attention p @ v  (64,256,256) x (64,256,32)': ((64, 256, 256), (64, 256, 32), False, False),
+    'attention dv = p^T @ g  (64,256,256)^T x (64,256,32)': ((64, 256, 256), (64, 256, 32), True, False),
 }
 
 
