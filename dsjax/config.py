@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     o.eps = 1e-8
     o.weight_decay = 0.1
     o.clip_norm = 1.0
+    o.moment_dtype = 'float32'  # AdamW's two moments; V3 kept them in 'bfloat16' (optim.scale_by_adam)
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000

@@ -5,7 +5,8 @@ sigmoid gating with node-limited routing (8 groups, 4 kept), auxiliary-loss-free
 
 Builds abstractly here (tests/test_experiments.py); trains on a pod with expert parallelism.
 Recipe (V3 paper 4.2): AdamW (0.9, 0.95), wd 0.1, clip 1.0; lr 2.2e-4 after 2K warmup, cosine to
-2.2e-5; 14.8T tokens at 4K context. Long context follows as a separate stage (YaRN, 32K then 128K).
+2.2e-5; 14.8T tokens at 4K context; AdamW's moments kept in bfloat16 (paper 3.3). Long context follows
+as a separate stage (YaRN, 32K then 128K).
 """
 from dsjax import config as config_lib
 
@@ -21,6 +22,7 @@ def get_config(arg=None):
     c.optim.lr = 2.2e-4
     c.optim.warmup_steps = 2000
     c.optim.min_lr_ratio = 0.1
+    c.optim.moment_dtype = 'bfloat16'
     c.train.bias_update_rate = 0.001
     c.train.bias_update_until = 14.3 / 14.8
     c.train.mtp_loss_weight = 0.3

@@ -8,6 +8,7 @@ import optax
 from dsjax import config as config_lib
 
 SCHEDULES = ('cosine', 'multistep', 'constant')
+MOMENT_DTYPES = ('float32', 'bfloat16')
 
 
 def _fail(field, value, valid):
@@ -37,6 +38,8 @@ def validate(optim_cfg) -> None:
         _fail('eps', c.eps, 'must be > 0')
     if c.weight_decay < 0:
         _fail('weight_decay', c.weight_decay, 'must be >= 0')
+    if c.moment_dtype not in MOMENT_DTYPES:
+        _fail('moment_dtype', c.moment_dtype, f'must be one of {MOMENT_DTYPES}')
     if c.clip_norm < 0:
         _fail('clip_norm', c.clip_norm, 'must be >= 0 (0 turns clipping off)')
     milestones, factors = tuple(c.milestones), tuple(c.milestone_factors)
@@ -107,6 +110,33 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: str = 'float32') -> optax.GradientTransformation:
+    """Adam's scaling (optax.scale_by_adam, same state) with both moments stored in `moment_dtype`, as V3
+    stored them in bfloat16 (optax's mu_dtype covers only the first). Each step updates the moments in
+    the gradient's float32 and takes the update from those before rounding them for storage, so the
+    first step's update is float32 Adam's exactly."""
+    if moment_dtype == 'float32':
+        return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+    dtype = jnp.dtype(moment_dtype)
+
+    def init(params):
+        def zeros():
+            return jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
+
+    def update(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, optax.tree.cast_like(state.mu, updates), b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, optax.tree.cast_like(state.nu, updates), b2, 2)
+        count = optax.safe_increment(state.count)
+        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), optax.tree.bias_correction(mu, b1, count),
+                               optax.tree.bias_correction(nu, b2, count))
+        mu, nu = optax.tree.cast(mu, dtype), optax.tree.cast(nu, dtype)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
     """Global-norm clipping (if `clip_norm` > 0), then AdamW on `make_schedule` with decay on ndim >= 2 params.
 
@@ -120,7 +150,9 @@ def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
     """
     c = optim_cfg
     mask = decay_mask if params is None else decay_mask(params)
-    adamw = optax.adamw(make_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)
+    # optax.adamw's chain, with the moments in `moment_dtype`.
+    adamw = optax.chain(scale_by_adam(c.b1, c.b2, c.eps, c.moment_dtype),
+                        optax.add_decayed_weights(c.weight_decay, mask), optax.scale_by_learning_rate(make_schedule(c)))
     if c.clip_norm > 0:
         return optax.chain(clip_by_global_norm(c.clip_norm), adamw)
     return adamw

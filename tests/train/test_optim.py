@@ -15,7 +15,7 @@ def _cfg(**overrides):
     cfg = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule='cosine', warmup_steps=100, min_lr_ratio=0.1, decay_steps=1100,
         milestones=(), milestone_factors=(), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-        clip_norm=0.0, grad_accum_steps=1))
+        clip_norm=0.0, grad_accum_steps=1, moment_dtype='float32'))
     cfg.update(overrides)
     return cfg
 
@@ -108,7 +108,7 @@ def test_clip_matches_optax(max_norm):
 @pytest.mark.parametrize('field, value', [
     ('lr', 0.0), ('schedule', 'linear'), ('warmup_steps', -1), ('min_lr_ratio', 1.5),
     ('b1', 1.0), ('b2', -0.1), ('eps', 0.0), ('weight_decay', -0.1), ('clip_norm', -1.0),
-    ('decay_steps', 0),
+    ('decay_steps', 0), ('moment_dtype', 'float16'),
 ])
 def test_validation_names_field(field, value):
     with pytest.raises(ValueError, match=rf'optim\.{field}='):
@@ -132,3 +132,31 @@ def test_validation_multistep(milestones, factors, field):
 def test_valid_configs_pass():
     optim.validate(_cfg())
     optim.validate(_cfg(schedule='multistep', milestones=(0.8, 0.9), milestone_factors=(0.316, 0.1)))
+
+
+def test_bfloat16_moments_track_float32_adam():
+    """moment_dtype='bfloat16' (V3's optimizer state): moments stored in bfloat16, the same state tree as
+    optax's AdamW, the first update exactly float32 AdamW's (taken before the moments are rounded), and
+    the parameters within bfloat16 rounding of float32 AdamW's after 20 steps on a quadratic."""
+    rng = np.random.default_rng(0)
+    target = {'w': jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+              'b': jnp.asarray(rng.standard_normal((8,)), jnp.float32)}
+    grad_fn = jax.grad(lambda p: sum(((p[k] - target[k]) ** 2).sum() for k in p))
+    runs = {}
+    for dtype in ('float32', 'bfloat16'):
+        tx = optim.make_optimizer(_cfg(moment_dtype=dtype, warmup_steps=0, lr=1e-2, clip_norm=1.0))
+        params = jax.tree.map(jnp.zeros_like, target)
+        state = tx.init(params)
+        updates = []
+        for _ in range(20):
+            u, state = tx.update(grad_fn(params), state, params)
+            params = optax.apply_updates(params, u)
+            updates.append(u)
+        runs[dtype] = params, state, updates
+    (p32, s32, u32), (p16, s16, u16) = runs['float32'], runs['bfloat16']
+    assert jax.tree.structure(s16) == jax.tree.structure(s32)
+    assert {x.dtype for x in jax.tree.leaves(optax.tree_utils.tree_get(s16, 'mu'))} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(optax.tree_utils.tree_get(s16, 'nu'))} == {jnp.dtype(jnp.bfloat16)}
+    jax.tree.map(np.testing.assert_array_equal, u16[0], u32[0])
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(u16[-1]), jax.tree.leaves(u32[-1])))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-3), p16, p32)
