@@ -13,8 +13,9 @@ benchmarks/results/memory.md.
 - Remat policies none / full / save_dots / save_attention (model.remat_policy): compiled peak and median step time of
   alternating rounds, for both experiment shapes.
 - Largest v3_small-shaped model in 24 GB: width multiples of v3_small (hidden, heads, ranks, ffn and expert
-  widths scaled together; 32 experts top-4, vocab 4096, batch 8 x 256, float32, AdamW), each compiled at
-  two depths; the peak is linear in depth (scanned layers), so the depth that fits is read off the line.
+  widths scaled together; 32 experts top-4, vocab 4096, batch 8 x 256, float32, AdamW with float32 moments,
+  then bfloat16 ones as V3 kept them), each compiled at two depths; the peak is linear in depth (scanned
+  layers), so the depth that fits is read off the line.
 """
 import os
 import pathlib
@@ -38,8 +39,9 @@ POLICIES = ('none', 'full', 'save_dots', 'save_attention')
 BUDGET = 24 * 2 ** 30
 WIDTHS = (2, 8)
 ROUNDS = 2
-# remat 'full' is what a memory-bound run picks; 'none' costs ~2x the memory (table above).
-LARGEST_REMAT = ('full',)
+# remat 'full' is what a memory-bound run picks ('none' costs ~2x the memory, table above); AdamW's
+# moments in float32, then in bfloat16 as V3 kept them (optim.moment_dtype).
+LARGEST_VARIANTS = (('full', 'float32'), ('full', 'bfloat16'))
 DEPTHS = (6, 12)
 GiB = 2 ** 30
 
@@ -50,9 +52,10 @@ def experiment(name: str, **model):
     return c
 
 
-def scaled_v3(width: int, layers: int, remat: str):
+def scaled_v3(width: int, layers: int, remat: str, moment_dtype: str = 'float32'):
     """v3_small with every width times `width` and `layers` layers (the first dense)."""
     c = experiment('v3_small')
+    c.optim.moment_dtype = moment_dtype
     m = c.model
     m.update(hidden_size=256 * width, intermediate_size=688 * width, num_attention_heads=4 * width,
              q_lora_rank=96 * width, kv_lora_rank=64 * width, moe_intermediate_size=128 * width,
@@ -136,15 +139,15 @@ def largest_table() -> list[str]:
     lines = ['## Largest v3_small-shaped model in 24 GB', '',
              f'Each width compiled at {DEPTHS[0]} and {DEPTHS[1]} layers; peak = a + b x layers (exact for '
              'scanned layers), solved for 24 GiB. Params at that depth include MTP and the 32 experts.', '',
-             '| width (x v3_small) | d_model | remat | peak at 6 / 12 layers | per layer | layers in 24 GiB '
-             '| params there | activated / token |',
-             '|---|---|---|---|---|---|---|---|']
+             '| width (x v3_small) | d_model | remat | AdamW moments | peak at 6 / 12 layers | per layer '
+             '| layers in 24 GiB | params there | activated / token |',
+             '|---|---|---|---|---|---|---|---|---|']
     from dsjax.model import flops
     for width in WIDTHS:
-        for remat in LARGEST_REMAT:
+        for remat, moments in LARGEST_VARIANTS:
             peaks, params = [], []
             for layers in DEPTHS:
-                compiled, abstract, _, _ = compiled_step(scaled_v3(width, layers, remat))
+                compiled, abstract, _, _ = compiled_step(scaled_v3(width, layers, remat, moments))
                 peaks.append(peak_bytes(compiled)['peak'])
                 params.append(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)))
             per_layer = (peaks[1] - peaks[0]) / (DEPTHS[1] - DEPTHS[0])
@@ -154,8 +157,9 @@ def largest_table() -> list[str]:
             total = params[0] + per_layer_params * (depth - DEPTHS[0])
             cfg = config_lib.freeze_model(scaled_v3(width, max(depth, 2), remat).model)
             active = flops.activated_matmul_params(cfg, include_mtp=False)
-            lines.append(f'| {width} | {256 * width} | {remat} | {peaks[0] / GiB:.2f} / {peaks[1] / GiB:.2f} GiB '
-                         f'| {per_layer / 2 ** 20:.0f} MiB | {depth} | {total / 1e9:.2f}B | {active / 1e6:.0f}M |')
+            lines.append(f'| {width} | {256 * width} | {remat} | {moments} '
+                         f'| {peaks[0] / GiB:.2f} / {peaks[1] / GiB:.2f} GiB | {per_layer / 2 ** 20:.0f} MiB '
+                         f'| {depth} | {total / 1e9:.2f}B | {active / 1e6:.0f}M |')
             print(lines[-1], flush=True)
     return lines + ['']
 

@@ -112,9 +112,10 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: str = 'float32') -> optax.GradientTransformation:
     """Adam's scaling (optax.scale_by_adam, same state) with both moments stored in `moment_dtype`, as V3
-    stored them in bfloat16 (optax's mu_dtype covers only the first). Each step updates the moments in
-    the gradient's float32 and takes the update from those before rounding them for storage, so the
-    first step's update is float32 Adam's exactly."""
+    stored them in bfloat16 (optax's mu_dtype covers only the first). Each step updates the moments in the
+    gradient's float32, rounds them for storage and takes the update from the stored values, so no
+    float32 copy of them outlives the step's fusions (with float32 copies kept for the update, XLA held
+    them at the peak and saved nothing)."""
     if moment_dtype == 'float32':
         return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
     dtype = jnp.dtype(moment_dtype)
@@ -126,12 +127,12 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: str = 'float32
 
     def update(updates, state, params=None):
         del params
-        mu = optax.tree.update_moment(updates, optax.tree.cast_like(state.mu, updates), b1, 1)
-        nu = optax.tree.update_moment_per_elem_norm(updates, optax.tree.cast_like(state.nu, updates), b2, 2)
+        as_grads = lambda tree: optax.tree.cast_like(tree, updates)
+        mu = optax.tree.cast(optax.tree.update_moment(updates, as_grads(state.mu), b1, 1), dtype)
+        nu = optax.tree.cast(optax.tree.update_moment_per_elem_norm(updates, as_grads(state.nu), b2, 2), dtype)
         count = optax.safe_increment(state.count)
-        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), optax.tree.bias_correction(mu, b1, count),
-                               optax.tree.bias_correction(nu, b2, count))
-        mu, nu = optax.tree.cast(mu, dtype), optax.tree.cast(nu, dtype)
+        mu_hat, nu_hat = (optax.tree.bias_correction(as_grads(m), b, count) for m, b in ((mu, b1), (nu, b2)))
+        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
         return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init, update)

@@ -136,8 +136,8 @@ def test_valid_configs_pass():
 
 def test_bfloat16_moments_track_float32_adam():
     """moment_dtype='bfloat16' (V3's optimizer state): moments stored in bfloat16, the same state tree as
-    optax's AdamW, the first update exactly float32 AdamW's (taken before the moments are rounded), and
-    the parameters within bfloat16 rounding of float32 AdamW's after 20 steps on a quadratic."""
+    optax's AdamW, the first update float32 AdamW's to bfloat16 rounding (it reads the rounded moments),
+    and the parameters within bfloat16 rounding of float32 AdamW's after 20 steps on a quadratic."""
     rng = np.random.default_rng(0)
     target = {'w': jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
               'b': jnp.asarray(rng.standard_normal((8,)), jnp.float32)}
@@ -157,6 +157,6 @@ def test_bfloat16_moments_track_float32_adam():
     assert jax.tree.structure(s16) == jax.tree.structure(s32)
     assert {x.dtype for x in jax.tree.leaves(optax.tree_utils.tree_get(s16, 'mu'))} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(optax.tree_utils.tree_get(s16, 'nu'))} == {jnp.dtype(jnp.bfloat16)}
-    jax.tree.map(np.testing.assert_array_equal, u16[0], u32[0])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2), u16[0], u32[0])
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(u16[-1]), jax.tree.leaves(u32[-1])))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-3), p16, p32)
