@@ -139,7 +139,8 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: str = 'float32
 
 
 def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
-    """Global-norm clipping (if `clip_norm` > 0), then AdamW on `make_schedule` with decay on ndim >= 2 params.
+    """Global-norm clipping (if `clip_norm` > 0), then AdamW on `make_schedule` with decay on ndim >= 2 params
+    and its moments in `moment_dtype`.
 
     Args:
       optim_cfg: the `config.optim` section.

@@ -14,7 +14,8 @@ from dsjax.train.state import TrainState
 
 OPTIM = ml_collections.ConfigDict(dict(
     lr=1e-3, schedule='constant', warmup_steps=0, min_lr_ratio=0.1, decay_steps=10, milestones=(),
-    milestone_factors=(), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1))
+    milestone_factors=(), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1,
+    moment_dtype='float32'))
 
 
 def _mesh_1d():
