@@ -131,7 +131,8 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: str = 'float32
         mu = optax.tree.cast(optax.tree.update_moment(updates, as_grads(state.mu), b1, 1), dtype)
         nu = optax.tree.cast(optax.tree.update_moment_per_elem_norm(updates, as_grads(state.nu), b2, 2), dtype)
         count = optax.safe_increment(state.count)
-        mu_hat, nu_hat = (optax.tree.bias_correction(as_grads(m), b, count) for m, b in ((mu, b1), (nu, b2)))
+        mu_hat = optax.tree.bias_correction(as_grads(mu), b1, count)
+        nu_hat = optax.tree.bias_correction(as_grads(nu), b2, count)
         updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
         return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
