@@ -1,13 +1,14 @@
 """DeepSeek-LLM (dense, MHA) at laptop scale, pre-trained on the Python standard library.
 
 Run:      python -m dsjax.main --config=experiments/llm_small.py
-Hardware: 2 CPU cores: 520 steps x 16 x 256 tokens in 4.0 minutes on the idle machine with the tokenizer
-          cached (9,840 tokens/s; measured; 4.4 minutes and 8,880 tokens/s before the flattened projections,
-          the [B x G]-row attention and remat save_attention, 8.3 minutes and 4,590 tokens/s before the
-          chunked head and blocked attention; a fresh cache also trains the tokenizer first).
+Hardware: 2 CPU cores: 520 steps x 16 x 256 tokens in 3.7-4.0 minutes on the idle machine with the
+          tokenizer cached (9,840-10,200 tokens/s; measured twice; 4.4 minutes and 8,880 tokens/s before the
+          flattened projections, the [B x G]-row attention and remat save_attention, 8.3 minutes and 4,590
+          tokens/s before the chunked head and blocked attention; a fresh cache also trains the tokenizer
+          first).
 Expect:   validation loss 8.34 (ln 4096) -> 5.08 (step 100) -> 4.62 (200) -> 4.31 (300) -> 4.22 (400)
-          -> 4.00 (520), 0.48x the initial one (measured; the runs before: 3.99 and 3.98, the same math
-          with other rounding); mean train loss over the last 50 steps 3.85.
+          -> 4.00 (520), 0.48x the initial one (measured; other runs: 3.99 twice and 3.98, the same math
+          with other rounding); mean train loss over the last 50 steps 3.85-3.86.
           Why this size: at a fixed 10 minutes on 2 cores a narrower model seeing more tokens wins.
           Width 256 (5.3M params, 1.6 s/step) reached 4.51 in 300 steps (0.54x); width 128 (1.8M
           params, 0.9 s/step) at lr 3e-3 is already at 4.31 by step 300 and gets 520 steps in the
