@@ -11,9 +11,9 @@ Hardware: 2 CPU cores: 300 steps x 8 x 256 tokens in 7.2 minutes on the idle mac
           [B x G]-row attention and remat save_attention, ~9.5 minutes and 1,260 tokens/s before the
           chunked head, blocked attention and CPU remat).
 Expect:   validation loss 8.38 -> 5.47 (100) -> 4.82 (200) -> 4.65 (300), global MaxVio 1.12 -> 0.74
-          (measured with shuffled rows, data.shuffle_window; earlier runs of the same math with other
-          rounding: 5.46 / 4.82 / 4.66, MaxVio 0.87, and 5.44 / 4.81 / 4.65, MaxVio 0.93). At 150 steps
-          before that change:
+          (measured with shuffled rows, data.shuffle_window; other runs of the same math with other
+          rounding: 5.46 / 4.82 / 4.66, MaxVio 0.87; 5.44 / 4.81 / 4.65, MaxVio 0.93; after the scalar
+          gradient clip, 5.47 / 4.83 / 4.67, MaxVio 0.90 in 7.7 minutes). At 150 steps before shuffling:
           5.59, MaxVio 0.88 against 4.19 without balancing
           (benchmarks/results/sweeps/balancing/v3_small_width256_seed0.md).
           experiments/sweeps/balancing.py compares the balancing methods over three seeds.
