@@ -45,8 +45,8 @@ def main():
     threads = xla_threads()
     torch.set_num_threads(threads)
     lines = [f'# llm_small\'s matmuls alone: jax {jax.__version__} vs torch {torch.__version__}, float32, {threads} '
-             f'threads, load average {os.getloadavg()[0]:.1f} at the start', '', '| product | GFLOP | jax GFLOP/s | torch GFLOP/s | jax / torch speed |',
-             '|---|---|---|---|---|']
+             f'threads, load average {os.getloadavg()[0]:.1f} at the start', '',
+             '| product | GFLOP | jax GFLOP/s | torch GFLOP/s | jax / torch speed |', '|---|---|---|---|---|']
     rng = np.random.default_rng(0)
     for name, (sa, sb, lhs_t, rhs_t) in CASES.items():
         a, b = rng.standard_normal(sa, np.float32), rng.standard_normal(sb, np.float32)

@@ -311,7 +311,7 @@ def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExF
     token_R = jnp.where(src_R < t * k, src_R // k, t)
     x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
     h_NxBxF = swiglu(jnp.einsum('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N]),
-                      jnp.einsum('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N]))
+                     jnp.einsum('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N]))
     y_RxD = jnp.einsum('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N]).reshape(n * block, d)
     y_TxKxD = y_RxD[row_A].reshape(t, k, d)
     return jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype)), jnp.zeros((), jnp.float32)
