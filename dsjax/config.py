@@ -82,6 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
     # fused flash kernel (GPU, bf16/fp16 compute); 'auto': cudnn where it applies on a GPU with equal qk
     # and v head widths (MHA/GQA), blocked on the CPU, else xla. See attention.resolve_impl.
     m.attention_impl = 'auto'
+    # FP8 training as DeepSeek-V3 (dsjax/model/fp8.py): every linear GEMM in the blocks (attention and MLA
+    # projections, dense MLP, shared and routed experts) and its two backward GEMMs on E4M3 operands,
+    # activations per 1 x 128 tile, weights per 128 x 128 block; embedding, head, router, norms, attention
+    # core and the MTP projection stay in the compute dtype.
+    m.fp8 = False
 
     c.data = d = ml_collections.ConfigDict()
     d.source = 'stdlib'
@@ -613,6 +618,7 @@ class ModelConfig:
     param_dtype: str = 'float32'
     remat_policy: str = 'auto'
     attention_impl: str = 'auto'
+    fp8: bool = False
 
     @property
     def attn_head_dim(self) -> int:
