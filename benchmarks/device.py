@@ -13,16 +13,25 @@ strategy, so the table also says which strategy `moe_dispatch='auto'` should pic
 With --torch (default on) the dense model also runs in HF transformers' LlamaForCausalLM on the same device,
 first (before jax holds the memory), with float32 weights and AdamW under bf16 autocast: the same recipe,
 side by side. The table is rewritten after every row, so a run cut short keeps what it measured.
+
+With --fp8 (`bash benchmarks/device.sh --fp8 --dispatch=ragged`, ~2 minutes on an H200 by estimate, not yet
+run there) it times instead the MoE with model.fp8 off and on per dispatch: step time and compiled peak
+memory, after checking fp8_dot's kernel path (dsjax/model/fp8.py, tokamax) against its float32 reference
+on this device (forward and both gradients); writes results/device_fp8.md (device_fp8_shrink.md).
 """
+import functools
 import pathlib
 import statistics
 import time
 
 from absl import app, flags
 import jax
+import jax.numpy as jnp
 
 from dsjax import config as config_lib
 from dsjax.model import flops
+
+from dsjax.model import fp8 as fp8_lib
 
 import harness as ts  # benchmarks/harness.py, beside this file
 
@@ -40,6 +49,8 @@ _REMAT = flags.DEFINE_string('remat', 'save_dots', 'model.remat_policy for both 
 _ATTENTION = flags.DEFINE_string('attention_impl', 'auto', "model.attention_impl for both models ('auto' gives "
                                  'cudnn to the dense model on a GPU, xla to MLA).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time the dense model in HF transformers (PyTorch) on the device.')
+_FP8 = flags.DEFINE_bool('fp8', False, 'Time the MoE with model.fp8 off and on (per --dispatch) instead, after '
+                          'checking the FP8 GEMM kernel against its reference; writes device_fp8.md.')
 _OUT = flags.DEFINE_string('out', '', 'Where to write the table (default results/device.md, device_shrink.md '
                            'with --shrink).')
 
@@ -128,9 +139,71 @@ def _count(n: float) -> str:
     return f'{n / 1e9:.2f}B' if n >= 1e8 else f'{n / 1e6:.2f}M'
 
 
+def fp8_kernel_check(m: int = 512, k: int = 1024, n: int = 768) -> float:
+    """Largest relative difference of fp8_dot's kernel path to its reference on this device (forward,
+    dx, dw of an [m, k] @ [k, n] bf16 product; on the CPU the kernel path is tokamax's XLA fallback)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (k, n)) * 0.03).astype(jnp.bfloat16)
+    dy = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(impl):
+        y, vjp = jax.vjp(lambda a, b: fp8_lib.fp8_dot(a, b, impl), x, w)
+        return (y, *vjp(dy))
+
+    ref, got = (jax.tree.map(lambda a: a.astype(jnp.float32), run(impl)) for impl in ('reference', 'tokamax'))
+    return max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(got, ref))
+
+
+def main_fp8(device, batch: int, seq: int):
+    """The MoE per dispatch with model.fp8 off and on: step time, memory and their ratios."""
+    check = fp8_kernel_check()
+    print(f'fp8_dot kernel path vs reference: max relative difference {check:.2e}', flush=True)
+    rows = []
+    for dispatch in _DISPATCH.value:
+        pair = {}
+        for fp8_on in (False, True):
+            c = finish(moe_1b_active(), batch, seq)
+            c.model.update(moe_dispatch=dispatch, capacity_factor=1.25 if dispatch == 'capacity' else 0.0, fp8=fp8_on)
+            try:
+                pair[fp8_on] = run_model(c, _STEPS.value)
+            except Exception as e:  # noqa: BLE001  (e.g. out of memory: keep the other rows)
+                print(f'{dispatch} fp8={fp8_on}: failed: {type(e).__name__}: {str(e)[:300]}', flush=True)
+                pair[fp8_on] = None
+            print(dispatch, fp8_on, pair[fp8_on], flush=True)
+        rows.append((dispatch, pair))
+        lines = [
+            f'{device.platform} `{device.device_kind}`, jax {jax.__version__}; the MoE ~1B active of device.py '
+            f'(bf16 compute, float32 params and AdamW, remat {_REMAT.value}), batch {_BATCH.value} x {_SEQ.value} '
+            f'tokens{" (--shrink: tiny model, a check of the script, not a measurement)" if _SHRINK.value else ""}; '
+            f'median of {_STEPS.value} steps. fp8_dot kernel path vs its reference on this device (forward, dx, '
+            f'dw of a 512 x 1024 @ 1024 x 768 bf16 product): max relative difference {check:.2e}.',
+            '',
+            '| dispatch | step ms, fp8 off | step ms, fp8 on | time on / off | peak memory off | peak memory on '
+            '| compile s off / on | first-step loss off / on |',
+            '|---|---|---|---|---|---|---|---|',
+        ]
+        for name, p in rows:
+            if p[False] is None or p[True] is None:
+                lines.append(f'| {name} | failed (see the log) | | | | | | |')
+                continue
+            off, on = p[False], p[True]
+            lines.append(f"| {name} | {off['sec'] * 1e3:.1f} | {on['sec'] * 1e3:.1f} | {on['sec'] / off['sec']:.2f} "
+                         f"| {off['mem'] / 2 ** 30:.2f} GiB | {on['mem'] / 2 ** 30:.2f} GiB "
+                         f"| {off['compile_s']:.0f} / {on['compile_s']:.0f} | {off['loss']:.4f} / {on['loss']:.4f} |")
+        table = '\n'.join(lines)
+        print('\n' + table, flush=True)
+        out = pathlib.Path(_OUT.value or RESULTS / ('device_fp8_shrink.md' if _SHRINK.value else 'device_fp8.md'))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text('# FP8 training on one accelerator\n\n' + table + '\n')
+
+
 def main(argv):
     del argv
     device = jax.devices()[0]
+    if _FP8.value:
+        return main_fp8(device, _BATCH.value, _SEQ.value)
     batch, seq = _BATCH.value, _SEQ.value
     peak = measured_peak(512 if _SHRINK.value else 8192)
     nominal = NOMINAL_BF16.get(device.device_kind)

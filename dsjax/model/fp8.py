@@ -83,10 +83,12 @@ def fake_quantize(x, axes: Sequence[int]) -> jax.Array:
 
 def _product(layout: str, x, w, *args):
     """The float32 product of float32 operands: 'matmul' ([M, K] @ [K, N], or per group) or 'ragged'
-    (jax.lax.ragged_dot with args = (group sizes,))."""
+    (jax.lax.ragged_dot with args = (group sizes,)). HIGHEST precision: a dequantised entry (4 significant
+    bits times a float32 scale) would otherwise be rounded to bf16 / TF32 on a TPU / GPU."""
+    highest = jax.lax.Precision.HIGHEST
     if layout == 'ragged':
-        return jax.lax.ragged_dot(x, w, args[0], preferred_element_type=jnp.float32)
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+        return jax.lax.ragged_dot(x, w, args[0], precision=highest, preferred_element_type=jnp.float32)
+    return jnp.matmul(x, w, precision=highest, preferred_element_type=jnp.float32)
 
 
 def _tokamax_product(layout: str, x_q: qwix.QArray, w_q: qwix.QArray, *args):
