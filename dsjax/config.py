@@ -1,8 +1,11 @@
 """Experiment configs: the shared base, validation that names the field, and the frozen model config."""
 import dataclasses
 import math
+
+from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
@@ -14,7 +17,7 @@ FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn att
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn')
 STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill', 'grpo')
-SOURCES = ('stdlib', 'text', 'jsonl', 'tasks')
+SOURCES = ('stdlib', 'text', 'jsonl', 'tasks', 'array_record')
 TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -108,7 +111,6 @@ def base_config() -> ml_collections.ConfigDict:
     o.schedule = 'cosine'
     o.warmup_steps = 100
     o.min_lr_ratio = 0.1
-    o.decay_steps = 1000
     o.milestones = (0.8, 0.9)
     o.milestone_factors = (0.316, 0.1)
     o.b1 = 0.9
@@ -120,6 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
+    # The schedule's length follows train.steps (an override of either moves both) until set itself.
+    o.decay_steps = t.get_ref('steps') + 0
     t.seed = 0
     t.log_every = 10
     t.eval_every = 200
@@ -263,7 +267,6 @@ def full_size_pretraining(preset: str, *, batch: int, tokens: int, mesh: dict) -
     c.data.seq_len = 4096
     c.data.batch_size = batch
     c.train.steps = tokens // (batch * c.data.seq_len)
-    c.optim.decay_steps = c.train.steps
     c.mesh.update(**mesh)
     return c
 
@@ -310,7 +313,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 2
     c.train.progress_bar = False
     c.optim.warmup_steps = 1
-    c.optim.decay_steps = c.train.steps
+    c.optim.decay_steps = c.train.get_ref('steps') + 0
     return c
 
 
@@ -512,6 +515,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(0 <= d.worked_fraction <= 1, 'data.worked_fraction', d.worked_fraction, 'must be in [0, 1]')
     elif d.source != 'stdlib':
         _check(len(d.paths) > 0, 'data.paths', d.paths, f'data.source={d.source!r} needs at least one path')
+    if d.source == 'array_record':
+        _check(bool(d.tokenizer_path), 'data.tokenizer_path', d.tokenizer_path,
+               "data.source='array_record' needs the tokenizer the shards were written with (the dataset "
+               'directory holds a copy: give the directory)')
     _check(all(isinstance(p, str) and p for p in d.paths), 'data.paths', d.paths,
            'every entry must be a non-empty file path or glob string')
     _choice(d.tokenizer, 'data.tokenizer', TOKENIZERS)
@@ -538,6 +545,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(t.mtp_loss_weight == 0 or m.num_nextn_predict_layers > 0, 'train.mtp_loss_weight',
            t.mtp_loss_weight, 'needs model.num_nextn_predict_layers > 0')
     optim.validate(c.optim)
+    if c.optim.schedule != 'constant' and c.optim.decay_steps < t.steps:
+        logging.warning('config.optim.decay_steps=%d < train.steps=%d: the learning rate stays at its floor for the '
+                        'last %d steps (leave decay_steps unset to follow train.steps)', c.optim.decay_steps, t.steps,
+                        t.steps - c.optim.decay_steps)
     sizes = mesh_shape(c.mesh, num_devices)
     batch_axes = sizes['data'] * sizes['fsdp'] * sizes['expert']
     _check(d.batch_size % batch_axes == 0, 'data.batch_size', d.batch_size,
@@ -635,6 +646,19 @@ class ModelConfig:
     @property
     def yarn(self) -> bool:
         return self.rope_scaling.type == 'yarn'
+
+
+def dtype_name(dtype, what: str = 'dtype') -> str:
+    """'float32', 'bfloat16' or 'float16' for a dtype given by name, as a numpy dtype or as a jnp/np type
+    (jnp.bfloat16, np.float32); `what` names the argument in the error."""
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f'{what}={dtype!r} is not a supported dtype: give one of {DTYPES}, by name or as '
+                         'jnp.float32 / jnp.bfloat16 / np.float16')
+    return name
 
 
 def freeze_model(m) -> ModelConfig:

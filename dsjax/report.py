@@ -10,8 +10,9 @@ import pathlib
 # backend of a notebook or program that imports it.
 from matplotlib.figure import Figure
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from dsjax import cli
 from dsjax.train import logger
 
 
@@ -85,13 +86,16 @@ def render(workdir, out=None) -> pathlib.Path:
     return out
 
 
-def main(argv):
-    del argv
-    print(render(flags.FLAGS.workdir, flags.FLAGS.out))
+def main():
+    workdir = pathlib.Path(flags.FLAGS.workdir)
+    if not (workdir / logger.METRICS_FILE).is_file():
+        raise FileNotFoundError(f'--workdir={str(workdir)!r} holds no {logger.METRICS_FILE}: give a run directory '
+                                'that dsjax.main wrote')
+    print(render(workdir, flags.FLAGS.out))
 
 
 if __name__ == '__main__':
     # Defined here, not at import: the sweep runner and notebooks import this module beside other CLIs.
     flags.DEFINE_string('workdir', None, 'Run directory holding metrics.jsonl.', required=True)
     flags.DEFINE_string('out', None, 'PNG path (default: WORKDIR/report.png).')
-    app.run(main)
+    cli.run(main)

@@ -39,7 +39,6 @@ def get_config(arg=None):
     c.train.checkpoint_every = 100
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 30
-    c.optim.decay_steps = c.train.steps
     if arg == 'smoke':
         config_lib.smoke(c)
     return c

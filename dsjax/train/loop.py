@@ -19,7 +19,7 @@ from dsjax import config as config_lib
 from dsjax import sharding
 from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
-from dsjax.interop import hf
+from dsjax.interop import hf, hub
 from dsjax.model import flops, moe
 from dsjax.model.transformer import Transformer
 from dsjax.train import checkpoint, logger, optim
@@ -272,7 +272,8 @@ def close_stage(stop: _StopSignal, ckpt, metrics_log) -> None:
 def start_from(path: str, model_cfg, abstract_state, state):
     """`state` with the weights of `init.checkpoint`: a HF directory or a previous stage's Orbax
     checkpoint; both give params and, where they hold it, the MoE routing bias (each device reads
-    only its slice)."""
+    only its slice). A Hub id (owner/name[@revision]) is downloaded first."""
+    path = hub.resolve(path, 'init.checkpoint')
     if hf.is_hf_checkpoint(path):
         logging.info('Starting from the HF checkpoint %s', path)
         params, buffers = hf.load_into(path, model_cfg, abstract_state.params, abstract_state.buffers)
