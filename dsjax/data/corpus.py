@@ -127,12 +127,12 @@ def _read_source(data_cfg, counts: _Counts) -> Iterator[Document]:
             if text:
                 yield Document(path.relative_to(root).as_posix(), text)
     elif data_cfg.source == "text":
-        for path, name in _match_paths(data_cfg.paths):
+        for path, name in match_paths(data_cfg.paths):
             text = _read_text(path, counts)
             if text:
                 yield Document(name, text)
     elif data_cfg.source == "jsonl":
-        for path, name in _match_paths(data_cfg.paths):
+        for path, name in match_paths(data_cfg.paths):
             yield from _read_jsonl(path, name, data_cfg.jsonl_field, counts)
     elif data_cfg.source == "tasks":
         yield from worksheet_documents(data_cfg.tasks, data_cfg.task_documents, data_cfg.worked_fraction)
@@ -144,7 +144,7 @@ def read_files(patterns, field: str = "text", what: str = "data.paths") -> Itera
     """Every document of the files `patterns` match, one at a time, by suffix: a JSONL record or a Parquet
     row (its `field`) each, any other file whole as text."""
     counts = _Counts()
-    for path, name in _match_paths(patterns, what):
+    for path, name in match_paths(patterns, what):
         if path.suffix == ".jsonl":
             yield from _read_jsonl(path, name, field, counts)
         elif path.suffix == ".parquet":
@@ -187,7 +187,7 @@ def worksheet_documents(entries, n: int, worked_fraction: float = 1.0) -> Iterat
         yield Document(f"tasks/{task}{level}/{k:07d}", tasks.worksheet(problems, style, header, shown))
 
 
-def _match_paths(patterns, what: str = "data.paths") -> list[tuple[pathlib.Path, str]]:
+def match_paths(patterns, what: str = "data.paths") -> list[tuple[pathlib.Path, str]]:
     """Expands `data.paths` (or the argument `what`) into sorted, de-duplicated (file, portable name) pairs."""
     if isinstance(patterns, str):
         raise DataError(f"{what} must be a tuple of paths or globs, got the string {patterns!r}")

@@ -41,6 +41,7 @@ def prepare(inputs, output, tokenizer_path: str, *, field: str = 'text', val_fra
         raise FileExistsError(f'--output={str(output)!r} already holds shards: write to a new directory')
     if not 0 < val_fraction < 1:
         raise ValueError(f'--val_fraction={val_fraction!r} must be in (0, 1)')
+    corpus.match_paths(inputs, what='--input')  # a missing input fails before anything is read
     tokenizer = tokenizer_lib.from_path(tokenizer_path)
     docs = corpus.read_files(inputs, field, what='--input')
     split = lambda doc: 'validation' if corpus.is_validation(doc.name, val_fraction) else 'train'

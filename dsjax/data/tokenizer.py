@@ -147,6 +147,8 @@ def from_path(path) -> Tokenizer:
         if (directory / SENTENCEPIECE_FILE).is_file():
             path = str(directory / SENTENCEPIECE_FILE)
     if path.endswith(".model"):
+        if not os.path.isfile(path):
+            raise corpus.DataError(f"tokenizer {path!r} does not exist (a sentencepiece .model file)")
         return SentencePieceTokenizer(path)
     return hf_tokenizer.HFTokenizer(path)
 
