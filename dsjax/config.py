@@ -14,7 +14,7 @@ REMAT_POLICIES = ('auto', 'none', 'full', 'save_dots', 'save_attention')
 ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn')
 FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes
 DTYPES = ('float32', 'bfloat16', 'float16')
-ROPE_SCALING_TYPES = ('none', 'yarn')
+ROPE_SCALING_TYPES = ('none', 'yarn', 'llama3')
 STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill', 'grpo')
 SOURCES = ('stdlib', 'text', 'jsonl', 'tasks')
 TOKENIZERS = ('sentencepiece', 'hf')
@@ -46,10 +46,13 @@ def base_config() -> ml_collections.ConfigDict:
     m.rope_theta = 10000.0
     m.rope_interleave = False  # True: rotate pairs (x[2i], x[2i+1]) as DeepSeek-V2/V3 checkpoints do
     m.max_position_embeddings = 4096
+    # type 'yarn' (DeepSeek-V2/V3: beta_*, mscale*) or 'llama3' (Llama-3.1+: *_freq_factor); both stretch
+    # the original context by `factor`.
     m.rope_scaling = ml_collections.ConfigDict(dict(
         type='none', factor=1.0, original_max_position_embeddings=4096,
-        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0))
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0, low_freq_factor=1.0, high_freq_factor=4.0))
     m.attention_type = 'mha'
+    m.qkv_bias = False  # MHA/GQA: biases on the q, k and v projections (Qwen2); o never has one
     m.q_lora_rank = 0  # 0: a single q projection (V2-Lite)
     m.kv_lora_rank = 0
     m.qk_nope_head_dim = 0
@@ -303,6 +306,8 @@ def validate_model(m) -> None:
     _check(m.rms_norm_eps > 0, 'model.rms_norm_eps', m.rms_norm_eps, 'must be > 0')
     _check(m.rope_theta > 0, 'model.rope_theta', m.rope_theta, 'must be > 0')
     _check(m.initializer_range > 0, 'model.initializer_range', m.initializer_range, 'must be > 0')
+    _check(not m.qkv_bias or m.attention_type == 'mha', 'model.qkv_bias', m.qkv_bias,
+           "q/k/v biases belong to attention_type='mha' (Qwen2); MLA has none")
     if m.attention_type == 'mha':
         _check(m.num_key_value_heads > 0 and m.num_attention_heads % m.num_key_value_heads == 0,
                'model.num_key_value_heads', m.num_key_value_heads,
@@ -326,6 +331,12 @@ def validate_model(m) -> None:
                rs.original_max_position_embeddings, 'must be > 0')
         _check(rs.beta_fast > rs.beta_slow > 0, 'model.rope_scaling.beta_fast', rs.beta_fast,
                f'must exceed beta_slow={rs.beta_slow} > 0')
+    if rs.type == 'llama3':
+        _check(rs.factor >= 1, 'model.rope_scaling.factor', rs.factor, 'must be >= 1 for llama3 scaling')
+        _check(rs.original_max_position_embeddings > 0, 'model.rope_scaling.original_max_position_embeddings',
+               rs.original_max_position_embeddings, 'must be > 0')
+        _check(rs.high_freq_factor > rs.low_freq_factor > 0, 'model.rope_scaling.high_freq_factor',
+               rs.high_freq_factor, f'must exceed low_freq_factor={rs.low_freq_factor} > 0')
     if m.n_routed_experts:
         _positive_int({'model': m}, 'model.num_experts_per_tok')
         _positive_int({'model': m}, 'model.moe_intermediate_size')
@@ -496,7 +507,7 @@ def _defaults_from(section):
 
 @_defaults_from(base_config().model.rope_scaling)
 class RopeScaling:
-    """YaRN settings (HF `rope_scaling`); type 'none' means plain RoPE."""
+    """HF `rope_scaling`: type 'yarn' (beta_*, mscale*) or 'llama3' (*_freq_factor); 'none' is plain RoPE."""
     type: str
     factor: float
     original_max_position_embeddings: int
@@ -504,6 +515,8 @@ class RopeScaling:
     beta_slow: float
     mscale: float
     mscale_all_dim: float
+    low_freq_factor: float
+    high_freq_factor: float
 
 
 @_defaults_from(base_config().model)
@@ -522,6 +535,7 @@ class ModelConfig:
     max_position_embeddings: int
     rope_scaling: RopeScaling
     attention_type: str
+    qkv_bias: bool
     q_lora_rank: int
     kv_lora_rank: int
     qk_nope_head_dim: int

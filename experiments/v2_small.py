@@ -5,7 +5,8 @@ in training (1.25, lowest gates first; never at evaluation), no MTP, no routing 
 
 Run:      python -m dsjax.main --config=experiments/v2_small.py
 Hardware: 2 CPU cores.
-Expect:   not yet measured at full length (the smoke variant runs in the tests).
+Expect:   not yet measured at full length.
+Variants: `:smoke` shrinks everything to a seconds-long run (tests).
 """
 from dsjax import presets
 

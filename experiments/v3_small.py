@@ -6,17 +6,11 @@ bias balancing (gamma 1e-2, see below), sequence-wise balance loss (alpha 1e-4),
 0.1), YaRN-ready RoPE (interleaved pairs as in the checkpoints; see v3_long.py to extend).
 
 Run:      python -m dsjax.main --config=experiments/v3_small.py
-Hardware: 2 CPU cores: 300 steps x 8 x 256 tokens in 7.2 minutes on the idle machine (1,615 tokens/s
-          with MTP; measured; 7.7 minutes and 1,471 tokens/s before the flattened projections, the
-          [B x G]-row attention and remat save_attention, ~9.5 minutes and 1,260 tokens/s before the
-          chunked head, blocked attention and CPU remat).
-Expect:   validation loss 8.38 -> 5.47 (100) -> 4.82 (200) -> 4.65 (300), global MaxVio 1.12 -> 0.74
-          (measured with shuffled rows, data.shuffle_window; other runs of the same math with other
-          rounding: 5.46 / 4.82 / 4.66, MaxVio 0.87; 5.44 / 4.81 / 4.65, MaxVio 0.93; after the scalar
-          gradient clip, 5.47 / 4.83 / 4.67, MaxVio 0.90 in 7.7 minutes). At 150 steps before shuffling:
-          5.59, MaxVio 0.88 against 4.19 without balancing
-          (benchmarks/results/sweeps/balancing/v3_small_width256_seed0.md).
-          experiments/sweeps/balancing.py compares the balancing methods over three seeds.
+Hardware: 2 CPU cores: 300 steps x 8 x 256 tokens in 7.2-7.7 minutes on the idle machine (1,615
+          tokens/s with MTP in the 7.2-minute run).
+Expect:   validation loss 8.38 -> 5.47 (100) -> 4.83 (200) -> 4.67 (300), global MaxVio 0.90 (measured;
+          reruns give 4.65-4.67 and MaxVio 0.74-0.93). experiments/sweeps/balancing.py compares the
+          balancing methods over three seeds. History: benchmarks/results/history.md.
 Variants: `:smoke` (seconds, tests), `:nobias` (sequence-wise loss only), `:nobalance` (neither),
           `:tiny` (width 128, 4 layers, 150 steps of 8 x 64 tokens: the ablation sweeps' size).
 """

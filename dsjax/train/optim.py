@@ -43,12 +43,17 @@ def make_schedule(optim_cfg) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for the leaves that get weight decay: every parameter with ndim >= 2."""
-    # Matrices (including the embedding and the output head) are decayed; vectors (RMSNorm
-    # scales, biases) are not, as in Megatron/DeepSeek-style AdamW: shrinking a norm scale or a
-    # bias towards 0 is not a regulariser, it changes the function. Embeddings stay decayed
-    # because they are ordinary weight matrices and the DeepSeek papers name no exception.
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for the leaves that get weight decay: the weight matrices, not the RMSNorm scales (`scale`)
+    nor the attention biases (`*_bias`)."""
+    # Matrices (including the embedding and the output head) are decayed; norm scales and biases are
+    # not, as in Megatron/DeepSeek-style AdamW: shrinking a norm scale or a bias towards 0 is not a
+    # regulariser, it changes the function. Embeddings stay decayed because they are ordinary weight
+    # matrices and the DeepSeek papers name no exception. The rule goes by name, not ndim: a scanned
+    # stack's norm scales are [layers, D].
+    def decayed(path, _):
+        name = str(getattr(path[-1], 'key', path[-1]))
+        return not (name == 'scale' or name.endswith('bias'))
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -94,8 +99,8 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: str = 'float32
 
 
 def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
-    """Global-norm clipping (if `clip_norm` > 0), then AdamW on `make_schedule` with decay on ndim >= 2 params
-    and its moments in `moment_dtype`.
+    """Global-norm clipping (if `clip_norm` > 0), then AdamW on `make_schedule` with decay on the weight
+    matrices (`decay_mask`) and its moments in `moment_dtype`.
 
     Args:
       optim_cfg: the `config.optim` section.
