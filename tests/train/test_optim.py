@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from dsjax import config as config_lib
 from dsjax.train import optim
 
 
@@ -114,7 +115,7 @@ def test_clip_matches_optax(max_norm):
 ])
 def test_validation_names_field(field, value):
     with pytest.raises(ValueError, match=rf'optim\.{field}='):
-        optim.validate(_cfg(**{field: value}))
+        config_lib.validate_optim(_cfg(**{field: value}))
 
 
 @pytest.mark.parametrize('milestones, factors, field', [
@@ -128,12 +129,12 @@ def test_validation_names_field(field, value):
 def test_validation_multistep(milestones, factors, field):
     cfg = _cfg(schedule='multistep', milestones=milestones, milestone_factors=factors)
     with pytest.raises(ValueError, match=rf'optim\.{field}='):
-        optim.validate(cfg)
+        config_lib.validate_optim(cfg)
 
 
 def test_valid_configs_pass():
-    optim.validate(_cfg())
-    optim.validate(_cfg(schedule='multistep', milestones=(0.8, 0.9), milestone_factors=(0.316, 0.1)))
+    config_lib.validate_optim(_cfg())
+    config_lib.validate_optim(_cfg(schedule='multistep', milestones=(0.8, 0.9), milestone_factors=(0.316, 0.1)))
 
 
 def test_bfloat16_moments_track_float32_adam():
