@@ -2,6 +2,7 @@
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 
 
 def _v3_like():
@@ -93,14 +94,14 @@ def test_unknown_model_field_is_named():
 def test_decay_steps_follows_train_steps_until_set():
     """The cosine schedule ends where training ends, whichever of the two a user overrides, unless
     decay_steps is set itself (then it stays, and train.steps moves alone)."""
-    c = config_lib.load_experiment(__file__.replace('tests/test_config.py', 'experiments/x.py'), 'v3_small')
+    c = presets.load_experiment(__file__.replace('tests/test_config.py', 'experiments/x.py'), 'v3_small')
     assert c.optim.decay_steps == c.train.steps == 300
     c.train.steps = 1000  # what --config.train.steps=1000 does
     assert c.optim.decay_steps == 1000
     c.optim.decay_steps = 500
     c.train.steps = 2000
     assert (c.optim.decay_steps, c.train.steps) == (500, 2000)
-    smoke = config_lib.load_experiment(__file__.replace('tests/test_config.py', 'experiments/x.py'), 'v3_small',
+    smoke = presets.load_experiment(__file__.replace('tests/test_config.py', 'experiments/x.py'), 'v3_small',
                                        'smoke')
     assert smoke.optim.decay_steps == smoke.train.steps == 4
     assert config_lib.base_config().copy_and_resolve_references().optim.decay_steps == 1000
