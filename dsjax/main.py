@@ -3,8 +3,11 @@
 Runs the stage the config names (`config.stage`, see dsjax/stages.py), or a whole chain of stages.
 
 On several hosts add --distributed (one process per host; see the README's "Long runs" section).
+Exit status: 0 when finished, 75 when SIGTERM stopped it after saving (preempted: rerun the same command to
+resume), 130 for Ctrl-C, 1 for an error.
 """
 import pathlib
+import sys
 
 from absl import flags, logging
 import jax
@@ -16,7 +19,7 @@ from dsjax import stages
 from dsjax.data import corpus
 from dsjax.interop import hub
 from dsjax.posttrain import rewards
-from dsjax.train import loop
+from dsjax.train import loop, preemption
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/v3_small.py[:smoke].',
                                           lock_config=True)
@@ -45,7 +48,9 @@ def main():
                      jax.process_count(), jax.local_device_count(), jax.device_count())
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
     logging.info('Workdir: %s', workdir)
-    stages.run(_CONFIG.value, workdir)
+    reason = stages.stopped_by(stages.run(_CONFIG.value, workdir))
+    if reason:  # saved: tell the scheduler the run was preempted, not finished (rerunning resumes)
+        sys.exit(preemption.exit_status(reason))
 
 
 if __name__ == '__main__':

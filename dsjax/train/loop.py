@@ -5,7 +5,6 @@ Every stage trains through `run`: the stage supplies its model, data and pure st
 """
 import dataclasses
 import pathlib
-import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -22,7 +21,7 @@ from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.interop import hf, hub
 from dsjax.model import flops, moe
 from dsjax.model.transformer import Transformer
-from dsjax.train import checkpoint, logger, optim
+from dsjax.train import checkpoint, logger, optim, preemption
 from dsjax.train import step as step_lib
 from dsjax.train.state import TrainState
 
@@ -57,27 +56,6 @@ def build_state_fns(model, optimizer, mesh, seq_len: int):
 
 def _host(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit)."""
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        del frame
-        self.received = signal.Signals(signum).name
-        # A second signal gets the default behaviour (a second Ctrl-C ends the run at once); that is
-        # safe because a checkpoint only counts once it is complete.
-        self.restore()
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 POSITION_BUCKETS = 4
@@ -194,7 +172,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
         peak = tcfg.peak_flops or flops.measured_matmul_peak(model_cfg.dtype)
         metrics_log = logger.MetricsLogger(workdir, total_steps=tcfg.steps,
                                            enable_progress=tcfg.progress_bar and jax.process_index() == 0)
-        stop = _StopSignal()
+        stop = preemption.StopSignal()
         start = int(state.step)
         last, good_step = {}, start
         try:
@@ -229,13 +207,14 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                 data_wait += time.perf_counter() - t_data
                 state, metrics = train_step(state, batch)
                 done = step + 1
+                stopping = stop.agreed()  # the same step on every process
                 if pending is not None:
                     last = fetch(*pending[:3], waited) or last
                     pending = None
                 log_it = due(done, tcfg.log_every, tcfg.steps)
                 evaluate_now = due(done, tcfg.eval_every, tcfg.steps)
                 save_due = due(done, tcfg.checkpoint_every, tcfg.steps)
-                if evaluate_now or save_due or stop.received:
+                if evaluate_now or save_due or stopping:
                     last = fetch(done, metrics, log_it, data_wait) or last
                 else:
                     pending = (done, metrics, log_it)
@@ -246,12 +225,12 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                     last = {**last, **evaluated}
                     # Evaluation time is not training throughput.
                     clock.update(t=time.perf_counter(), step=done, data_wait=data_wait)
-                if save_due or stop.received:  # a signal during the evaluation saves too
+                if save_due or stopping:
                     ckpt.save(done, state, data_iterator=train_iter, config=config.to_dict(), force=True)
                     good_step = done
-                if stop.received:
-                    logging.warning('%s received: saved step %d, exiting.', stop.received, done)
-                    last = {**last, STOPPED: stop.received}  # so a chain stops too, not only this stage
+                if stopping:
+                    logging.warning('%s: saved step %d, exiting.', stopping, done)
+                    last = {**last, STOPPED: stopping}  # so a chain stops too, not only this stage
                     break
         finally:
             close_stage(stop, ckpt, metrics_log)
@@ -263,7 +242,7 @@ def due(done: int, every: int, total: int) -> bool:
     return done % every == 0 or done == total
 
 
-def close_stage(stop: _StopSignal, ckpt, metrics_log) -> None:
+def close_stage(stop: preemption.StopSignal, ckpt, metrics_log) -> None:
     """A stage loop's way out, finished, stopped or failing: restores the signal handlers, waits for
     checkpoint writes in flight, closes the checkpointer and the metrics log."""
     stop.restore()
