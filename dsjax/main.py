@@ -20,6 +20,7 @@ from dsjax.data import corpus
 from dsjax.interop import hub
 from dsjax.posttrain import rewards
 from dsjax.train import loop, preemption
+from dsjax.train import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/v3_small.py[:smoke].',
                                           lock_config=True)
@@ -56,4 +57,4 @@ def main():
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config'])
     cli.run(main, errors=(config_lib.ConfigError, corpus.DataError, loop.NonFiniteError, rewards.RewardError,
-                          hub.HubError))
+                          hub.HubError, workdir_lib.WorkdirError))

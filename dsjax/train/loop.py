@@ -4,7 +4,6 @@ Every stage trains through `run`: the stage supplies its model, data and pure st
 `Stage` (pre-training's is `pretrain_stage`; SFT, reward modelling and distillation build their own).
 """
 import dataclasses
-import pathlib
 import time
 from typing import Any, Callable, Iterator
 
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from dsjax import config as config_lib
 from dsjax import sharding
@@ -22,6 +22,7 @@ from dsjax.interop import hf, hub
 from dsjax.model import flops, moe
 from dsjax.model.transformer import Transformer
 from dsjax.train import checkpoint, logger, optim, preemption
+from dsjax.train import workdir as workdir_lib
 from dsjax.train import step as step_lib
 from dsjax.train.state import TrainState
 
@@ -127,7 +128,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
     config_lib.validate(config, len(devices))
     if validate is not None:
         validate(config, len(devices))
-    workdir = pathlib.Path(workdir).resolve()  # Orbax needs absolute paths
+    workdir = workdir_lib.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
@@ -267,17 +268,18 @@ def start_from(path: str, model_cfg, abstract_state, state):
     return state.replace(params=restored['params'], buffers=restored.get('buffers', state.buffers))
 
 
-def _checkpoint_dir(path: str) -> pathlib.Path:
+def _checkpoint_dir(path: str) -> epath.Path:
     """A previous stage's workdir (holding checkpoints/) or its checkpoint directory itself."""
-    path = pathlib.Path(path).resolve()
+    path = workdir_lib.resolve(path, 'init.checkpoint')
     return path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
 
 
-def _save_expert_load(workdir: pathlib.Path, step: int, metrics: dict) -> None:
+def _save_expert_load(workdir: epath.Path, step: int, metrics: dict) -> None:
     """Validation expert load [layers, experts] of this evaluation, for the report's heatmaps."""
     if 'val_load' in metrics and jax.process_index() == 0:
         (workdir / 'expert_load').mkdir(exist_ok=True)
-        np.save(workdir / 'expert_load' / f'step_{step:08d}.npy', metrics['val_load'])
+        with (workdir / 'expert_load' / f'step_{step:08d}.npy').open('wb') as f:
+            np.save(f, metrics['val_load'])
 
 
 def _scalars(metrics: dict) -> dict:
