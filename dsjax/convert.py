@@ -54,9 +54,12 @@ def convert() -> None:
                                max_shard_bytes=parse_size(_MAX_SHARD.value))
     if _TOKENIZER_FROM.value:
         source = pathlib.Path(hub.resolve(_TOKENIZER_FROM.value, '--tokenizer_from'))
-        hf_files.write_tokenizer(_HF_DIR.value, source)
-        if (source / hf_files.GENERATION_CONFIG).is_file():
-            shutil.copyfile(source / hf_files.GENERATION_CONFIG, pathlib.Path(_HF_DIR.value) / hf_files.GENERATION_CONFIG)
+        names = (*hf_files.TOKENIZER_FILES, hf_files.SENTENCEPIECE_FILE, hf_files.GENERATION_CONFIG)
+        copied = [n for n in names if (source / n).is_file()]
+        for name in copied:
+            shutil.copyfile(source / name, pathlib.Path(_HF_DIR.value) / name)
+        if not copied:
+            logging.warning('--tokenizer_from=%s holds none of %s', source, names)
     logging.info('Wrote %s: %s', _HF_DIR.value, _describe(cfg))
 
 
