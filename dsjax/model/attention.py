@@ -207,8 +207,19 @@ def fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float,
 
 
 class MHA(nn.Module):
-    """Multi-head attention with optional grouped kv heads (GQA); RoPE over the whole head."""
+    """Multi-head attention with optional grouped kv heads (GQA) and q/k/v biases (Qwen2's
+    `qkv_bias`); RoPE over the whole head."""
     cfg: ModelConfig
+
+    def project(self, x_BxLxD, name: str, heads: int, axis: str):
+        """x @ W_name [D, heads, K] (+ the bias [heads, K] with qkv_bias): [B, L, heads, K]."""
+        cfg = self.cfg
+        d, k = cfg.hidden_size, cfg.attn_head_dim
+        y_BxLxHxK = dense(x_BxLxD, weight(self, name, (d, heads, k), ('embed', axis, 'head_dim'), cfg))
+        if cfg.qkv_bias:
+            y_BxLxHxK = y_BxLxHxK + weight(self, f'{name}_bias', (heads, k), (axis, 'head_dim'), cfg,
+                                           nn.initializers.zeros)
+        return y_BxLxHxK
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache=None, positions_BxL=None):
@@ -218,9 +229,9 @@ class MHA(nn.Module):
         cfg = self.cfg
         d, n, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
         b, length = x_BxLxD.shape[:2]
-        q_BxLxNxK = dense(x_BxLxD, weight(self, 'q', (d, n, k), ('embed', 'heads', 'head_dim'), cfg))
-        k_BxLxGxK = dense(x_BxLxD, weight(self, 'k', (d, g, k), ('embed', 'kv_heads', 'head_dim'), cfg))
-        v_BxLxGxK = dense(x_BxLxD, weight(self, 'v', (d, g, k), ('embed', 'kv_heads', 'head_dim'), cfg))
+        q_BxLxNxK = self.project(x_BxLxD, 'q', n, 'heads')
+        k_BxLxGxK = self.project(x_BxLxD, 'k', g, 'kv_heads')
+        v_BxLxGxK = self.project(x_BxLxD, 'v', g, 'kv_heads')
         q_BxLxNxK = rope.apply_rope(q_BxLxNxK, cos, sin, cfg.rope_interleave)
         k_BxLxGxK = rope.apply_rope(k_BxLxGxK, cos, sin, cfg.rope_interleave)
         q_BxLxNxK = constrain(q_BxLxNxK, ('batch', 'act_len', 'act_heads', None))
