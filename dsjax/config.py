@@ -11,7 +11,7 @@ import numpy as np
 ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
-MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
+MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'gather', 'expert_parallel')
 REMAT_POLICIES = ('auto', 'none', 'full', 'save_dots', 'save_attention')
 ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn')
 FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes
@@ -75,8 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.seq_aux = False  # True: V3 sequence-wise balance loss on normalised sigmoid scores
     m.device_aux_alpha = 0.0  # V2 alpha2 (groups stand for devices)
     m.comm_aux_alpha = 0.0  # V2 alpha3
-    # 'auto': capacity when capacity_factor > 0, else dropless grouped (ragged on TPU); see
-    # moe.resolve_dispatch and benchmarks/results/moe_dispatch.md for the numbers behind it.
+    # 'auto': capacity when capacity_factor > 0, else dropless: ragged (tokamax grouped GEMMs) on GPU and TPU,
+    # grouped on the CPU; see moe.resolve_dispatch and benchmarks/results/moe_dispatch.md, moe_flops.md.
+    # Evaluation and decoding never drop: 'gather' (the selected experts' weights only) when T x K <= E.
     m.moe_dispatch = 'auto'
     m.capacity_factor = 0.0  # capacity dispatch only; 0: no token is ever dropped
     m.num_nextn_predict_layers = 0
@@ -92,8 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat_policy = 'auto'
     # Training-time attention kernel. 'xla': einsums and a float32 softmax over the whole [L, S] scores;
     # 'blocked': the same per block of queries, skipping the keys above the causal diagonal; 'cudnn': the
-    # fused flash kernel (GPU, bf16/fp16 compute); 'auto': cudnn where it applies on a GPU with equal qk
-    # and v head widths (MHA/GQA), blocked on the CPU, else xla. See attention.resolve_impl.
+    # fused flash kernel (GPU, bf16/fp16 compute; MLA's unequal widths from Hopper on); 'auto': cudnn where
+    # it applies on a GPU, blocked on the CPU, else xla. See attention.resolve_impl.
     m.attention_impl = 'auto'
 
     c.data = d = ml_collections.ConfigDict()
