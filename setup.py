@@ -4,11 +4,8 @@ import pathlib
 from setuptools import find_packages, setup
 
 HERE = pathlib.Path(__file__).parent
-REQUIREMENTS = [
-    line.strip()
-    for line in (HERE / "requirements.txt").read_text().splitlines()
-    if line.strip() and not line.startswith("#")
-]
+# One requirement per line; '#' starts a comment (whole-line or after a requirement).
+REQUIREMENTS = [r for r in (line.split("#")[0].strip() for line in (HERE / "requirements.txt").read_text().splitlines()) if r]
 
 setup(
     name="dsjax",
