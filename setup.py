@@ -5,7 +5,11 @@ from setuptools import find_packages, setup
 
 HERE = pathlib.Path(__file__).parent
 # One requirement per line; '#' starts a comment (whole-line or after a requirement).
-REQUIREMENTS = [r for r in (line.split("#")[0].strip() for line in (HERE / "requirements.txt").read_text().splitlines()) if r]
+REQUIREMENTS = [
+    requirement
+    for requirement in (line.split("#")[0].strip() for line in (HERE / "requirements.txt").read_text().splitlines())
+    if requirement
+]
 
 setup(
     name="dsjax",
