@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.model import flops
-
 from dsjax.model import fp8 as fp8_lib
 
 import harness as ts  # benchmarks/harness.py, beside this file
@@ -83,7 +83,7 @@ def finish(c, batch: int, seq: int):
     c.model.update(dtype='bfloat16', remat_policy=_REMAT.value, attention_impl=_ATTENTION.value)
     c.data.update(batch_size=batch, seq_len=seq)
     if _SHRINK.value:
-        config_lib.smoke(c)
+        presets.smoke(c)
         c.data.update(batch_size=2, seq_len=32)
     return c
 
@@ -176,7 +176,8 @@ def main_fp8(device, batch: int, seq: int):
         rows.append((dispatch, pair))
         lines = [
             f'{device.platform} `{device.device_kind}`, jax {jax.__version__}; the MoE ~1B active of device.py '
-            f'(bf16 compute, float32 params and AdamW, remat {_REMAT.value}), batch {c.data.batch_size} x {c.data.seq_len} '
+            f'(bf16 compute, float32 params and AdamW, remat {_REMAT.value}), '
+            f'batch {c.data.batch_size} x {c.data.seq_len} '
             f'tokens{" (--shrink: tiny model, a check of the script, not a measurement)" if _SHRINK.value else ""}; '
             f'median of {_STEPS.value} steps. fp8_dot kernel path vs its reference on this device (forward, dx, '
             f'dw of a 512 x 1024 @ 1024 x 768 float32 product): max relative difference {check:.2e}.',

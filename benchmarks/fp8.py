@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.train import logger
 
 RESULTS = pathlib.Path(__file__).parent / 'results'
@@ -70,7 +71,7 @@ def time_steps(experiment: str = 'v3_small', rounds: int = 5) -> dict:
     import harness  # noqa: PLC0415  (benchmarks/harness.py, beside this file)
     runners = {}
     for fp8_on in (False, True):
-        c = config_lib.load_experiment(str(harness.EXPERIMENTS / 'x.py'), experiment)
+        c = presets.load_experiment(str(harness.EXPERIMENTS / 'x.py'), experiment)
         c.model.fp8 = fp8_on
         c.mesh.data = 1
         cfg = config_lib.freeze_model(c.model)

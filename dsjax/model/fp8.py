@@ -95,6 +95,11 @@ def _tokamax_product(layout: str, x_q: qwix.QArray, w_q: qwix.QArray, *args):
     """_product of quantised operands through tokamax.ragged_dot, which takes the E4M3 values and their
     scales (a dense product is one group; a per-group one, equal groups)."""
     import tokamax  # noqa: PLC0415  (only where this path runs: it loads the kernels' modules)
+    from absl import flags  # noqa: PLC0415
+    # tokamax parses sys.argv for its absl flags unless an absl app has: a notebook's or pytest's arguments
+    # are not flags, so it gets the defaults (as moe.ragged_dot does).
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     if layout == 'ragged':
         lhs, rhs, sizes = x_q, w_q, args[0]
     elif x_q.ndim == 2:

@@ -1,5 +1,4 @@
 """FP8 GEMMs (dsjax/model/fp8.py) against a plain-numpy model of DeepSeek-V3's block recipe."""
-from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -7,16 +6,10 @@ import numpy as np
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.model import fp8, moe
 
 IMPLS = ('reference', 'tokamax')  # tokamax runs its XLA kernel on the CPU: checks that path's layouts
-
-
-@pytest.fixture(autouse=True, scope='module')
-def _absl_flags_parsed():
-    """tokamax reads its absl flags on first use and parses sys.argv (pytest's) if nobody has: use defaults."""
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
 
 
 # ---------------------------------------------------------------- a numpy model of the recipe
@@ -201,18 +194,18 @@ def test_moe_dispatches_agree_under_fp8():
     ws = [jnp.asarray(rng.normal(size=s) * 0.05, jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
 
     @jax.jit
-    def run_all(x):
+    def run_all(x, weights, idx, ws):  # all arguments: XLA would spend minutes constant-folding closures
         out = {}
         for name, fp8_on in (('dense', True), ('capacity', True), ('grouped', True), ('ragged', True),
-                             ('dense', False)):
+                             ('gather', True), ('dense', False)):
             y, vjp = jax.vjp(lambda a: moe.DISPATCH[name](a, weights, idx, *ws, t, fp8=fp8_on)[0], x)  # noqa: B023
             out[name, fp8_on] = (y, vjp(jnp.ones_like(y))[0])
         return out
 
-    out = jax.tree.map(np.asarray, run_all(x))
+    out = jax.tree.map(np.asarray, run_all(x, weights, idx, ws))
 
     base_y, base_dx = out['dense', True]
-    for name in ('capacity', 'grouped', 'ragged'):
+    for name in ('capacity', 'grouped', 'ragged', 'gather'):
         y, dx = out[name, True]
         np.testing.assert_allclose(y, base_y, rtol=1e-5, atol=1e-5 * np.abs(base_y).max())
         np.testing.assert_allclose(dx, base_dx, rtol=1e-5, atol=1e-5 * np.abs(base_dx).max())
@@ -267,8 +260,8 @@ def test_fp32_promotion_every_128_keeps_the_error_flat_as_k_grows():
 # ---------------------------------------------------------------- in training
 
 def _smoke_config(fp8_on: bool, steps: int = 4):
-    c = config_lib.load_experiment(__file__.replace('tests/model/test_fp8.py', 'experiments/x.py'), 'v3_small',
-                                   'smoke')
+    c = presets.load_experiment(__file__.replace('tests/model/test_fp8.py', 'experiments/x.py'), 'v3_small',
+                                'smoke')
     c.model.fp8 = fp8_on
     c.mesh.data = 1
     c.train.steps = steps
