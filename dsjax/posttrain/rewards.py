@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dsjax.data import tasks
+from dsjax.posttrain import reward_model
 
 RewardFn = Callable[[Sequence[tasks.Problem], Sequence[str]], np.ndarray]
 
@@ -61,8 +62,6 @@ def language_consistency(tokenizer) -> RewardFn:
 
 def trained_reward_model(config) -> RewardFn:
     """The reward model of `config.grpo.reward_model` (a stage 'reward' run directory) as a reward."""
-    from dsjax.posttrain import reward_model  # loaded only when a run asks for it
-
     if not config.grpo.reward_model:
         raise RewardError("config.grpo.reward_model='' is invalid: reward 'reward_model' needs the run directory "
                           "of a trained reward model (stage 'reward')")

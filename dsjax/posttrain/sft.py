@@ -20,7 +20,7 @@ import grain
 from dsjax import config as config_lib
 from dsjax.data import chat, tasks
 from dsjax.data.corpus import DataError
-from dsjax.posttrain import grpo, losses
+from dsjax.posttrain import losses, rollout
 from dsjax.model.transformer import Transformer
 from dsjax.train import loop
 from dsjax.train import step as step_lib
@@ -45,8 +45,8 @@ def validate(config, num_devices: int) -> None:
     s = config.sft
     if s.source not in SOURCES:
         config_lib.fail('sft.source', s.source, f'must be one of {SOURCES}')
-    if s.template not in grpo.TEMPLATES:  # the prompts GRPO, rejection sampling and evaluation use
-        config_lib.fail('sft.template', s.template, f'must be one of {tuple(grpo.TEMPLATES)}')
+    if s.template not in rollout.TEMPLATES:  # the prompts GRPO, rejection sampling and evaluation use
+        config_lib.fail('sft.template', s.template, f'must be one of {tuple(rollout.TEMPLATES)}')
     if s.template == 'zero' and s.system:
         config_lib.fail('sft.system', s.system, "must be '' with sft.template='zero' (the R1-Zero template has no "
                         'system prompt)')
@@ -128,19 +128,20 @@ def make_loss_fn(model):
     return loss_fn
 
 
-def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop.Stage:
+def build_stage(setup: loop.Setup) -> loop.Stage:
     """The loop's Stage for SFT."""
+    config, tokenizer, proc = setup.config, setup.tokenizer, setup.proc
     d = config.data
-    model = Transformer(model_cfg)
+    model = Transformer(setup.model_cfg)
     t = config.sft.template
     train_rows = packed_rows(tokenizer, load_conversations(config, 'train'), d.seq_len, 'training set', t)
     val_rows = packed_rows(tokenizer, load_conversations(config, 'validation'), d.seq_len, 'validation set', t)
     logging.info('SFT: %d training rows, %d validation rows of %d tokens', len(train_rows), len(val_rows), d.seq_len)
-    step = step_lib.make_accumulating_step(make_loss_fn(model), optimizer, schedule, config.train,
-                                           config.sft.micro_batches)
-    return loop.Stage(model=model, train_iter=train_iterator(train_rows, d.batch_size, d.shuffle_seed, **proc),
-                      eval_batches=eval_batches(val_rows, d.batch_size, config.train.eval_batches, d.seq_len, **proc),
-                      train_step=step, eval_step=step_lib.make_eval_step(model))
+    step = step_lib.make_accumulating_step(make_loss_fn(model), setup.apply_gradients, config.sft.micro_batches)
+    return loop.Stage(model=model, train_step=step,
+                      train_iter=train_iterator(train_rows, d.batch_size, d.shuffle_seed, **proc),
+                      eval_step=step_lib.make_eval_step(model),
+                      eval_batches=eval_batches(val_rows, d.batch_size, config.train.eval_batches, d.seq_len, **proc))
 
 
 def run(config, workdir, devices=None) -> dict:

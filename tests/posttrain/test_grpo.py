@@ -7,7 +7,7 @@ import pytest
 from dsjax import config as config_lib
 from dsjax import presets
 from dsjax.data import tasks
-from dsjax.posttrain import grpo, losses
+from dsjax.posttrain import grpo, losses, rollout
 from dsjax.train import logger
 
 EOS, PAD = 3, 0
@@ -42,10 +42,10 @@ def test_eos_gets_gradient_and_tokens_after_it_none():
     assert np.all(grad_BxT[1, 1:5] > 0) and grad_BxT[1, 0] == 0 and np.all(grad_BxT[1, 5:] == 0)
 
 
-def test_step_problems_are_fixed_per_step_and_from_the_train_split():
-    a = grpo.step_problems(('arithmetic:2', 'countdown:3'), 6, seed=0, step=5)
-    assert a == grpo.step_problems(('arithmetic:2', 'countdown:3'), 6, seed=0, step=5)
-    assert a != grpo.step_problems(('arithmetic:2', 'countdown:3'), 6, seed=0, step=6)
+def test_batch_problems_are_fixed_per_batch_and_from_the_train_split():
+    a = grpo.batch_problems(('arithmetic:2', 'countdown:3'), 6, seed=0, index=5)
+    assert a == grpo.batch_problems(('arithmetic:2', 'countdown:3'), 6, seed=0, index=5)
+    assert a != grpo.batch_problems(('arithmetic:2', 'countdown:3'), 6, seed=0, index=6)
     assert [p.task for p in a] == ['arithmetic', 'countdown'] * 3
     assert all(tasks.split_of(p.task, tasks.canonical_key(p)) == 'train' for p in a)
 
@@ -67,12 +67,11 @@ def test_evaluate_counts_samples_first_answers_and_tasks(monkeypatch):
         assert prompts == ['p0'] * 3 + ['p1'] * 3 and sampling.temperature == 0.6 and sampling.top_p == 0.95
         mask = np.zeros((6, max_new_tokens), bool)
         mask[:, :4] = True
-        return None, None, grpo.decode.Generation(tokens=None, mask=mask, logprobs=None, key=None), texts
+        return None, None, rollout.decode.Generation(tokens=None, mask=mask, logprobs=None, key=None), texts
 
-    monkeypatch.setattr(grpo, 'rollout', fake_rollout)
-    g = config_lib.base_config().grpo
-    g.update(eval_samples=3, eval_temperature=0.6, eval_top_p=0.95)
-    m = grpo.evaluate(None, None, problems, ['p0', 'p1'], None, g, None, None, shards=1)
+    monkeypatch.setattr(rollout, 'rollout', fake_rollout)
+    m = rollout.evaluate(None, None, problems, ['p0', 'p1'], None, max_new_tokens=48, key=None, samples=3,
+                         temperature=0.6, top_p=0.95)
     assert m['eval_accuracy'] == pytest.approx(2 / 6) and m['eval_pass_at_3'] == 1.0
     assert m['eval_first_answer_accuracy'] == pytest.approx(3 / 6)
     assert m['eval_format_rate'] == pytest.approx(5 / 6) and m['eval_completion_len'] == 4.0
@@ -90,7 +89,7 @@ def tiny_config(tmp_path, **grpo_fields):
     c.grpo.update(tasks=('arithmetic:1',), batch_size=8, group_size=4, max_new_tokens=6, eval_problems=8,
                   beta=0.01, updates_per_batch=2, eval_temperature=1.0)  # evaluation reuses the rollout's compile
     c.grpo.update(**grpo_fields)
-    c.train.update(steps=2, eval_every=2, checkpoint_every=1, async_checkpoint=False)
+    c.train.update(steps=4, eval_every=4, checkpoint_every=2, async_checkpoint=False)  # 2 batches of 2 updates
     c.optim.update(schedule='constant', warmup_steps=0)
     return c
 
@@ -105,6 +104,7 @@ def tiny_config(tmp_path, **grpo_fields):
     (dict(temperature=0.0), 'grpo.temperature'),
     (dict(eval_samples=4, eval_temperature=0.0), 'grpo.eval_samples=4'),
     (dict(eval_top_p=0.0), 'grpo.eval_top_p'),
+    (dict(updates_per_batch=3), r'train.steps=4 .*multiple of grpo.updates_per_batch=3'),
 ])
 def test_bad_config_is_named_before_anything_runs(tmp_path, fields, match):
     with pytest.raises(config_lib.ConfigError, match=match):
@@ -112,19 +112,63 @@ def test_bad_config_is_named_before_anything_runs(tmp_path, fields, match):
     assert not (tmp_path / 'run').exists()
 
 
-def test_tiny_run_finishes_and_resumes(tmp_path):
+def test_tiny_run_finishes_and_resumes_exactly(tmp_path):
+    """Two batches of two updates each, then a third batch resumed from step 4: the same as a run of
+    six steps straight through (rollouts are a function of the state and the step)."""
+    straight = tiny_config(tmp_path)
+    straight.train.steps = 6
+    grpo.run(straight, tmp_path / 'straight')
     workdir = tmp_path / 'run'
     last = grpo.run(tiny_config(tmp_path), workdir)
     for name in ('reward', 'reward_accuracy', 'reward_format', 'accuracy', 'format_rate', 'completion_len_mean',
                  'completion_len_max', 'zero_advantage_groups', 'solved_groups', 'hopeless_groups', 'kl',
-                 'clip_fraction', 'entropy', 'gen_tokens_per_s', 'train_tokens_per_s', 'eval_accuracy',
+                 'clip_fraction', 'entropy', 'gen_tokens_per_s', 'data_wait_frac', 'eval_accuracy',
                  'eval_format_rate'):
         assert np.isfinite(last[name]), name
     assert last['completion_len_max'] <= 6
-    assert [r['step'] for r in logger.read_metrics(workdir)] == [0, 1, 2]
-
+    assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2', '4']  # optimizer steps
     resumed = tiny_config(tmp_path)
-    resumed.train.steps = 3
+    resumed.train.steps = 6
     grpo.run(resumed, workdir)
-    assert [r['step'] for r in logger.read_metrics(workdir)] == [0, 1, 2, 3]
+    records, reference = logger.read_metrics(workdir), logger.read_metrics(tmp_path / 'straight')
+    assert [r['step'] for r in records] == [r['step'] for r in reference] == [0, 1, 2, 3, 4, 5, 6]
+    for got, want in zip(records, reference):
+        for k in ('loss', 'grad_norm', 'reward', 'eval_accuracy'):
+            if k in want:
+                assert got[k] == want[k], (got['step'], k)
 
+
+
+def test_moe_routing_bias_moves_under_grpo_as_under_pretraining():
+    """GRPO's update ends in the loop's apply_gradients: the routing bias takes the step of
+    auxiliary-loss-free balancing, b += rate * sign(mean load - load), from the policy's own load."""
+    import flax.linen as nn
+    from dsjax import sharding
+    from dsjax.model.transformer import Transformer
+    from dsjax.train import loop, optim
+    from dsjax.train import step as step_lib
+    from tests.conftest import TINY_MLA_MOE
+
+    c = config_lib.base_config()
+    c.model.update(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=64, **TINY_MLA_MOE)
+    c.train.bias_update_rate = 0.01
+    c.grpo.update(max_new_tokens=4, beta=0.0)
+    model = Transformer(config_lib.freeze_model(c.model))
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        optimizer = optim.make_optimizer(c.optim)
+        state = loop.build_state_fns(model, optimizer, mesh, 16)[0](jax.random.PRNGKey(0))
+        rng = np.random.RandomState(0)
+        prompt_BxW = rng.randint(3, 97, (8, 6)).astype(np.int32)
+        tokens_BxN = rng.randint(3, 97, (8, 4)).astype(np.int32)
+        batch = grpo.sequences(prompt_BxW, np.full(8, 6), tokens_BxN, np.ones((8, 4), bool), PAD)
+        batch.update(completions=tokens_BxN, mask=np.ones((8, 4), bool), advantages=rng.randn(8).astype(np.float32))
+        _, aux = model.apply(state.variables(), batch['inputs'], batch['positions'], batch['segment_ids'])
+        expected = step_lib.update_routing_bias(state.buffers, aux['load'], 0.01)
+        apply_gradients = step_lib.make_apply_gradients(optimizer, optim.make_schedule(c.optim), c.train)
+        new_state, metrics = jax.jit(grpo.make_update_step(model, apply_gradients, c.grpo))(state, batch)
+    moved = jax.tree.leaves(new_state.buffers['moe_bias'])
+    assert all(np.abs(np.asarray(b)).max() == pytest.approx(0.01) for b in moved)  # every expert moved by gamma
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), new_state.buffers, expected)
+    assert np.isfinite(float(metrics['maxvio_batch']))
