@@ -89,7 +89,7 @@ def evaluate_run(run_dir, e, samples: int = 1, temperature: float = 0.0, top_p: 
     t0 = time.perf_counter()
     loaded = loading.load(str(run_dir), what='evaluation.stages')
     problems = tasks.task_problems(e.tasks, 'test', e.problems, 0, 'evaluation.tasks')
-    prompts = rollout.encode_prompts(loaded.tokenizer, problems, e.template)
+    prompts = rollout.encode_prompts(loaded.tokenizer, [p.prompt for p in problems], e.template)
     metrics = rollout.evaluate(loaded.cfg, loaded.variables, problems, prompts, loaded.tokenizer,
                                max_new_tokens=e.max_new_tokens, key=jax.random.PRNGKey(0), samples=samples,
                                temperature=temperature, top_p=top_p)

@@ -20,28 +20,40 @@ import numpy as np
 
 from dsjax import config as config_lib
 from dsjax import sharding
-from dsjax.data import tasks
+from dsjax.data import chat, tasks
+from dsjax.data.corpus import DataError
 from dsjax.infer.sampling import SamplingConfig
 from dsjax.model.transformer import Transformer
 from dsjax.posttrain import losses, rewards, rollout
 from dsjax.train import loop
 
 
+SOURCES = ('tasks', 'jsonl')
+# grpo.loss_type (TRL's names) -> the aggregation of per-token losses (posttrain/losses.py).
+LOSS_TYPES = {'grpo': 'seq-mean-token-mean', 'dapo': 'token-mean', 'dr_grpo': 'seq-mean-token-sum-norm'}
+
+
 def validate(config, num_devices: int) -> None:
     """Raises ConfigError naming the first bad `grpo.*` field (or train.* field GRPO constrains)."""
     g = config.grpo
-    config_lib.parse_task_entries(g.tasks, 'grpo.tasks')
+    if g.source not in SOURCES:
+        config_lib.fail('grpo.source', g.source, f'must be one of {SOURCES}')
+    if g.source == 'tasks':
+        config_lib.parse_task_entries(g.tasks, 'grpo.tasks')
+    elif not g.paths or not all(isinstance(p, str) and p for p in g.paths):
+        config_lib.fail('grpo.paths', g.paths, "grpo.source='jsonl' needs one or more JSONL prompt files")
     if g.template not in rollout.TEMPLATES:
-        config_lib.fail('grpo.template', g.template, f'must be one of {tuple(rollout.TEMPLATES)}')
-    for f in ('batch_size', 'group_size', 'max_new_tokens', 'updates_per_batch', 'eval_problems',
+        config_lib.fail('grpo.template', g.template, f'must be one of {rollout.TEMPLATES}')
+    for f in ('batch_size', 'num_generations', 'max_completion_length', 'num_iterations', 'eval_problems',
               'eval_samples'):
         if not (isinstance(g[f], int) and g[f] > 0):
             config_lib.fail(f'grpo.{f}', g[f], 'must be a positive integer')
-    if g.batch_size % g.group_size:
-        config_lib.fail('grpo.batch_size', g.batch_size, f'must be divisible by grpo.group_size={g.group_size} '
-                        '(each prompt gets a group of G completions)')
-    if g.group_size < 2:
-        config_lib.fail('grpo.group_size', g.group_size, 'must be >= 2: advantages compare completions in a group')
+    if g.batch_size % g.num_generations:
+        config_lib.fail('grpo.batch_size', g.batch_size, 'must be divisible by grpo.num_generations='
+                        f'{g.num_generations} (each prompt gets a group of G completions)')
+    if g.num_generations < 2:
+        config_lib.fail('grpo.num_generations', g.num_generations,
+                        'must be >= 2: advantages compare completions in a group')
     sizes = config_lib.mesh_shape(config.mesh, num_devices)
     shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
     if g.batch_size % shards:
@@ -56,26 +68,25 @@ def validate(config, num_devices: int) -> None:
     if g.eval_samples > 1 and not g.eval_temperature:
         config_lib.fail('grpo.eval_samples', g.eval_samples, 'must be 1 with greedy evaluation '
                         '(grpo.eval_temperature=0): every sample would be the same')
-    for f in ('beta', 'eps_high', 'overlong_buffer'):
+    for f in ('beta', 'epsilon_high', 'overlong_buffer'):
         if g[f] < 0:
             config_lib.fail(f'grpo.{f}', g[f], 'must be >= 0')
-    if not 0 <= g.eps_low < 1:
-        config_lib.fail('grpo.eps_low', g.eps_low, 'must be in [0, 1)')
+    if not 0 <= g.epsilon < 1:
+        config_lib.fail('grpo.epsilon', g.epsilon, 'must be in [0, 1)')
     if not g.eps_std > 0:
         config_lib.fail('grpo.eps_std', g.eps_std, 'must be > 0')
-    if g.aggregation not in losses.AGGREGATIONS:
-        config_lib.fail('grpo.aggregation', g.aggregation, f'must be one of {losses.AGGREGATIONS}')
-    if not g.reward_names or len(g.reward_names) != len(g.reward_weights):
+    if g.loss_type not in LOSS_TYPES:
+        config_lib.fail('grpo.loss_type', g.loss_type, f'must be one of {tuple(LOSS_TYPES)}')
+    if not g.reward_funcs or len(g.reward_funcs) != len(g.reward_weights):
         config_lib.fail('grpo.reward_weights', g.reward_weights,
-                        f'needs one weight per reward in grpo.reward_names={tuple(g.reward_names)}')
-    known = tuple(rewards.REWARDS)
-    for name in g.reward_names:
-        if name not in known:
-            config_lib.fail('grpo.reward_names', tuple(g.reward_names), f'{name!r} is unknown; valid: {known}')
+                        f'needs one weight per reward in grpo.reward_funcs={tuple(g.reward_funcs)}')
+    for name in g.reward_funcs:
+        if name not in rewards.REWARDS:
+            rewards.import_function(name)  # fails naming grpo.reward_funcs if it cannot
     for f in ('steps', 'checkpoint_every'):
-        if config.train[f] % g.updates_per_batch:
-            config_lib.fail(f'train.{f}', config.train[f], f'must be a multiple of grpo.updates_per_batch='
-                            f'{g.updates_per_batch}: it counts optimizer steps, and checkpoints fall between batches')
+        if config.train[f] % g.num_iterations:
+            config_lib.fail(f'train.{f}', config.train[f], f'must be a multiple of grpo.num_iterations='
+                            f'{g.num_iterations}: it counts optimizer steps, and checkpoints fall between batches')
 
 
 def batch_problems(entries, n: int, seed: int, index: int) -> list[tasks.Problem]:
@@ -85,6 +96,38 @@ def batch_problems(entries, n: int, seed: int, index: int) -> list[tasks.Problem
     per_entry = [tasks.make_problems(t, 'train', c, level=lv, seed=seed * 1_000_003 + index)
                  for (t, lv), c in zip(parsed, counts)]
     return [per_entry[i % len(parsed)][i // len(parsed)] for i in range(n)]
+
+
+class PromptSet:
+    """The prompt rows GRPO trains and evaluates on: generated task problems (train split to train, test
+    split to evaluate), or the rows of a user's JSONL files (held out by a hash, as data.val_fraction says)."""
+
+    def __init__(self, config):
+        g, self.seed = config.grpo, config.train.seed
+        self.source, self.tasks = g.source, g.tasks
+        if g.source == 'tasks':
+            self.eval = rollout.task_rows(tasks.task_problems(g.tasks, 'test', g.eval_problems, 0, 'grpo.tasks'))
+            return
+        rows = [row for path in g.paths for row in rollout.read_prompt_rows(path)]
+        held_out = [chat.held_out(row, config.data.val_fraction) for row in rows]
+        self.train = [row for row, h in zip(rows, held_out) if not h]
+        self.eval = [row for row, h in zip(rows, held_out) if h][:g.eval_problems]
+        if not self.train or not self.eval:
+            raise DataError(f'grpo.paths: of {len(rows)} prompt rows, {len(self.train)} are for training and '
+                            f'{len(self.eval)} held out (data.val_fraction={config.data.val_fraction}); each '
+                            'needs at least one')
+
+    def batch(self, index: int, n: int) -> list[dict]:
+        """The `n` prompt rows of batch `index`: fresh problems, or the JSONL rows in an order reshuffled
+        every epoch; a function of (seed, index), so a resumed run sees the same ones."""
+        if self.source == 'tasks':
+            return rollout.task_rows(batch_problems(self.tasks, n, self.seed, index))
+        rows = []
+        for position in range(index * n, (index + 1) * n):
+            epoch, offset = divmod(position, len(self.train))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+            rows.append(self.train[order[offset]])
+        return rows
 
 
 def sequences(prompt_BxW, lengths_B, tokens_BxN, mask_BxN, pad_id: int) -> dict:
@@ -133,9 +176,9 @@ def make_update_step(model, apply_gradients, g):
     non-finite policy).
 
     batch: inputs, positions, segment_ids [B, T]; lengths, advantages [B]; completions, mask [B, N];
-    ref_logprobs [B, N] when beta > 0; old_logprobs [B, N] when updates_per_batch > 1.
+    ref_logprobs [B, N] when beta > 0; old_logprobs [B, N] when num_iterations > 1.
     """
-    n = g.max_new_tokens
+    n = g.max_completion_length
 
     def update(state, batch):
         def loss_fn(params):
@@ -143,10 +186,10 @@ def make_update_step(model, apply_gradients, g):
                                       batch['segment_ids'])
             logits_BxNxV = completion_logits(logits, batch['lengths'], n)
             logp_BxN = losses.token_logprobs(logits_BxNxV, batch['completions'], g.temperature)
-            old_BxN = batch['old_logprobs'] if g.updates_per_batch > 1 else jax.lax.stop_gradient(logp_BxN)
+            old_BxN = batch['old_logprobs'] if g.num_iterations > 1 else jax.lax.stop_gradient(logp_BxN)
             loss, stats = losses.grpo_loss(
                 logp_BxN, old_BxN, batch.get('ref_logprobs'), batch['advantages'], batch['mask'],
-                eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta, mode=g.aggregation, max_len=n)
+                eps_low=g.epsilon, eps_high=g.epsilon_high, beta=g.beta, mode=LOSS_TYPES[g.loss_type], max_len=n)
             entropy_BxN = losses.token_entropy(jax.lax.stop_gradient(logits_BxNxV), g.temperature)
             stats['entropy'] = losses.aggregate(entropy_BxN, batch['mask'], 'token-mean')
             return loss + aux['balance_loss'], (stats, aux['load'])
@@ -173,62 +216,69 @@ class Rollouts:
         self.g, self.seed, self.mesh, self.tokenizer = config.grpo, config.train.seed, setup.mesh, setup.tokenizer
         self.model_cfg = setup.model_cfg
         self.shards = int(np.prod([setup.mesh.shape[a] for a in sharding.BATCH_AXES]))
+        self.prompts = PromptSet(config)
         self.rewards = rewards.build(config, setup.tokenizer)
         self.sampling = SamplingConfig(temperature=self.g.temperature, top_p=self.g.top_p)
-        self.ref_logprobs = jax.jit(make_logprob_fn(model, self.g.max_new_tokens, self.g.temperature))
+        self.ref_logprobs = jax.jit(make_logprob_fn(model, self.g.max_completion_length, self.g.temperature))
         self.reference = None
-        self.eval_problems = tasks.task_problems(self.g.tasks, 'test', self.g.eval_problems, 0, 'grpo.tasks')
-        self.eval_prompts = rollout.encode_prompts(setup.tokenizer, self.eval_problems, self.g.template)
 
     def set_reference(self, variables) -> None:
         """Keeps the step-0 policy's variables for the KL term (none is needed with beta = 0)."""
         self.reference = variables if self.g.beta > 0 else None
 
     def __call__(self, state, step: int) -> tuple[dict, dict]:
-        """The batch of optimizer step `step` (of batch index step // updates_per_batch), on the mesh."""
+        """The batch of optimizer step `step` (of batch index step // num_iterations), on the mesh."""
         g, tok = self.g, self.tokenizer
-        index = step // g.updates_per_batch
-        prompts_per_batch = g.batch_size // g.group_size
-        # 1-2. Problems of this batch, G completions each, a fresh key per rollout.
-        problems = batch_problems(g.tasks, prompts_per_batch, self.seed, index)
-        problems_B = [p for p in problems for _ in range(g.group_size)]
-        prompts_B = [p for p in rollout.encode_prompts(tok, problems, g.template) for _ in range(g.group_size)]
+        index = step // g.num_iterations
+        prompts_per_batch = g.batch_size // g.num_generations
+        # 1-2. Prompt rows of this batch, G completions each, a fresh key per rollout.
+        rows_B = [row for row in self.prompts.batch(index, prompts_per_batch) for _ in range(g.num_generations)]
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), index)
         t0 = time.perf_counter()
-        prompt_BxW, lengths_B, gen, texts = rollout.rollout(self.model_cfg, state.variables(), prompts_B, tok, key,
-                                                            self.sampling, g.max_new_tokens, self.mesh)
+        prompt_BxW, lengths_B, gen, texts = rollout.rollout(
+            self.model_cfg, state.variables(), rollout.encode_prompts(tok, [r['prompt'] for r in rows_B], g.template),
+            tok, key, self.sampling, g.max_completion_length, self.mesh)
         t_gen = time.perf_counter() - t0
         # 3. Rewards and advantages.
-        reward_B, parts = self.rewards(problems_B, texts)
-        advantages_B, zero_groups = losses.group_advantages(reward_B, g.group_size, g.eps_std)
+        reward_B, parts = self.rewards(rows_B, texts)
+        advantages_B, zero_groups = losses.group_advantages(reward_B, g.num_generations, g.eps_std)
         # 4. The batch, with the reference's log-probs.
         batch = sequences(prompt_BxW, lengths_B, gen.tokens, gen.mask, tok.pad_id)
         batch.update(completions=gen.tokens, mask=gen.mask, advantages=np.asarray(advantages_B))
-        if g.updates_per_batch > 1:
+        if g.num_iterations > 1:
             batch['old_logprobs'] = gen.logprobs
         batch = sharding.global_batch(batch, self.mesh)
         if g.beta > 0:
             batch['ref_logprobs'] = self.ref_logprobs(self.reference, batch)
-        correct_B = np.array([tasks.grade(p, t) for p, t in zip(problems_B, texts)])
         lengths = gen.mask.sum(axis=1)
         metrics = dict(
-            reward=float(reward_B.mean()), accuracy=float(correct_B.mean()),
-            format_rate=float(np.mean([tasks.format_ok(t) for t in texts])),
+            reward=float(reward_B.mean()), format_rate=float(np.mean([tasks.format_ok(t) for t in texts])),
             completion_len_mean=float(lengths.mean()), completion_len_max=float(lengths.max()),
             truncated=float(np.mean(~np.isin(gen.tokens, tok.eos_id).any(axis=1))),
             zero_advantage_groups=float(zero_groups) / prompts_per_batch,
             gen_tokens_per_s=float(lengths.sum()) / t_gen,
-            **{f'reward_{name}': float(v.mean()) for name, v in parts.items()},
-            **group_health(correct_B, g.group_size))
+            **{f'reward_{name}': float(v.mean()) for name, v in parts.items()})
+        if 'problem' in rows_B[0]:
+            correct_B = np.array([tasks.grade(r['problem'], t) for r, t in zip(rows_B, texts)])
+            metrics.update(accuracy=float(correct_B.mean()), **group_health(correct_B, g.num_generations))
         return batch, metrics
 
     def evaluate(self, state) -> dict:
-        """Held-out accuracy and format rate (rollout.evaluate) of the current policy."""
-        g = self.g
-        return rollout.evaluate(self.model_cfg, state.variables(), self.eval_problems, self.eval_prompts,
-                                self.tokenizer, max_new_tokens=g.max_new_tokens, key=jax.random.PRNGKey(self.seed + 1),
-                                samples=g.eval_samples, temperature=g.eval_temperature, top_p=g.eval_top_p,
-                                mesh=self.mesh, shards=self.shards)
+        """The current policy on the held-out rows: task accuracy and format rate (rollout.evaluate), or the
+        mean of each reward on a user's held-out rows."""
+        g, rows = self.g, self.prompts.eval
+        prompts = rollout.encode_prompts(self.tokenizer, [r['prompt'] for r in rows], g.template)
+        sampling = dict(max_new_tokens=g.max_completion_length, key=jax.random.PRNGKey(self.seed + 1),
+                        samples=g.eval_samples, temperature=g.eval_temperature, top_p=g.eval_top_p, mesh=self.mesh,
+                        shards=self.shards)
+        if g.source == 'tasks':
+            return rollout.evaluate(self.model_cfg, state.variables(), [r['problem'] for r in rows], prompts,
+                                    self.tokenizer, **sampling)
+        texts, lengths = rollout.sample_held_out(self.model_cfg, state.variables(), prompts, self.tokenizer,
+                                                 **sampling)
+        total, parts = self.rewards([r for r in rows for _ in range(g.eval_samples)], texts)
+        return {'eval_reward': float(total.mean()), 'eval_completion_len': float(lengths.mean()),
+                **{f'eval_reward_{name}': float(v.mean()) for name, v in parts.items()}}
 
 
 def build_stage(setup: loop.Setup) -> loop.Stage:
@@ -236,7 +286,7 @@ def build_stage(setup: loop.Setup) -> loop.Stage:
     model = Transformer(setup.model_cfg)
     rollouts = Rollouts(setup, model)
     return loop.Stage(model=model, train_step=make_update_step(model, setup.apply_gradients, setup.config.grpo),
-                      batch_source=rollouts, updates_per_batch=setup.config.grpo.updates_per_batch,
+                      batch_source=rollouts, updates_per_batch=setup.config.grpo.num_iterations,
                       evaluate=rollouts.evaluate, reference=rollouts.set_reference)
 
 

@@ -130,7 +130,7 @@ def run(config, workdir, devices=None) -> dict:
     t0 = time.perf_counter()
     loaded = loading.load(config.init.checkpoint, what='init.checkpoint')
     problems = tasks.task_problems(r.tasks, 'train', r.prompts, r.seed, 'rejection.tasks')
-    prompts = rollout.encode_prompts(loaded.tokenizer, problems, r.template)
+    prompts = rollout.encode_prompts(loaded.tokenizer, [p.prompt for p in problems], r.template)
     records = sample(loaded, problems, prompts, k=r.samples, sampling=SamplingConfig(r.temperature, 0, r.top_p),
                      max_new_tokens=r.max_new_tokens, batch=r.batch, key=jax.random.PRNGKey(r.seed))
     kept, stats = select(problems, records, r.max_tokens, r.keep)

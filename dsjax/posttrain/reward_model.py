@@ -13,7 +13,7 @@ The reward is read at the last non-pad token of each sequence, from the final hi
 its own RMSNorm and a [D] head. The backbone's parameters keep the Transformer's names (shared
 scope), so `init.checkpoint` (a pre-training or SFT run) loads straight into it.
 
-As a GRPO reward: `ModelReward(run_dir)` is a `f(problems, completions) -> scores [N]` callable;
+As a GRPO reward: `ModelReward(run_dir)` is a `f(prompts, completions, **fields) -> scores [N]` callable;
 `rewards.REWARDS['reward_model']` builds it from `grpo.reward_model`.
 """
 import random
@@ -210,9 +210,9 @@ def run(config, workdir, devices=None) -> dict:
 
 
 class ModelReward:
-    """A trained reward model as a GRPO reward function: f(problems, completions) -> scores [N].
+    """A trained reward model as a GRPO reward function: f(prompts, completions, **fields) -> scores [N].
 
-    Each (problem, completion) is rendered as the chat conversation the model was trained on; scores
+    Each (prompt, completion) is rendered as the chat conversation the model was trained on; scores
     are computed in batches of `batch` rows padded to `width` tokens (one compile).
     """
 
@@ -223,10 +223,14 @@ class ModelReward:
         self.width = width or min(self.loaded.cfg.max_position_embeddings, 256)
         self._score = jax.jit(lambda v, t, p, s: self.model.apply(v, t, p, s)[0])
 
-    def __call__(self, problems, completions) -> np.ndarray:
+    def __call__(self, prompts, completions, **fields) -> np.ndarray:
+        del fields
         tok = self.loaded.tokenizer
-        seqs = [chat.tokenize_conversation(tok, sft.conversation(p, c.strip()))[0][-self.width:]
-                for p, c in zip(problems, completions)]
+        seqs = []
+        for prompt, c in zip(prompts, completions):
+            messages = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else list(prompt)
+            seqs.append(chat.tokenize_conversation(tok, messages + [{'role': 'assistant', 'content': c.strip()}])[0]
+                        [-self.width:])
         scores = []
         for start in range(0, len(seqs), self.batch):
             chunk = seqs[start:start + self.batch]

@@ -11,9 +11,6 @@ for training, test split for validation). `sft.template` is 'chat' (dsjax/data/c
 The step is `dsjax.train.step.make_accumulating_step` with the masked cross-entropy normalised by the
 whole batch's assistant-token count, so `sft.micro_batches` > 1 trains exactly as one big batch.
 """
-import hashlib
-import json
-
 from absl import logging
 import grain
 
@@ -62,11 +59,6 @@ def validate(config, num_devices: int) -> None:
         config_lib.fail('sft.micro_batches', m, f'must be a positive divisor of data.batch_size={config.data.batch_size}')
 
 
-def _held_out(messages, val_fraction: float) -> bool:
-    digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).digest()
-    return int.from_bytes(digest[:8], 'big') / 2.0**64 < val_fraction
-
-
 def load_conversations(config, split: str) -> list[list[dict]]:
     """The conversations of `split` ('train' or 'validation') that config.sft names."""
     s = config.sft
@@ -78,7 +70,7 @@ def load_conversations(config, split: str) -> list[list[dict]]:
     out = []
     for path in s.paths:
         for messages in chat.read_conversations(path):
-            if _held_out(messages, config.data.val_fraction) == (split == 'validation'):
+            if chat.held_out(messages, config.data.val_fraction) == (split == 'validation'):
                 out.append(system + messages if system and messages[0]['role'] != 'system' else messages)
     return out
 

@@ -298,14 +298,37 @@ def step_dir(path, step: int | None = None, what: str = 'path') -> epath.Path:
 
 def read_config(path, step: int | None = None, what: str = 'path') -> tuple[epath.Path, ml_collections.ConfigDict]:
     """(step directory, saved config) of a run's checkpoint `step` (None: the newest): the config saved
-    with it, as base_config() updated by `config.from_saved`."""
+    with it, as base_config() updated by `from_saved`."""
     directory = step_dir(path, step, what)
     if not (directory / _CONFIG).exists():
         raise FileNotFoundError(f'{what}={str(path)!r}: {directory / _CONFIG} does not exist: the checkpoint was '
                                 'saved without its config, so its architecture is unknown')
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
         saved = checkpointer.restore(directory / _CONFIG, args=ocp.args.JsonRestore())
-    return directory, config_lib.from_saved(saved)
+    return directory, from_saved(saved)
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """base_config() with the values of a config saved with a run (its JSON dict): the one reader of
+    saved configs. Fields this version does not know are left out (older runs' settings), except in the
+    model section, where one would change the architecture: there it is an error."""
+    c = config_lib.base_config()
+
+    def merge(section, values, prefix):
+        for key, value in values.items():
+            if prefix.startswith('model.') and key not in section:
+                config_lib.fail(f'{prefix}{key}', value, 'unknown model field in a saved config (written by '
+                                f'another version of dsjax?); valid fields: {sorted(section.keys())}')
+            # data.vocab_size refers to model.vocab_size: setting it would set the model's too.
+            if key not in section or f'{prefix}{key}' == 'data.vocab_size':
+                continue
+            if isinstance(section[key], ml_collections.ConfigDict):
+                merge(section[key], value, f'{prefix}{key}.')
+            else:
+                section[key] = tuple(value) if isinstance(value, list) else value
+
+    merge(c, saved, '')
+    return c
 
 
 class SavedRun(NamedTuple):

@@ -1,7 +1,9 @@
 """The training loop, read top to bottom: build, restore, step, log, evaluate, checkpoint, stop.
 
-Every stage trains through `run`: the stage supplies its model, data and pure step functions as a
-`Stage` (pre-training's is `pretrain_stage`; SFT, reward modelling and distillation build their own).
+Every stage trains through `run`: its builder gets a `Setup` (config, model config, tokenizer, mesh and the
+one optimizer tail, `step.make_apply_gradients`) and returns a `Stage`: its model, its pure step, where its
+batches come from (a data iterator, or a batch source such as GRPO's rollouts) and how it is evaluated.
+Pre-training's is `pretrain_stage`; SFT, reward modelling, distillation and GRPO build their own.
 """
 import dataclasses
 import pathlib

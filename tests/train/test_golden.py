@@ -95,15 +95,15 @@ def _grpo_batch(c, model, params):
     return batch
 
 
-# loss, grad_norm, kl and clip_fraction of two updates on one batch (updates_per_batch=2).
+# loss, grad_norm, kl and clip_fraction of two updates on one batch (num_iterations=2).
 GRPO = dict(loss=(0.040061124, 0.0097575337), grad_norm=(4.9269466, 4.0175147), kl=(0.0071726344, 0.0081052780),
             clip_fraction=(1 / 6, 1 / 3))
 
 
 def test_grpo_updates_match_golden_values():
     c = _config(moe=False)
-    c.grpo.update(beta=0.04, updates_per_batch=2, temperature=0.9, eps_low=0.2, eps_high=0.28,
-                  aggregation='seq-mean-token-mean', max_new_tokens=4)
+    c.grpo.update(beta=0.04, num_iterations=2, temperature=0.9, epsilon=0.2, epsilon_high=0.28,
+                  loss_type='grpo', max_completion_length=4)
     c.optim.lr = 1e-4
     model = Transformer(config_lib.freeze_model(c.model))
     with jax.set_mesh(sharding.make_mesh(c.mesh, jax.devices()[:1])), nn.logical_axis_rules(sharding.DEFAULT_RULES):
