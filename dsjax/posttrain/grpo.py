@@ -1,16 +1,18 @@
 """The GRPO stage (R1-Zero, and R1's reasoning RL), trained by the one loop (dsjax/train/loop.py).
 
 Axis legend: B completions per batch (P prompts x G), W prompt width, N completion tokens
-(max_new_tokens), T = W + N, V vocab.
+(max_completion_length), T = W + N, V vocab.
 
 `Rollouts` is the stage's batch source. Each batch, read top to bottom in `Rollouts.__call__`:
-1. P training problems, a function of (seed, batch index) so a resumed run sees the same ones; each G times.
+1. P prompt rows (`PromptSet`: generated task problems, or a user's JSONL rows), a function of (seed,
+   batch index) so a resumed run sees the same ones; each G times.
 2. G completions per prompt from the current policy at temperature T, a fresh PRNG key per batch
    (dsjax/posttrain/rollout.py).
 3. Rewards r = sum_k w_k f_k (dsjax/posttrain/rewards.py) -> group-normalised advantages.
 4. Log-probs of the frozen reference (the step-0 policy, which the loop hands over) once per batch.
-The loop then takes `updates_per_batch` optimizer steps of the clipped objective on it (above one, the
+The loop then takes `num_iterations` optimizer steps of the clipped objective on it (above one, the
 ratio uses the log-probs stored at rollout); train.steps counts optimizer steps, as for every stage.
+Field names follow TRL's GRPOConfig (README).
 """
 import time
 
