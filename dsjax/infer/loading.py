@@ -8,12 +8,11 @@ import numpy as np
 
 from dsjax import config as config_lib
 from dsjax.config import ModelConfig
-from dsjax.data import hf_tokenizer
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.infer import decode
 from dsjax.infer import speculative as speculative_lib
 from dsjax.infer.sampling import SamplingConfig
-from dsjax.interop import hf
+from dsjax.interop import hf, hf_files, hub
 from dsjax.train import checkpoint
 
 
@@ -25,32 +24,26 @@ class Loaded:
     tokenizer: tokenizer_lib.Tokenizer
 
 
-def _tokenizer_at(path: str) -> tokenizer_lib.Tokenizer:
-    """A sentencepiece .model file, or a HF tokenizer.json (or a directory holding one)."""
-    if path.endswith('.model'):
-        return tokenizer_lib.SentencePieceTokenizer(path)
-    return hf_tokenizer.HFTokenizer(path)
-
-
-def load_orbax(path, *, step: int | None = None, dtype: str | None = None, mesh=None,
-               tokenizer: str | None = None, what: str = '--model') -> Loaded:
+def load_orbax(path, *, step: int | None = None, dtype=None, mesh=None, tokenizer: str | None = None,
+               what: str = '--model') -> Loaded:
     """A dsjax checkpoint (a run's workdir or checkpoint dir, read by checkpoint.read_run): params, the
     routing bias and the tokenizer of the saved config (or `tokenizer`, a path)."""
     run = checkpoint.read_run(path, step, what=what, dtype=dtype, mesh=mesh)
-    tok = _tokenizer_at(tokenizer) if tokenizer else tokenizer_lib.get_tokenizer(run.config.data)
+    tok = tokenizer_lib.from_path(tokenizer) if tokenizer else tokenizer_lib.get_tokenizer(run.config.data)
     return Loaded(run.model_cfg, run.variables, tok)
 
 
-def load(path, *, step: int | None = None, dtype: str | None = None, mesh=None, tokenizer: str | None = None,
+def load(path, *, step: int | None = None, dtype=None, mesh=None, tokenizer: str | None = None,
          what: str = '--model', **model_overrides) -> Loaded:
-    """A HF checkpoint directory (through dsjax.interop.hf) or a dsjax Orbax checkpoint; errors name the
-    argument `path` came from (`what`)."""
+    """A HF checkpoint directory or Hub id (through dsjax.interop.hf) or a dsjax Orbax checkpoint; `dtype`
+    by name or as a jnp/np dtype; errors name the argument `path` came from (`what`)."""
+    path = hub.resolve(path, what)
     if hf.is_hf_checkpoint(path):
         model, variables = hf.load(path, dtype, mesh=mesh, **model_overrides)
-        return Loaded(model.cfg, variables, _tokenizer_at(tokenizer or str(path)))
+        return Loaded(model.cfg, variables, tokenizer_lib.from_path(tokenizer or str(path)))
     if not pathlib.Path(path).exists():
         raise FileNotFoundError(f'{what}={str(path)!r} does not exist (give a dsjax run directory, its '
-                                'checkpoints/ directory, or a HF checkpoint directory)')
+                                'checkpoints/ directory, a HF checkpoint directory or a Hub id owner/name)')
     loaded = load_orbax(path, step=step, dtype=dtype, mesh=mesh, tokenizer=tokenizer, what=what)
     if model_overrides:
         loaded.cfg = dataclasses.replace(loaded.cfg, **model_overrides)
@@ -88,23 +81,41 @@ def complete(loaded: Loaded, texts, *, sampling: SamplingConfig = SamplingConfig
 
 
 def define_flags():
-    """The model, checkpoint and sampling flags of the generation CLIs."""
+    """The model, checkpoint and sampling flags of the generation CLIs (adopt them as key flags, so the
+    CLI's --help lists them). Unset sampling flags take the checkpoint's generation_config.json."""
     return dict(
-        model=flags.DEFINE_string('model', None, 'dsjax run / checkpoint directory, or a HF checkpoint directory.'),
+        model=flags.DEFINE_string('model', None, 'dsjax run / checkpoint directory, HF checkpoint directory, or Hub '
+                                  'id owner/name[@revision].'),
         step=flags.DEFINE_integer('step', None, 'Checkpoint step of a dsjax run (default: the newest).'),
         dtype=flags.DEFINE_enum('dtype', None, list(config_lib.DTYPES), 'Parameter and compute dtype.'),
         tokenizer=flags.DEFINE_string('tokenizer', None, 'Tokenizer (.model or tokenizer.json) to use instead.'),
-        temperature=flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 is greedy.'),
-        top_k=flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all).'),
-        top_p=flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass in (0, 1] (1: all).'),
+        temperature=flags.DEFINE_float('temperature', None, 'Sampling temperature; 0 is greedy (default: the '
+                                       "checkpoint's generation_config.json, else greedy)."),
+        top_k=flags.DEFINE_integer('top_k', None, 'Keep the k most likely tokens; 0 keeps all (default: '
+                                   'generation_config.json).'),
+        top_p=flags.DEFINE_float('top_p', None, 'Nucleus sampling mass in (0, 1]; 1 keeps all (default: '
+                                 'generation_config.json).'),
         seed=flags.DEFINE_integer('seed', 0, 'PRNG seed for sampling.'),
     )
+
+
+def sampling_for(path, temperature=None, top_k=None, top_p=None) -> SamplingConfig:
+    """The sampling of the checkpoint at `path` (its generation_config.json; greedy without one), each
+    field overridden where given."""
+    fields = dict(temperature=0.0, top_k=0, top_p=1.0)
+    if path is not None and pathlib.Path(path).is_dir():
+        fields.update(hf_files.read_sampling(path) or {})
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    fields.update({k: v for k, v in given.items() if v is not None})
+    return SamplingConfig(**fields)
 
 
 def load_from_flags(f) -> tuple[Loaded, SamplingConfig]:
     """The model and sampling settings the flags of `define_flags` name; errors name the flag."""
     if not f['model'].value:
-        raise ValueError('--model is required: a dsjax run / checkpoint directory or a HF checkpoint directory')
-    sampling = SamplingConfig(f['temperature'].value, f['top_k'].value, f['top_p'].value)
-    loaded = load(f['model'].value, step=f['step'].value, dtype=f['dtype'].value, tokenizer=f['tokenizer'].value)
+        raise ValueError('--model is required: a dsjax run / checkpoint directory, a HF checkpoint directory or a '
+                         'Hub id')
+    path = hub.resolve(f['model'].value, '--model')
+    loaded = load(path, step=f['step'].value, dtype=f['dtype'].value, tokenizer=f['tokenizer'].value)
+    sampling = sampling_for(path, f['temperature'].value, f['top_k'].value, f['top_p'].value)
     return loaded, sampling

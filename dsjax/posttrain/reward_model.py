@@ -161,8 +161,7 @@ def summarize(totals) -> dict:
 def start_from(path, model_cfg, abstract_state, state):
     """The backbone from a previous stage's checkpoint; the reward head keeps its initialisation."""
     backbone = {k: v for k, v in abstract_state.params.items() if k not in HEAD_PARAMS}
-    restored = checkpoint.restore_subtrees(checkpoint.checkpoint_dir(path), {'params': backbone,
-                                                                             'buffers': abstract_state.buffers})
+    restored = checkpoint.restore_subtrees(path, {'params': backbone, 'buffers': abstract_state.buffers})
     params = {**state.params, **restored['params']}
     return state.replace(params=params, buffers=restored.get('buffers', state.buffers))
 

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from dsjax import config as config_lib
 from dsjax import sharding
 from dsjax.model.transformer import Transformer
+from dsjax.train import workdir as workdir_lib
 
 # Orbax 0.12 writes this file as the last act of finalizing a step, in both of its atomicity modes
 # (rename of a tmp dir on local disks, commit file on object stores). A step directory that lacks it
@@ -50,12 +51,11 @@ def _scan(directory: epath.Path) -> tuple[list[int], list[epath.Path]]:
     return sorted(complete), sorted(incomplete)
 
 
-def checkpoint_dir(path) -> epath.Path:
-    """The checkpoint directory of `path`: a run's workdir's checkpoints/ (also before its first save), or
-    `path` itself when it holds checkpoint steps (a checkpoints/ directory, or hf_to_orbax's output)."""
-    path = epath.Path(path)
-    if not path.is_absolute():
-        path = path.resolve()  # Orbax needs absolute paths
+def checkpoint_dir(path, what: str = 'path') -> epath.Path:
+    """The checkpoint directory of `path` (local or remote, train/workdir.py): a run's workdir's checkpoints/
+    (also before its first save), or `path` itself when it holds checkpoint steps (a checkpoints/
+    directory, or hf_to_orbax's output); errors name the argument `what`."""
+    path = workdir_lib.resolve(path, what)
     holds_steps = any(_scan(path))
     return path if holds_steps and not (path / CHECKPOINTS).exists() else path / CHECKPOINTS
 
@@ -281,7 +281,7 @@ def complete_steps(directory) -> list[int]:
 def step_dir(path, step: int | None = None, what: str = 'path') -> epath.Path:
     """The directory of checkpoint `step` (None: the newest complete one) of `path`, a run's workdir or
     checkpoint directory; errors name the argument `what` (a config field or flag)."""
-    directory = checkpoint_dir(path)
+    directory = checkpoint_dir(path, what)
     complete, incomplete = _scan(directory)
     for bad in incomplete:
         logging.warning('%s: skipping incomplete checkpoint %s (no %s)', what, bad, _COMMIT_FILE)
@@ -312,15 +312,15 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
     """base_config() with the values of a config saved with a run (its JSON dict): the one reader of
     saved configs. Fields this version does not know are left out (older runs' settings), except in the
     model section, where one would change the architecture: there it is an error."""
-    c = config_lib.base_config()
+    # References resolved (data.vocab_size, optim.decay_steps): each field takes its own saved value.
+    c = config_lib.base_config().copy_and_resolve_references()
 
     def merge(section, values, prefix):
         for key, value in values.items():
             if prefix.startswith('model.') and key not in section:
                 config_lib.fail(f'{prefix}{key}', value, 'unknown model field in a saved config (written by '
                                 f'another version of dsjax?); valid fields: {sorted(section.keys())}')
-            # data.vocab_size refers to model.vocab_size: setting it would set the model's too.
-            if key not in section or f'{prefix}{key}' == 'data.vocab_size':
+            if key not in section:
                 continue
             if isinstance(section[key], ml_collections.ConfigDict):
                 merge(section[key], value, f'{prefix}{key}.')
@@ -338,7 +338,7 @@ class SavedRun(NamedTuple):
     variables: dict  # {'params': ..., 'moe_bias': ...} (the routing bias only where the model has one)
 
 
-def read_run(path, step: int | None = None, *, what: str = 'path', module=Transformer, dtype: str | None = None,
+def read_run(path, step: int | None = None, *, what: str = 'path', module=Transformer, dtype=None,
              mesh=None) -> SavedRun:
     """The one reader of a run for use (inference, conversion, a reward model, a teacher, chains): its saved
     config, frozen model config and variables (params and routing bias; nothing else is read).
@@ -348,11 +348,12 @@ def read_run(path, step: int | None = None, *, what: str = 'path', module=Transf
       step: the checkpoint step; None for the newest complete one.
       what: the argument `path` came from, named in errors (e.g. '--model', 'distill.teacher').
       module: the flax module class the params belong to (a reward model's head is not a Transformer's).
-      dtype: parameter and compute dtype to load in (default: the saved config's).
+      dtype: parameter and compute dtype to load in, by name or as a jnp/np dtype (default: the saved config's).
       mesh: where to place the arrays, by the logical rules (default: the first device).
     """
     directory, config = read_config(path, step, what)
-    if dtype:
+    if dtype is not None:
+        dtype = config_lib.dtype_name(dtype, 'dtype')
         config.model.update(dtype=dtype, param_dtype=dtype)
     model_cfg = config_lib.freeze_model(config.model)
     mesh = mesh or sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
