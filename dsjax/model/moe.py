@@ -378,16 +378,20 @@ def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExF
     k = idx_TxK.shape[1]
     e = gate_ExDxF.shape[0]
     block = block or grouped_block_size(t * k, e)
-    row_A, src_R, expert_N = _grouped_rows(idx_TxK, e, block)
-    n = expert_N.shape[0]
-    # Padding rows read a zero token (row t).
-    token_R = jnp.where(src_R < t * k, src_R // k, t)
-    x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
-    h_NxBxF = swiglu(jnp.einsum('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N]),
-                     jnp.einsum('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N]))
-    y_RxD = jnp.einsum('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N]).reshape(n * block, d)
-    y_TxKxD = y_RxD[row_A].reshape(t, k, d)
-    return jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype)), jnp.zeros((), jnp.float32)
+    with jax.named_scope('permute'):
+        row_A, src_R, expert_N = _grouped_rows(idx_TxK, e, block)
+        n = expert_N.shape[0]
+        # Padding rows read a zero token (row t).
+        token_R = jnp.where(src_R < t * k, src_R // k, t)
+        x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
+    with jax.named_scope('experts'):
+        h_NxBxF = swiglu(jnp.einsum('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N]),
+                         jnp.einsum('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N]))
+        y_RxD = jnp.einsum('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N]).reshape(n * block, d)
+    with jax.named_scope('combine'):
+        y_TxKxD = y_RxD[row_A].reshape(t, k, d)
+        y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
+    return y_TxD, jnp.zeros((), jnp.float32)
 
 
 DISPATCH = {

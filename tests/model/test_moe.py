@@ -203,7 +203,7 @@ def test_dropless_equals_dense_values_and_grads_under_skewed_routing(strategy):
     blocks padded per expert; ragged_dot's groups of size 0)."""
     x, weights, _, gate, up, down = _dispatch_inputs(3, tokens=40, e=8, k=2)
     idx = jnp.zeros((40, 2), jnp.int32).at[:, 1].set(jnp.arange(40) % 3 + 1)
-    dispatch = (lambda *a: moe.dispatch_grouped(*a, block=8)) if strategy == 'grouped_block8' else moe.DISPATCH[strategy]
+    dispatch = moe.DISPATCH.get(strategy, lambda *a: moe.dispatch_grouped(*a, block=8))  # grouped_block8
     got = jax.jit(jax.value_and_grad(_sum_sq(dispatch, None), argnums=(0, 1, 2, 3, 4)))(x, weights, gate, up, down, idx)
     want = jax.value_and_grad(_sum_sq(moe.dispatch_dense, None), argnums=(0, 1, 2, 3, 4))(
         x, weights, gate, up, down, idx)
