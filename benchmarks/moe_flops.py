@@ -5,14 +5,14 @@ Run: `python benchmarks/moe_flops.py` (compiles only, nothing runs: ~15 minutes 
 results/moe_flops.md. Hardware: any CPU; libtpu (jax[tpu]) compiles the same programs for a TPU v5e
 without one.
 Expect: 'ragged' counts the routed FLOPs on TPU (tokamax's megablox kernels), 'grouped' at most ~1.25x
-(block padding), 'capacity' factor x routed, 'dense' E / K x routed; on CPU, jax lowers ragged_dot to a
-masked dot over every expert (E / K x). At decode 'gather' reads only the selected experts' weights.
+(block padding), 'capacity' factor x routed, 'dense' E / K x routed; on CPU jax lowers ragged_dot to a
+masked dot over every expert (E x routed). At decode 'gather' computes only the selected experts.
 
-Training shapes (forward + backward of one dispatch, bf16): v3_small's (8 x 256 tokens, D 256, F 128,
-32 experts top-4) and benchmarks/device.py's MoE (8 x 2048 tokens, D 2048, F 1024, top-4, 32 and 128
-experts). Decode shapes (forward, evaluation: nothing dropped): V2-Lite's experts (D 2048, F 1408, 64
-experts top-6) at 1, 16 and 64 tokens, each dispatch as MoE picks it (`moe.inference_dispatch`) and the
-alternatives.
+Training shapes (forward + backward of one dispatch; bf16, float32 on the CPU): v3_small's (8 x 256
+tokens, D 256, F 128, 32 experts top-4) and benchmarks/device.py's MoE (8 x 2048 tokens, D 2048, F 1024,
+top-4, 32 and 128 experts). Decode shapes (forward, evaluation: nothing dropped): V2-Lite's experts
+(D 2048, F 1408, 64 experts top-6) at 1, 16 and 64 tokens, each dispatch as MoE picks it
+(`moe.inference_dispatch`) and the alternatives.
 """
 import math
 import os
@@ -45,12 +45,14 @@ def tpu_device():
 
 
 def cost(name: str, shape, train: bool, device) -> tuple[float, float]:
-    """(FLOPs, bytes accessed) of the compiled dispatch on `device`'s platform."""
+    """(FLOPs, bytes accessed) of the compiled dispatch on `device`'s platform, in bf16 (float32 on the CPU,
+    whose compiler widens bf16 weights whole before a gather, which would count every expert's)."""
     t, d, f, e, k = shape
+    dtype = jnp.float32 if device.platform == 'cpu' else jnp.bfloat16
     capacity = min(t, math.ceil(t * k / e * CAPACITY_FACTOR)) if (train and name == 'capacity') else t
     dispatch = moe.DISPATCH[name]
     on_device = jax.sharding.SingleDeviceSharding(device)
-    spec = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype, sharding=on_device)
+    spec = lambda *s, dtype=dtype: jax.ShapeDtypeStruct(s, dtype, sharding=on_device)
 
     def forward(x, weights, gate, up, down, idx):
         return dispatch(x, weights, idx, gate, up, down, capacity)[0]
@@ -92,10 +94,12 @@ def main():
     if tpu is not None:
         devices['TPU v5e'] = tpu
     lines = [f'# MoE dispatch cost by the compiler\'s count (benchmarks/moe_flops.py)', '',
-             f'jax {jax.__version__}; cost_analysis() of each compiled program, bf16; routed = T x K x D x F x 2 x 3 '
-             f'GEMMs (x3 for forward + backward). Capacity factor {CAPACITY_FACTOR} in training, room for every token '
-             'at decode. The TPU column compiles for one v5e chip through libtpu; Pallas kernels (tokamax\'s '
-             'megablox) report their own cost estimate to the compiler.', '']
+             f'jax {jax.__version__}; cost_analysis() of each compiled program (float32 on the CPU, bf16 on the TPU); '
+             'routed = T x K x D x F x 2 x 3 GEMMs (x3 for forward + backward). Capacity factor '
+             f'{CAPACITY_FACTOR} in training, room for every token at decode. The TPU column compiles for one v5e '
+             'chip through libtpu; Pallas kernels (tokamax\'s megablox) report their own cost estimate to the '
+             'compiler. Bytes accessed count a gather\'s whole operand (XLA\'s cost model), so they overstate '
+             '\'gather\' and \'grouped\'.', '']
     lines += table('Training: forward + backward of the routed experts', TRAIN, TRAIN_DISPATCHES, True, devices)
     lines += table('Decoding: forward at evaluation', DECODE, DECODE_DISPATCHES, False, devices)
     text = '\n'.join(lines) + '\n'
