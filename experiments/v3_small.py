@@ -14,12 +14,12 @@ Expect:   validation loss 8.38 -> 5.47 (100) -> 4.83 (200) -> 4.67 (300), global
 Variants: `:smoke` (seconds, tests), `:nobias` (sequence-wise loss only), `:nobalance` (neither),
           `:tiny` (width 128, 4 layers, 150 steps of 8 x 64 tokens: the ablation sweeps' size).
 """
-from dsjax import config as config_lib
+from dsjax import presets
 
 
 def get_config(arg=None):
     # llm_small's vocabulary, data and warmup; its own width and schedule; V3's architecture on top.
-    c = config_lib.load_experiment(__file__, 'llm_small')
+    c = presets.load_experiment(__file__, 'llm_small')
     m = c.model
     m.hidden_size = 256
     m.intermediate_size = 688
@@ -74,5 +74,5 @@ def get_config(arg=None):
         c.optim.warmup_steps = 15
         c.train.eval_every, c.train.checkpoint_every = 50, 150
     if 'smoke' in variants:
-        config_lib.smoke(c)
+        presets.smoke(c)
     return c

@@ -12,62 +12,6 @@ import optax
 
 from dsjax import config as config_lib
 
-SCHEDULES = ('cosine', 'multistep', 'constant', 'phases')
-PHASE_SHAPES = ('constant', 'cosine')
-MOMENT_DTYPES = ('float32', 'bfloat16')
-
-
-def _fail(field, value, valid):
-    config_lib.fail(f'optim.{field}', value, valid)
-
-
-def validate(optim_cfg) -> None:
-    """Raise ConfigError naming the first bad `optim.*` field, its value and what is valid."""
-    c = optim_cfg
-    if not c.lr > 0:
-        _fail('lr', c.lr, 'the peak learning rate must be > 0')
-    if c.schedule not in SCHEDULES:
-        _fail('schedule', c.schedule, f'must be one of {SCHEDULES}')
-    if c.warmup_steps < 0:
-        _fail('warmup_steps', c.warmup_steps, 'must be >= 0')
-    if not c.decay_steps > 0:
-        _fail('decay_steps', c.decay_steps, 'must be > 0 (total steps of the schedule, usually train.steps)')
-    if c.schedule == 'cosine' and c.decay_steps <= c.warmup_steps:
-        _fail('decay_steps', c.decay_steps,
-              f'a cosine schedule needs decay_steps > warmup_steps={c.warmup_steps} (both count from step 0)')
-    if not 0 <= c.min_lr_ratio <= 1:
-        _fail('min_lr_ratio', c.min_lr_ratio, 'the cosine floor as a fraction of lr must be in [0, 1]')
-    for name in ('b1', 'b2'):
-        if not 0 <= c[name] < 1:
-            _fail(name, c[name], 'Adam betas must be in [0, 1)')
-    if not c.eps > 0:
-        _fail('eps', c.eps, 'must be > 0')
-    if c.weight_decay < 0:
-        _fail('weight_decay', c.weight_decay, 'must be >= 0')
-    if c.moment_dtype not in MOMENT_DTYPES:
-        _fail('moment_dtype', c.moment_dtype, f'must be one of {MOMENT_DTYPES}')
-    if c.clip_norm < 0:
-        _fail('clip_norm', c.clip_norm, 'must be >= 0 (0 turns clipping off)')
-    milestones, factors = tuple(c.milestones), tuple(c.milestone_factors)
-    if any(not 0 < m < 1 for m in milestones) or any(a >= b for a, b in zip(milestones, milestones[1:])):
-        _fail('milestones', milestones, 'must be strictly increasing fractions of decay_steps in (0, 1)')
-    if c.schedule == 'multistep' and not milestones:
-        _fail('milestones', milestones, "schedule='multistep' needs at least one milestone, e.g. (0.8, 0.9)")
-    if len(factors) != len(milestones):
-        _fail('milestone_factors', factors, f'needs one factor per milestone ({len(milestones)}: {milestones})')
-    if any(not 0 < f <= 1 for f in factors):
-        _fail('milestone_factors', factors, 'each lr multiplier must be in (0, 1]')
-    ends, shapes, phase_factors = tuple(c.phase_ends), tuple(c.phase_shapes), tuple(c.phase_factors)
-    if c.schedule == 'phases' and not ends:
-        _fail('phase_ends', ends, "schedule='phases' needs at least one phase end (tokens), e.g. (1e9,)")
-    if any(not (config_lib._real(e) and e > 0) for e in ends) or any(a >= b for a, b in zip(ends, ends[1:])):
-        _fail('phase_ends', ends, 'must be strictly increasing token counts > 0')
-    if len(shapes) != len(ends) or any(x not in PHASE_SHAPES for x in shapes):
-        _fail('phase_shapes', shapes, f'needs one of {PHASE_SHAPES} per phase ({len(ends)}: {ends})')
-    if len(phase_factors) != len(ends) or any(not (config_lib._real(f) and 0 < f <= 1) for f in phase_factors):
-        _fail('phase_factors', phase_factors, f'needs one lr multiplier in (0, 1] per phase ({len(ends)})')
-
-
 def _phases(c, tokens_before) -> optax.Schedule:
     """lr of the phase holding the tokens trained before the step: phase i spans [end_{i-1}, end_i) (from 0)
     and ends at lr x phase_factors[i]; a 'constant' phase holds that value, a 'cosine' one falls to it along
@@ -117,7 +61,7 @@ def _decay(c, tokens_before) -> optax.Schedule:
 def make_schedule(optim_cfg, tokens_before=None) -> optax.Schedule:
     """Linear warmup 0 -> `lr` over `warmup_steps`, then the named decay (its end value held after).
     `tokens_before(step)`: tokens trained before a (traced) step, the clock of schedule 'phases'."""
-    validate(optim_cfg)
+    config_lib.validate_optim(optim_cfg)
     c = optim_cfg
     decay = _decay(c, tokens_before)
     if c.warmup_steps == 0:

@@ -115,7 +115,7 @@ def test_clip_matches_optax(max_norm):
 ])
 def test_validation_names_field(field, value):
     with pytest.raises(ValueError, match=rf'optim\.{field}='):
-        optim.validate(_cfg(**{field: value}))
+        config_lib.validate_optim(_cfg(**{field: value}))
 
 
 # V3's schedule as the paper gives it (4.2): warm up over 2K steps to 2.2e-4, hold until 10T tokens, cosine to
@@ -165,7 +165,7 @@ def test_v3_phases_follow_tokens_through_the_batch_ramp():
 ])
 def test_validation_phases(overrides, field):
     with pytest.raises(ValueError, match=rf'optim\.{field}='):
-        optim.validate(_cfg(**dict(V3_PHASES, **overrides)))
+        config_lib.validate_optim(_cfg(**dict(V3_PHASES, **overrides)))
 
 
 @pytest.mark.parametrize('milestones, factors, field', [
@@ -179,12 +179,12 @@ def test_validation_phases(overrides, field):
 def test_validation_multistep(milestones, factors, field):
     cfg = _cfg(schedule='multistep', milestones=milestones, milestone_factors=factors)
     with pytest.raises(ValueError, match=rf'optim\.{field}='):
-        optim.validate(cfg)
+        config_lib.validate_optim(cfg)
 
 
 def test_valid_configs_pass():
-    optim.validate(_cfg())
-    optim.validate(_cfg(schedule='multistep', milestones=(0.8, 0.9), milestone_factors=(0.316, 0.1)))
+    config_lib.validate_optim(_cfg())
+    config_lib.validate_optim(_cfg(schedule='multistep', milestones=(0.8, 0.9), milestone_factors=(0.316, 0.1)))
 
 
 def test_bfloat16_moments_track_float32_adam():
