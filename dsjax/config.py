@@ -102,10 +102,6 @@ def base_config() -> ml_collections.ConfigDict:
     d.val_fraction = 0.02
     d.seq_len = 256
     d.batch_size = 16
-    # V3's batch ramp: sequences per step grow from batch_ramp_start to batch_size over the first batch_ramp_tokens
-    # tokens (dsjax/data/batch_ramp.py); 0: batch_size from the first step.
-    d.batch_ramp_start = 0
-    d.batch_ramp_tokens = 0.0
     d.fim_rate = 0.0  # share of training documents rearranged for fill-in-the-middle, PSM order (V3: 0.1)
     # True: packed documents never attend to each other (segment ids); False: a row is one sequence, as V3 packed.
     d.document_mask = True
@@ -480,10 +476,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _positive_int(c, f'data.{f}')
     _check(0 <= d.shuffle_seed < 2**32, 'data.shuffle_seed', d.shuffle_seed, 'must be in [0, 2**32)')
     _check(0 <= d.fim_rate <= 1, 'data.fim_rate', d.fim_rate, 'a share of the documents must be in [0, 1]')
-    _check(0 <= d.batch_ramp_start < d.batch_size, 'data.batch_ramp_start', d.batch_ramp_start,
-           f'must be in [0, data.batch_size={d.batch_size}) (0: no ramp)')
-    _check(d.batch_ramp_start == 0 or d.batch_ramp_tokens > 0, 'data.batch_ramp_tokens', d.batch_ramp_tokens,
-           'a ramp needs the tokens it lasts (> 0)')
     _check(d.vocab_size == m.vocab_size, 'data.vocab_size', d.vocab_size,
            f'must equal model.vocab_size={m.vocab_size}')
     _check(m.rope_scaling.type == 'yarn' or d.seq_len <= m.max_position_embeddings, 'data.seq_len',

@@ -61,9 +61,7 @@ class BatchRamp:
         return jnp.where(step < n, table[jnp.clip(step, 0, n)], after)
 
 
-def from_config(data_cfg, granule: int = 1) -> BatchRamp:
-    """The ramp of `config.data` (batch_ramp_start, batch_ramp_tokens, batch_size, seq_len); rows grow in
-    whole `granule`s (the micro-batch)."""
-    start = data_cfg.batch_ramp_start or data_cfg.batch_size
-    return BatchRamp(start=start, end=data_cfg.batch_size, tokens=float(data_cfg.batch_ramp_tokens),
-                     granule=granule, seq_len=data_cfg.seq_len)
+def fixed(data_cfg) -> BatchRamp:
+    """The clock of a run at a fixed `data.batch_size` from its first step (no ramp)."""
+    return BatchRamp(start=data_cfg.batch_size, end=data_cfg.batch_size, tokens=0.0, granule=1,
+                     seq_len=data_cfg.seq_len)

@@ -17,7 +17,7 @@ from absl import logging
 
 from dsjax import config as config_lib
 from dsjax import sharding
-from dsjax.data import pipeline
+from dsjax.data import batch_ramp, pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.interop import hf
 from dsjax.model import flops, moe
@@ -162,8 +162,9 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
             f'config.model.vocab_size={model_cfg.vocab_size} is invalid: the tokenizer has '
             f'{tokenizer.vocab_size} tokens')
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    schedule = optim.make_schedule(config.optim)
-    optimizer = optim.make_optimizer(config.optim)
+    tokens_before = batch_ramp.fixed(config.data).tokens_before_traced  # the clock of optim.schedule='phases'
+    schedule = optim.make_schedule(config.optim, tokens_before)
+    optimizer = optim.make_optimizer(config.optim, tokens_before=tokens_before)
     stage = build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc)
     model, train_iter, eval_batches = stage.model, stage.train_iter, stage.eval_batches
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints,

@@ -1,6 +1,5 @@
 """Tests for dsjax/data/batch_ramp.py: V3's batch ramp (3,072 -> 15,360 sequences over 469B tokens) by hand."""
 import numpy as np
-import pytest
 
 from dsjax import config as config_lib
 from dsjax.data import batch_ramp
@@ -34,20 +33,12 @@ def test_traced_tokens_match_the_host_count():
     np.testing.assert_allclose(got, [V3.tokens_before(int(s)) for s in steps], rtol=1e-6)
 
 
-def test_no_ramp_and_config():
+def test_fixed_batch_clock():
     c = config_lib.base_config()
-    flat = batch_ramp.from_config(c.data)
+    flat = batch_ramp.fixed(c.data)
     assert len(flat.sizes) == 0 and flat.batch_size(7) == c.data.batch_size
     assert flat.tokens_before(7) == 7 * c.data.batch_size * c.data.seq_len
-    c.data.update(batch_ramp_start=4, batch_ramp_tokens=16 * 256.0)
-    ramp = batch_ramp.from_config(c.data, granule=4)
+    assert float(flat.tokens_before_traced(7)) == 7 * c.data.batch_size * c.data.seq_len
     # 4 + 12 x T / 4,096 rows floored to whole 4s: T = 0 and 1,024 give 4, T = 2,048 gives 10 -> 8; at 4,096 done.
+    ramp = batch_ramp.BatchRamp(start=4, end=16, tokens=16 * 256.0, granule=4, seq_len=256)
     assert list(ramp.sizes) == [4, 4, 8] and ramp.batch_size(3) == 16
-
-
-@pytest.mark.parametrize('start, tokens', [(24, 1e6), (-1, 1e6), (8, 0.0)])
-def test_config_errors_name_the_field(start, tokens):
-    c = config_lib.base_config()
-    c.data.update(batch_ramp_start=start, batch_ramp_tokens=tokens)
-    with pytest.raises(config_lib.ConfigError, match=r'config\.data\.batch_ramp_'):
-        config_lib.validate(c, 1)
