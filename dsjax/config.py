@@ -3,20 +3,22 @@ field, and the frozen model config. The bottom of dsjax: it imports no other dsj
 import dataclasses
 import math
 
+from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
-MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
+MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'gather', 'expert_parallel')
 REMAT_POLICIES = ('auto', 'none', 'full', 'save_dots', 'save_attention')
 ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn')
 FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn', 'llama3')
 STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill', 'grpo')
-SOURCES = ('stdlib', 'text', 'jsonl', 'tasks')
+SOURCES = ('stdlib', 'text', 'jsonl', 'tasks', 'array_record')
 TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -74,8 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.seq_aux = False  # True: V3 sequence-wise balance loss on normalised sigmoid scores
     m.device_aux_alpha = 0.0  # V2 alpha2 (groups stand for devices)
     m.comm_aux_alpha = 0.0  # V2 alpha3
-    # 'auto': capacity when capacity_factor > 0, else dropless grouped (ragged on TPU); see
-    # moe.resolve_dispatch and benchmarks/results/moe_dispatch.md for the numbers behind it.
+    # 'auto': capacity when capacity_factor > 0, else dropless: ragged (tokamax grouped GEMMs) on GPU and TPU,
+    # grouped on the CPU; see moe.resolve_dispatch and benchmarks/results/moe_dispatch.md, moe_flops.md.
+    # Evaluation and decoding never drop: 'gather' (the selected experts' weights only) when T x K <= E.
     m.moe_dispatch = 'auto'
     m.capacity_factor = 0.0  # capacity dispatch only; 0: no token is ever dropped
     m.num_nextn_predict_layers = 0
@@ -91,8 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat_policy = 'auto'
     # Training-time attention kernel. 'xla': einsums and a float32 softmax over the whole [L, S] scores;
     # 'blocked': the same per block of queries, skipping the keys above the causal diagonal; 'cudnn': the
-    # fused flash kernel (GPU, bf16/fp16 compute); 'auto': cudnn where it applies on a GPU with equal qk
-    # and v head widths (MHA/GQA), blocked on the CPU, else xla. See attention.resolve_impl.
+    # fused flash kernel (GPU, bf16/fp16 compute; MLA's unequal widths from Hopper on); 'auto': cudnn where
+    # it applies on a GPU, blocked on the CPU, else xla. See attention.resolve_impl.
     m.attention_impl = 'auto'
 
     c.data = d = ml_collections.ConfigDict()
@@ -123,7 +126,6 @@ def base_config() -> ml_collections.ConfigDict:
     o.schedule = 'cosine'
     o.warmup_steps = 100
     o.min_lr_ratio = 0.1
-    o.decay_steps = 1000
     o.milestones = (0.8, 0.9)
     o.milestone_factors = (0.316, 0.1)
     # schedule 'phases' (V3): phase i runs until phase_ends[i] tokens trained, 'constant' at lr x phase_factors[i]
@@ -140,6 +142,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
+    # The schedule's length follows train.steps (an override of either moves both) until set itself.
+    o.decay_steps = t.get_ref('steps') + 0
     t.seed = 0
     t.log_every = 10
     t.eval_every = 200
@@ -466,6 +470,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(0 <= d.worked_fraction <= 1, 'data.worked_fraction', d.worked_fraction, 'must be in [0, 1]')
     elif d.source != 'stdlib':
         _check(len(d.paths) > 0, 'data.paths', d.paths, f'data.source={d.source!r} needs at least one path')
+    if d.source == 'array_record':
+        _check(bool(d.tokenizer_path), 'data.tokenizer_path', d.tokenizer_path,
+               "data.source='array_record' needs the tokenizer the shards were written with (the dataset "
+               'directory holds a copy: give the directory)')
     _check(all(isinstance(p, str) and p for p in d.paths), 'data.paths', d.paths,
            'every entry must be a non-empty file path or glob string')
     _choice(d.tokenizer, 'data.tokenizer', TOKENIZERS)
@@ -493,6 +501,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(t.mtp_loss_weight == 0 or m.num_nextn_predict_layers > 0, 'train.mtp_loss_weight',
            t.mtp_loss_weight, 'needs model.num_nextn_predict_layers > 0')
     validate_optim(c.optim)
+    if c.optim.schedule != 'constant' and c.optim.decay_steps < t.steps:
+        logging.warning('config.optim.decay_steps=%d < train.steps=%d: the learning rate stays at its floor for the '
+                        'last %d steps (leave decay_steps unset to follow train.steps)', c.optim.decay_steps, t.steps,
+                        t.steps - c.optim.decay_steps)
     sizes = mesh_shape(c.mesh, num_devices)
     batch_axes = sizes['data'] * sizes['fsdp'] * sizes['expert']
     _check(d.batch_size % batch_axes == 0, 'data.batch_size', d.batch_size,
@@ -606,6 +618,19 @@ class ModelConfig:
     @property
     def yarn(self) -> bool:
         return self.rope_scaling.type == 'yarn'
+
+
+def dtype_name(dtype, what: str = 'dtype') -> str:
+    """'float32', 'bfloat16' or 'float16' for a dtype given by name, as a numpy dtype or as a jnp/np type
+    (jnp.bfloat16, np.float32); `what` names the argument in the error."""
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f'{what}={dtype!r} is not a supported dtype: give one of {DTYPES}, by name or as '
+                         'jnp.float32 / jnp.bfloat16 / np.float16')
+    return name
 
 
 def freeze_model(m) -> ModelConfig:

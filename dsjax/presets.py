@@ -95,7 +95,6 @@ def full_size_pretraining(preset: str, *, batch: int, tokens: int, mesh: dict) -
     c.data.seq_len = 4096
     c.data.batch_size = batch
     c.train.steps = tokens // (batch * c.data.seq_len)
-    c.optim.decay_steps = c.train.steps
     c.mesh.update(**mesh)
     return c
 
@@ -174,7 +173,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 2
     c.train.progress_bar = False
     c.optim.warmup_steps = 1
-    c.optim.decay_steps = c.train.steps
+    c.optim.decay_steps = c.train.get_ref('steps') + 0
     return c
 
 

@@ -10,7 +10,8 @@ positions restart at 0. Padding (id 0, segment 0, weight 0) only appears at the
 end of a finite stream, i.e. in evaluation batches.
 
 Per host: training documents are dealt round-robin to hosts (host p reads
-documents p, p + P, ...), so hosts never read the same data. Evaluation
+documents p, p + P, ...: grain's index slicing, so an ArrayRecord corpus is
+read record by record, never whole), and hosts never read the same data. Evaluation
 batches are packed identically on every host and each host keeps its slice of
 the rows, so all hosts agree on the number of batches.
 
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import grain
 import numpy as np
 
-from dsjax.data import corpus, fim
+from dsjax.data import array_records, corpus, fim
 from dsjax.data.tokenizer import Tokenizer
 
 FIELDS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -80,24 +81,18 @@ def make_train_iterator(data_cfg,
     rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
     if not 0 <= data_cfg.shuffle_seed < 2**32:
         raise corpus.DataError(f"data.shuffle_seed must be in [0, 2**32), got {data_cfg.shuffle_seed!r}")
-    docs = host_documents(corpus.load_documents(data_cfg, "train"), process_index, process_count)
-    if not docs:
+    docs = token_documents(data_cfg, tokenizer, "train")[process_index::process_count]
+    if not len(docs):
         raise corpus.DataError(
             f"host {process_index} of {process_count} has no training documents; data.paths "
             f"{tuple(data_cfg.paths)} with data.val_fraction={data_cfg.val_fraction} leaves too few")
     # grain's shuffle seeds epoch e with shuffle_seed + e once repeated past one epoch.
-    shuffled = grain.MapDataset.source(docs).shuffle(seed=data_cfg.shuffle_seed).repeat()
+    tokens = docs.shuffle(seed=data_cfg.shuffle_seed).repeat()
     if data_cfg.fim_rate > 0:
         sentinels, rate = fim.sentinel_ids(tokenizer), data_cfg.fim_rate
-
-        def tokenize(doc, rng):
-            # The generator is seeded by the element's index, so a resumed run cuts the same documents alike.
-            if rng.random() < rate:
-                return fim.psm_document(tokenizer, doc.text, rng, sentinels)
-            return tokenize_document(tokenizer, doc.text)
-        tokens = shuffled.random_map(tokenize, seed=data_cfg.shuffle_seed)
-    else:
-        tokens = shuffled.map(lambda doc: tokenize_document(tokenizer, doc.text))
+        # The generator is seeded by the element's index, so a resumed run cuts the same documents alike.
+        tokens = tokens.random_map(lambda doc, rng: fim.psm_document(doc, rng, sentinels) if rng.random() < rate
+                                   else doc, seed=data_cfg.shuffle_seed)
     rows = _PackIterDataset(tokens.to_iter_dataset(_READ_OPTIONS), data_cfg.seq_len, data_cfg.document_mask)
     if data_cfg.shuffle_window > 1:
         # Checkpointable: the state is the packer's state at the window's start plus the position in it.
@@ -121,16 +116,15 @@ def make_eval_batches(data_cfg,
     rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
     if num_batches < 1:
         raise corpus.DataError(f"num_batches must be at least 1, got {num_batches}")
-    docs = corpus.load_documents(data_cfg, "validation")
-    if not docs:
+    docs = token_documents(data_cfg, tokenizer, "validation")
+    if not len(docs):
         raise corpus.DataError(
             f"the validation split is empty: raise data.val_fraction (now {data_cfg.val_fraction}) "
             f"or add documents to data.paths")
     wanted = num_batches * data_cfg.batch_size
     rows = []
-    # Documents are tokenised lazily, so only what the batches need is encoded.
-    for row in pack_documents((tokenize_document(tokenizer, d.text) for d in docs), data_cfg.seq_len,
-                              data_cfg.document_mask):
+    # Documents are read and tokenised lazily, so only what the batches need is touched.
+    for row in pack_documents((docs[i] for i in range(len(docs))), data_cfg.seq_len, data_cfg.document_mask):
         rows.append(row)
         if len(rows) == wanted:
             break
@@ -149,9 +143,14 @@ def tokenize_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], np.int32)
 
 
-def host_documents(docs: list, process_index: int, process_count: int) -> list:
-    """Host `process_index`'s disjoint share of `docs`: every process_count-th one."""
-    return docs[process_index::process_count]
+def token_documents(data_cfg, tokenizer: Tokenizer, split: str) -> grain.MapDataset:
+    """The documents of `split` as token ids ([bos] + tokens + [eos]), read and tokenised on access: an
+    ArrayRecord corpus (data.source='array_record') record by record, the others from their document list."""
+    if data_cfg.source == "array_record":
+        return grain.MapDataset.source(array_records.source(data_cfg.paths, split, tokenizer)).map(
+            array_records.decode)
+    docs = corpus.load_documents(data_cfg, split)
+    return grain.MapDataset.source(docs).map(lambda doc: tokenize_document(tokenizer, doc.text))
 
 
 def _rows_per_host(data_cfg, process_index: int, process_count: int) -> int:

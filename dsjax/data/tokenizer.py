@@ -27,6 +27,7 @@ _MAX_CHUNK_CHARS = 8_000
 _META_SPACE = "\u2581"
 # Fixed ids: pad is 0 and never produced by encode; unk is never produced either (byte fallback).
 _PAD_ID, _UNK_ID, _BOS_ID, _EOS_ID = 0, 1, 2, 3
+SENTENCEPIECE_FILE = "tokenizer.model"  # a sentencepiece model's name in a HF-style directory
 
 
 class Tokenizer(Protocol):
@@ -90,6 +91,10 @@ class SentencePieceTokenizer:
         token_id = self._sp.piece_to_id(token)
         return None if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id) else token_id
 
+    def piece(self, token_id: int) -> str:
+        """The piece (token text) of `token_id`, e.g. '<s>'."""
+        return self._sp.id_to_piece(token_id)
+
     def __reduce__(self):
         # Rebuild from the file, so the tokenizer can cross process boundaries (e.g. grain workers).
         return (SentencePieceTokenizer, (self.model_path, ))
@@ -146,6 +151,21 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str,
     return str(path)
 
 
+def from_path(path) -> Tokenizer:
+    """A sentencepiece .model file, a HF tokenizer.json, or a directory holding either (tokenizer.json
+    first, else a sentencepiece tokenizer.model, as hf.save and dsjax.data.prepare write them)."""
+    path = str(path)
+    directory = pathlib.Path(path)
+    if directory.is_dir() and not (directory / hf_tokenizer.TOKENIZER_FILE).exists():
+        if (directory / SENTENCEPIECE_FILE).is_file():
+            path = str(directory / SENTENCEPIECE_FILE)
+    if path.endswith(".model"):
+        if not os.path.isfile(path):
+            raise corpus.DataError(f"tokenizer {path!r} does not exist (a sentencepiece .model file)")
+        return SentencePieceTokenizer(path)
+    return hf_tokenizer.HFTokenizer(path)
+
+
 def get_tokenizer(data_cfg) -> Tokenizer:
     """The tokenizer of `config.data`: loaded from `data.tokenizer_path`, else trained once and cached.
 
@@ -158,11 +178,15 @@ def get_tokenizer(data_cfg) -> Tokenizer:
     if data_cfg.tokenizer != "sentencepiece":
         raise corpus.DataError(f"data.tokenizer must be 'sentencepiece' or 'hf', got {data_cfg.tokenizer!r}")
     if data_cfg.tokenizer_path:
-        if not os.path.isfile(data_cfg.tokenizer_path):
+        path = data_cfg.tokenizer_path
+        if os.path.isdir(path):  # a HF-style or dataset directory holding the model
+            path = os.path.join(path, SENTENCEPIECE_FILE)
+        if not os.path.isfile(path):
             raise corpus.DataError(
                 f"data.tokenizer_path={data_cfg.tokenizer_path!r} does not exist; give an existing "
-                "sentencepiece .model file, or '' to train one on the corpus")
-        return SentencePieceTokenizer(data_cfg.tokenizer_path)
+                f"sentencepiece .model file (or a directory holding {SENTENCEPIECE_FILE}), or '' to train one on "
+                "the corpus")
+        return SentencePieceTokenizer(path)
     docs = corpus.load_documents(data_cfg, "train")
     key = _cache_key(data_cfg, docs)
     prefix = os.path.join(cache_dir(data_cfg), "tokenizers", f"spm_{data_cfg.vocab_size}_{key}")
@@ -179,9 +203,14 @@ def get_tokenizer(data_cfg) -> Tokenizer:
 
 
 def cache_dir(data_cfg) -> str:
-    """`data.cache_dir`, or $DSJAX_CACHE, or ~/.cache/dsjax."""
+    """`data.cache_dir`, or the user's dsjax cache."""
     if data_cfg.cache_dir:
         return os.path.expanduser(data_cfg.cache_dir)
+    return default_cache_dir()
+
+
+def default_cache_dir() -> str:
+    """$DSJAX_CACHE, or ~/.cache/dsjax."""
     return os.environ.get("DSJAX_CACHE", os.path.expanduser("~/.cache/dsjax"))
 
 

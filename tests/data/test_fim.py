@@ -10,12 +10,8 @@ from tests.data.test_pipeline import SEQ_LEN, corpus_dir, data_config  # noqa: F
 BEGIN, HOLE, END = 3, 4, 5
 
 
-class CharTokenizer:
-    """One id per character (ord + 10), the sentinels 3, 4, 5; bos 1, eos 2."""
-    bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 200
-
-    def encode(self, text):
-        return [ord(c) + 10 for c in text]
+class Vocab:
+    """Only the FIM sentinels, as ids 3, 4, 5."""
 
     def token_id(self, token):
         return BEGIN + fim.FIM_TOKENS.index(token) if token in fim.FIM_TOKENS else None
@@ -28,20 +24,19 @@ class FixedCuts:
         self.cuts = cuts
 
     def integers(self, low, high, size):
-        assert (low, high, size) == (0, len('abcdef') + 1, 2)
+        assert (low, high, size) == (0, 6 + 1, 2)  # cuts anywhere in the 6 tokens between bos and eos
         return np.asarray(self.cuts)
 
 
 def test_psm_document_by_hand():
-    tok = CharTokenizer()
-    assert fim.sentinel_ids(tok) == (BEGIN, HOLE, END)
-    code = lambda s: [ord(c) + 10 for c in s]
-    # Cuts at 4 and 2 (either order): prefix 'ab', middle 'cd', suffix 'ef' -> bos begin ab hole ef end cd eos.
-    got = fim.psm_document(tok, 'abcdef', FixedCuts([4, 2]), (BEGIN, HOLE, END))
-    np.testing.assert_array_equal(got, [1, BEGIN, *code('ab'), HOLE, *code('ef'), END, *code('cd'), 2])
-    # Equal cuts leave the middle empty; cuts at the ends leave prefix or suffix empty.
-    got = fim.psm_document(tok, 'abcdef', FixedCuts([0, 6]), (BEGIN, HOLE, END))
-    np.testing.assert_array_equal(got, [1, BEGIN, HOLE, END, *code('abcdef'), 2])
+    assert fim.sentinel_ids(Vocab()) == (BEGIN, HOLE, END)
+    doc = np.array([1, 11, 12, 13, 14, 15, 16, 2])  # bos a b c d e f eos
+    # Cuts at 4 and 2 (either order): prefix ab, middle cd, suffix ef -> bos begin ab hole ef end cd eos.
+    got = fim.psm_document(doc, FixedCuts([4, 2]), (BEGIN, HOLE, END))
+    np.testing.assert_array_equal(got, [1, BEGIN, 11, 12, HOLE, 15, 16, END, 13, 14, 2])
+    # Cuts at the ends leave prefix and suffix empty: the whole text is the middle.
+    got = fim.psm_document(doc, FixedCuts([0, 6]), (BEGIN, HOLE, END))
+    np.testing.assert_array_equal(got, [1, BEGIN, HOLE, END, 11, 12, 13, 14, 15, 16, 2])
 
 
 def test_sentinels_must_be_single_tokens(tmp_path):
@@ -70,16 +65,16 @@ def _documents(batches, bos_id):
 
 def test_pipeline_fim_rate_and_reassembly(corpus_dir, fim_tok):  # noqa: F811
     begin, hole, end = fim.sentinel_ids(fim_tok)
-    # Rate 1: every document is PSM, and prefix + middle + suffix gives back a training document's text.
-    texts = {d.text for d in corpus.load_documents(data_config(corpus_dir), 'train')}
+    # Rate 1: every document is PSM, and prefix + middle + suffix gives back a training document's tokens.
+    texts = {tuple(fim_tok.encode(d.text)) for d in corpus.load_documents(data_config(corpus_dir), 'train')}
     iterator = pipeline.make_train_iterator(data_config(corpus_dir, fim_rate=1.0), fim_tok)
     docs = _documents([next(iterator) for _ in range(10)], fim_tok.bos_id)
     assert len(docs) > 10
     for doc in docs:
         assert doc[1] == begin and list(doc).count(hole) == 1 and list(doc).count(end) == 1
         h, e = list(doc).index(hole), list(doc).index(end)
-        prefix, suffix, middle = (fim_tok.decode(part) for part in (doc[2:h], doc[h + 1:e], doc[e + 1:]))
-        assert prefix + middle + suffix in texts
+        prefix, suffix, middle = doc[2:h], doc[h + 1:e], doc[e + 1:-1]  # the last token is eos
+        assert tuple(np.concatenate([prefix, middle, suffix])) in texts
     # Rate 0.1 (V3): the share of PSM documents among ~1,000 is 0.1 within 3 standard deviations (0.028).
     iterator = pipeline.make_train_iterator(data_config(corpus_dir, fim_rate=0.1), fim_tok)
     docs = _documents([next(iterator) for _ in range(400)], fim_tok.bos_id)
