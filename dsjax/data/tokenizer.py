@@ -16,6 +16,7 @@ import sentencepiece as spm
 from dsjax.data import corpus
 from dsjax.data import fim
 from dsjax.data import hf_tokenizer
+from dsjax.interop import hub
 
 # Bump when the training recipe below changes, so cached models are retrained.
 TRAINER_VERSION = 1
@@ -169,12 +170,13 @@ def from_path(path) -> Tokenizer:
 def get_tokenizer(data_cfg) -> Tokenizer:
     """The tokenizer of `config.data`: loaded from `data.tokenizer_path`, else trained once and cached.
 
-    `data.tokenizer='hf'` reads a HF tokenizer.json (or a checkpoint directory holding one) with its
-    special tokens and chat template. For sentencepiece, the cache key covers the source, paths,
+    `data.tokenizer='hf'` reads a HF tokenizer.json (or a checkpoint directory holding one, or a Hub id: its
+    tokenizer files are downloaded once) with its special tokens and chat template. For sentencepiece, the cache key covers the source, paths,
     vocab size and a fingerprint of the training split's content, so a changed corpus gets a new model.
     """
     if data_cfg.tokenizer == "hf":
-        return hf_tokenizer.HFTokenizer(data_cfg.tokenizer_path)
+        return hf_tokenizer.HFTokenizer(hub.resolve(data_cfg.tokenizer_path, "data.tokenizer_path",
+                                                    hub.TOKENIZER_PATTERNS))
     if data_cfg.tokenizer != "sentencepiece":
         raise corpus.DataError(f"data.tokenizer must be 'sentencepiece' or 'hf', got {data_cfg.tokenizer!r}")
     if data_cfg.tokenizer_path:
