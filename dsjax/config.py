@@ -3,8 +3,10 @@ field, and the frozen model config. The bottom of dsjax: it imports no other dsj
 import dataclasses
 import math
 
+from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
@@ -16,11 +18,12 @@ FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn att
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn', 'llama3')
 STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill', 'grpo')
-SOURCES = ('stdlib', 'text', 'jsonl', 'tasks')
+SOURCES = ('stdlib', 'text', 'jsonl', 'tasks', 'array_record')
 TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 NONFINITE_POLICIES = ('stop', 'skip')
-SCHEDULES = ('cosine', 'multistep', 'constant')
+SCHEDULES = ('cosine', 'multistep', 'constant', 'phases')
+PHASE_SHAPES = ('constant', 'cosine')
 MOMENT_DTYPES = ('float32', 'bfloat16')
 # Verifiable tasks (dsjax/data/tasks.py) and their difficulty levels: arithmetic level L joins an L-digit
 # and an (L-1)-digit operand (level 1: two 1-digit ones), or an L-digit and a one-digit factor (as
@@ -102,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.val_fraction = 0.02
     d.seq_len = 256
     d.batch_size = 16
+    d.fim_rate = 0.0  # share of training documents rearranged for fill-in-the-middle, PSM order (V3: 0.1)
+    # True: packed documents never attend to each other (segment ids); False: a row is one sequence, as V3 packed.
+    d.document_mask = True
     d.tokenizer = 'sentencepiece'  # or 'hf': a checkpoint's tokenizer.json (DeepSeek's byte-level BPE)
     d.tokenizer_path = ''  # sentencepiece: '' trains one on the corpus; hf: tokenizer.json or its directory
     d.vocab_size = m.get_ref('vocab_size')
@@ -120,9 +126,13 @@ def base_config() -> ml_collections.ConfigDict:
     o.schedule = 'cosine'
     o.warmup_steps = 100
     o.min_lr_ratio = 0.1
-    o.decay_steps = 1000
     o.milestones = (0.8, 0.9)
     o.milestone_factors = (0.316, 0.1)
+    # schedule 'phases' (V3): phase i runs until phase_ends[i] tokens trained, 'constant' at lr x phase_factors[i]
+    # or 'cosine' down to it (optim._phases).
+    o.phase_ends = ()
+    o.phase_shapes = ()
+    o.phase_factors = ()
     o.b1 = 0.9
     o.b2 = 0.95
     o.eps = 1e-8
@@ -132,6 +142,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
+    # The schedule's length follows train.steps (an override of either moves both) until set itself.
+    o.decay_steps = t.get_ref('steps') + 0
     t.seed = 0
     t.log_every = 10
     t.eval_every = 200
@@ -414,6 +426,15 @@ def validate_optim(o) -> None:
            f'needs one factor per milestone ({len(milestones)}: {milestones})')
     _check(all(0 < f <= 1 for f in factors), 'optim.milestone_factors', factors,
            'each lr multiplier must be in (0, 1]')
+    ends, shapes, phase_factors = tuple(o.phase_ends), tuple(o.phase_shapes), tuple(o.phase_factors)
+    _check(o.schedule != 'phases' or bool(ends), 'optim.phase_ends', ends,
+           "schedule='phases' needs at least one phase end (tokens), e.g. (1e9,)")
+    _check(all(_real(e) and e > 0 for e in ends) and all(a < b for a, b in zip(ends, ends[1:])), 'optim.phase_ends',
+           ends, 'must be strictly increasing token counts > 0')
+    _check(len(shapes) == len(ends) and all(x in PHASE_SHAPES for x in shapes), 'optim.phase_shapes', shapes,
+           f'needs one of {PHASE_SHAPES} per phase ({len(ends)}: {ends})')
+    _check(len(phase_factors) == len(ends) and all(_real(f) and 0 < f <= 1 for f in phase_factors),
+           'optim.phase_factors', phase_factors, f'needs one lr multiplier in (0, 1] per phase ({len(ends)})')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict:
@@ -449,6 +470,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(0 <= d.worked_fraction <= 1, 'data.worked_fraction', d.worked_fraction, 'must be in [0, 1]')
     elif d.source != 'stdlib':
         _check(len(d.paths) > 0, 'data.paths', d.paths, f'data.source={d.source!r} needs at least one path')
+    if d.source == 'array_record':
+        _check(bool(d.tokenizer_path), 'data.tokenizer_path', d.tokenizer_path,
+               "data.source='array_record' needs the tokenizer the shards were written with (the dataset "
+               'directory holds a copy: give the directory)')
     _check(all(isinstance(p, str) and p for p in d.paths), 'data.paths', d.paths,
            'every entry must be a non-empty file path or glob string')
     _choice(d.tokenizer, 'data.tokenizer', TOKENIZERS)
@@ -458,6 +483,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for f in ('seq_len', 'batch_size', 'max_doc_chars', 'shuffle_window'):
         _positive_int(c, f'data.{f}')
     _check(0 <= d.shuffle_seed < 2**32, 'data.shuffle_seed', d.shuffle_seed, 'must be in [0, 2**32)')
+    _check(0 <= d.fim_rate <= 1, 'data.fim_rate', d.fim_rate, 'a share of the documents must be in [0, 1]')
     _check(d.vocab_size == m.vocab_size, 'data.vocab_size', d.vocab_size,
            f'must equal model.vocab_size={m.vocab_size}')
     _check(m.rope_scaling.type == 'yarn' or d.seq_len <= m.max_position_embeddings, 'data.seq_len',
@@ -475,6 +501,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(t.mtp_loss_weight == 0 or m.num_nextn_predict_layers > 0, 'train.mtp_loss_weight',
            t.mtp_loss_weight, 'needs model.num_nextn_predict_layers > 0')
     validate_optim(c.optim)
+    if c.optim.schedule != 'constant' and c.optim.decay_steps < t.steps:
+        logging.warning('config.optim.decay_steps=%d < train.steps=%d: the learning rate stays at its floor for the '
+                        'last %d steps (leave decay_steps unset to follow train.steps)', c.optim.decay_steps, t.steps,
+                        t.steps - c.optim.decay_steps)
     sizes = mesh_shape(c.mesh, num_devices)
     batch_axes = sizes['data'] * sizes['fsdp'] * sizes['expert']
     _check(d.batch_size % batch_axes == 0, 'data.batch_size', d.batch_size,
@@ -588,6 +618,19 @@ class ModelConfig:
     @property
     def yarn(self) -> bool:
         return self.rope_scaling.type == 'yarn'
+
+
+def dtype_name(dtype, what: str = 'dtype') -> str:
+    """'float32', 'bfloat16' or 'float16' for a dtype given by name, as a numpy dtype or as a jnp/np type
+    (jnp.bfloat16, np.float32); `what` names the argument in the error."""
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f'{what}={dtype!r} is not a supported dtype: give one of {DTYPES}, by name or as '
+                         'jnp.float32 / jnp.bfloat16 / np.float16')
+    return name
 
 
 def freeze_model(m) -> ModelConfig:

@@ -58,7 +58,7 @@ def base_stage(arg=None):
     c.data.tasks = TASKS
     c.data.worked_fraction = 0.3  # most pages give the product at once, as most of the web does
     if arg != 'smoke':
-        c.train.steps = c.optim.decay_steps = 2500
+        c.train.steps = 2500
     return c
 
 
@@ -85,7 +85,6 @@ def grpo_stage(arg=None):
     c.optim.schedule = 'constant'
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.0
-    c.optim.decay_steps = c.train.steps
     if arg == 'smoke':
         g.batch_size, g.group_size, g.max_new_tokens, g.eval_problems = 16, 4, 8, 16
         c.train.steps, c.train.eval_every, c.train.checkpoint_every = 2, 2, 1

@@ -25,7 +25,7 @@ from etils import epath
 
 from dsjax import config as config_lib
 from dsjax.config import ModelConfig
-from dsjax.interop import hf, hf_mapping
+from dsjax.interop import hf, hf_mapping, hub
 from dsjax.interop import safetensors_io as st
 
 _COMMIT_FILE = 'commit_success.txt'  # what dsjax.train.checkpoint treats as a complete step
@@ -58,19 +58,22 @@ def _resolved_config(cfg: ModelConfig) -> dict:
     return c.to_dict()
 
 
-def hf_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, step: int = 0, **model_overrides) -> ModelConfig:
+def hf_to_orbax(hf_dir, out_dir, *, dtype=None, step: int = 0, **model_overrides) -> ModelConfig:
     """Converts a HF checkpoint directory into an Orbax checkpoint `init.checkpoint` can start from.
 
     Args:
-      hf_dir: HF checkpoint (config.json + safetensors; FP8 is dequantised).
+      hf_dir: HF checkpoint (config.json + safetensors; FP8 is dequantised), or a Hub id owner/name.
       out_dir: the checkpoint directory; `<out_dir>/<step>` must not exist yet.
-      dtype: stored dtype of the params (None: config.json's; restoring casts to the run's param_dtype).
+      dtype: stored dtype of the params, a name or jnp/np dtype (None: config.json's; restoring casts to the
+        run's param_dtype).
       step: the step number to file it under.
       **model_overrides: ModelConfig fields, as for `hf.load`.
 
     Returns:
       The model config the checkpoint holds (also saved in `<out_dir>/<step>/config`).
     """
+    hf_dir = hub.resolve(hf_dir, 'hf_dir')
+    dtype = None if dtype is None else config_lib.dtype_name(dtype, 'dtype')
     hf_config = hf.read_hf_config(hf_dir)
     files = st.SafetensorsDir(hf_dir)
     if 'num_nextn_predict_layers' not in model_overrides and not hf.has_mtp_layer(files, hf_config):
@@ -167,7 +170,7 @@ def read_model_config(step_dir) -> ModelConfig:
     return config_lib.freeze_model(m)
 
 
-def orbax_to_hf(checkpoint_dir, out_dir, *, step: int | None = None, dtype: str | None = None,
+def orbax_to_hf(checkpoint_dir, out_dir, *, step: int | None = None, dtype=None,
                 fused_experts: bool = False, fp8: bool = False,
                 max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES) -> ModelConfig:
     """Exports an Orbax checkpoint (a training run's, or `hf_to_orbax`'s) as a HF checkpoint.

@@ -28,7 +28,7 @@ from dsjax.infer import decode
 from dsjax.infer.sampling import SamplingConfig
 from dsjax.model.transformer import Transformer
 from dsjax.posttrain import losses, rewards
-from dsjax.train import checkpoint, logger, loop, optim
+from dsjax.train import checkpoint, logger, loop, optim, preemption
 from dsjax.train import step as step_lib
 
 # name -> Problem -> prompt text: the R1-Zero template, or the chat template SFT stages train with
@@ -291,7 +291,7 @@ def run(config, workdir, devices=None, extra_rewards=None) -> dict:
                          metrics['eval_format_rate'])
             return metrics
 
-        stop = loop._StopSignal()
+        stop = preemption.StopSignal()
         last = {}
         try:
             if start == 0:
@@ -321,6 +321,7 @@ def run(config, workdir, devices=None, extra_rewards=None) -> dict:
                     batch['ref_logprobs'] = ref_logprobs(ref_params, state.buffers, batch)
                 for _ in range(mu):
                     state, metrics = update(state, batch)
+                stopping = stop.agreed()  # the same step on every process
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 t_train = time.perf_counter() - t0
                 _check_finite(host, done, tcfg.nonfinite_policy)
@@ -342,11 +343,11 @@ def run(config, workdir, devices=None, extra_rewards=None) -> dict:
                     metrics_log.log(done, host)
                 if loop.due(done, tcfg.eval_every, tcfg.steps):
                     last = {**last, **run_eval(done)}
-                if loop.due(done, tcfg.checkpoint_every, tcfg.steps) or stop.received:
+                if loop.due(done, tcfg.checkpoint_every, tcfg.steps) or stopping:
                     ckpt.save(done * mu, state, config=config.to_dict(), force=True)
-                if stop.received:
-                    logging.warning('%s received: saved step %d, exiting.', stop.received, done)
-                    last = {**last, loop.STOPPED: stop.received}
+                if stopping:
+                    logging.warning('%s: saved step %d, exiting.', stopping, done)
+                    last = {**last, loop.STOPPED: stopping}
                     break
         finally:
             loop.close_stage(stop, ckpt, metrics_log)

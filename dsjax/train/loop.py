@@ -4,8 +4,6 @@ Every stage trains through `run`: the stage supplies its model, data and pure st
 `Stage` (pre-training's is `pretrain_stage`; SFT, reward modelling and distillation build their own).
 """
 import dataclasses
-import pathlib
-import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -14,15 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from dsjax import config as config_lib
 from dsjax import sharding
-from dsjax.data import pipeline
+from dsjax.data import batch_ramp, pipeline
 from dsjax.data import tokenizer as tokenizer_lib
-from dsjax.interop import hf
+from dsjax.interop import hf, hub
 from dsjax.model import flops, moe
 from dsjax.model.transformer import Transformer
-from dsjax.train import checkpoint, logger, optim
+from dsjax.train import checkpoint, logger, optim, preemption
+from dsjax.train import workdir as workdir_lib
 from dsjax.train import step as step_lib
 from dsjax.train.state import TrainState
 
@@ -57,27 +57,6 @@ def build_state_fns(model, optimizer, mesh, seq_len: int):
 
 def _host(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit)."""
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        del frame
-        self.received = signal.Signals(signum).name
-        # A second signal gets the default behaviour (a second Ctrl-C ends the run at once); that is
-        # safe because a checkpoint only counts once it is complete.
-        self.restore()
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 POSITION_BUCKETS = 4
@@ -149,7 +128,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
     config_lib.validate(config, len(devices))
     if validate is not None:
         validate(config, len(devices))
-    workdir = pathlib.Path(workdir).resolve()  # Orbax needs absolute paths
+    workdir = workdir_lib.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
@@ -162,8 +141,9 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
             f'config.model.vocab_size={model_cfg.vocab_size} is invalid: the tokenizer has '
             f'{tokenizer.vocab_size} tokens')
     proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    schedule = optim.make_schedule(config.optim)
-    optimizer = optim.make_optimizer(config.optim)
+    tokens_before = batch_ramp.fixed(config.data).tokens_before_traced  # the clock of optim.schedule='phases'
+    schedule = optim.make_schedule(config.optim, tokens_before)
+    optimizer = optim.make_optimizer(config.optim, tokens_before=tokens_before)
     stage = build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc)
     model, train_iter, eval_batches = stage.model, stage.train_iter, stage.eval_batches
     ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints,
@@ -194,7 +174,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
         peak = tcfg.peak_flops or flops.measured_matmul_peak(model_cfg.dtype)
         metrics_log = logger.MetricsLogger(workdir, total_steps=tcfg.steps,
                                            enable_progress=tcfg.progress_bar and jax.process_index() == 0)
-        stop = _StopSignal()
+        stop = preemption.StopSignal()
         start = int(state.step)
         last, good_step = {}, start
         try:
@@ -229,13 +209,14 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                 data_wait += time.perf_counter() - t_data
                 state, metrics = train_step(state, batch)
                 done = step + 1
+                stopping = stop.agreed()  # the same step on every process
                 if pending is not None:
                     last = fetch(*pending[:3], waited) or last
                     pending = None
                 log_it = due(done, tcfg.log_every, tcfg.steps)
                 evaluate_now = due(done, tcfg.eval_every, tcfg.steps)
                 save_due = due(done, tcfg.checkpoint_every, tcfg.steps)
-                if evaluate_now or save_due or stop.received:
+                if evaluate_now or save_due or stopping:
                     last = fetch(done, metrics, log_it, data_wait) or last
                 else:
                     pending = (done, metrics, log_it)
@@ -246,12 +227,12 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                     last = {**last, **evaluated}
                     # Evaluation time is not training throughput.
                     clock.update(t=time.perf_counter(), step=done, data_wait=data_wait)
-                if save_due or stop.received:  # a signal during the evaluation saves too
+                if save_due or stopping:
                     ckpt.save(done, state, data_iterator=train_iter, config=config.to_dict(), force=True)
                     good_step = done
-                if stop.received:
-                    logging.warning('%s received: saved step %d, exiting.', stop.received, done)
-                    last = {**last, STOPPED: stop.received}  # so a chain stops too, not only this stage
+                if stopping:
+                    logging.warning('%s: saved step %d, exiting.', stopping, done)
+                    last = {**last, STOPPED: stopping}  # so a chain stops too, not only this stage
                     break
         finally:
             close_stage(stop, ckpt, metrics_log)
@@ -263,7 +244,7 @@ def due(done: int, every: int, total: int) -> bool:
     return done % every == 0 or done == total
 
 
-def close_stage(stop: _StopSignal, ckpt, metrics_log) -> None:
+def close_stage(stop: preemption.StopSignal, ckpt, metrics_log) -> None:
     """A stage loop's way out, finished, stopped or failing: restores the signal handlers, waits for
     checkpoint writes in flight, closes the checkpointer and the metrics log."""
     stop.restore()
@@ -275,7 +256,8 @@ def close_stage(stop: _StopSignal, ckpt, metrics_log) -> None:
 def start_from(path: str, model_cfg, abstract_state, state):
     """`state` with the weights of `init.checkpoint`: a HF directory or a previous stage's Orbax
     checkpoint; both give params and, where they hold it, the MoE routing bias (each device reads
-    only its slice)."""
+    only its slice). A Hub id (owner/name[@revision]) is downloaded first."""
+    path = hub.resolve(path, 'init.checkpoint')
     if hf.is_hf_checkpoint(path):
         logging.info('Starting from the HF checkpoint %s', path)
         params, buffers = hf.load_into(path, model_cfg, abstract_state.params, abstract_state.buffers)
@@ -287,17 +269,18 @@ def start_from(path: str, model_cfg, abstract_state, state):
     return state.replace(params=restored['params'], buffers=restored.get('buffers', state.buffers))
 
 
-def _checkpoint_dir(path: str) -> pathlib.Path:
+def _checkpoint_dir(path: str) -> epath.Path:
     """A previous stage's workdir (holding checkpoints/) or its checkpoint directory itself."""
-    path = pathlib.Path(path).resolve()
+    path = workdir_lib.resolve(path, 'init.checkpoint')
     return path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
 
 
-def _save_expert_load(workdir: pathlib.Path, step: int, metrics: dict) -> None:
+def _save_expert_load(workdir: epath.Path, step: int, metrics: dict) -> None:
     """Validation expert load [layers, experts] of this evaluation, for the report's heatmaps."""
     if 'val_load' in metrics and jax.process_index() == 0:
         (workdir / 'expert_load').mkdir(exist_ok=True)
-        np.save(workdir / 'expert_load' / f'step_{step:08d}.npy', metrics['val_load'])
+        with (workdir / 'expert_load' / f'step_{step:08d}.npy').open('wb') as f:
+            np.save(f, metrics['val_load'])
 
 
 def _scalars(metrics: dict) -> dict:
