@@ -22,7 +22,8 @@ SOURCES = ('stdlib', 'text', 'jsonl', 'tasks', 'array_record')
 TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 NONFINITE_POLICIES = ('stop', 'skip')
-SCHEDULES = ('cosine', 'multistep', 'constant')
+SCHEDULES = ('cosine', 'multistep', 'constant', 'phases')
+PHASE_SHAPES = ('constant', 'cosine')
 MOMENT_DTYPES = ('float32', 'bfloat16')
 # Verifiable tasks (dsjax/data/tasks.py) and their difficulty levels: arithmetic level L joins an L-digit
 # and an (L-1)-digit operand (level 1: two 1-digit ones), or an L-digit and a one-digit factor (as
@@ -104,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.val_fraction = 0.02
     d.seq_len = 256
     d.batch_size = 16
+    d.fim_rate = 0.0  # share of training documents rearranged for fill-in-the-middle, PSM order (V3: 0.1)
+    # True: packed documents never attend to each other (segment ids); False: a row is one sequence, as V3 packed.
+    d.document_mask = True
     d.tokenizer = 'sentencepiece'  # or 'hf': a checkpoint's tokenizer.json (DeepSeek's byte-level BPE)
     d.tokenizer_path = ''  # sentencepiece: '' trains one on the corpus; hf: tokenizer.json or its directory
     d.vocab_size = m.get_ref('vocab_size')
@@ -124,6 +128,11 @@ def base_config() -> ml_collections.ConfigDict:
     o.min_lr_ratio = 0.1
     o.milestones = (0.8, 0.9)
     o.milestone_factors = (0.316, 0.1)
+    # schedule 'phases' (V3): phase i runs until phase_ends[i] tokens trained, 'constant' at lr x phase_factors[i]
+    # or 'cosine' down to it (optim._phases).
+    o.phase_ends = ()
+    o.phase_shapes = ()
+    o.phase_factors = ()
     o.b1 = 0.9
     o.b2 = 0.95
     o.eps = 1e-8
@@ -446,6 +455,15 @@ def validate_optim(o) -> None:
            f'needs one factor per milestone ({len(milestones)}: {milestones})')
     _check(all(0 < f <= 1 for f in factors), 'optim.milestone_factors', factors,
            'each lr multiplier must be in (0, 1]')
+    ends, shapes, phase_factors = tuple(o.phase_ends), tuple(o.phase_shapes), tuple(o.phase_factors)
+    _check(o.schedule != 'phases' or bool(ends), 'optim.phase_ends', ends,
+           "schedule='phases' needs at least one phase end (tokens), e.g. (1e9,)")
+    _check(all(_real(e) and e > 0 for e in ends) and all(a < b for a, b in zip(ends, ends[1:])), 'optim.phase_ends',
+           ends, 'must be strictly increasing token counts > 0')
+    _check(len(shapes) == len(ends) and all(x in PHASE_SHAPES for x in shapes), 'optim.phase_shapes', shapes,
+           f'needs one of {PHASE_SHAPES} per phase ({len(ends)}: {ends})')
+    _check(len(phase_factors) == len(ends) and all(_real(f) and 0 < f <= 1 for f in phase_factors),
+           'optim.phase_factors', phase_factors, f'needs one lr multiplier in (0, 1] per phase ({len(ends)})')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict:
@@ -496,6 +514,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for f in ('seq_len', 'batch_size', 'max_doc_chars', 'shuffle_window'):
         _positive_int(c, f'data.{f}')
     _check(0 <= d.shuffle_seed < 2**32, 'data.shuffle_seed', d.shuffle_seed, 'must be in [0, 2**32)')
+    _check(0 <= d.fim_rate <= 1, 'data.fim_rate', d.fim_rate, 'a share of the documents must be in [0, 1]')
     _check(d.vocab_size == m.vocab_size, 'data.vocab_size', d.vocab_size,
            f'must equal model.vocab_size={m.vocab_size}')
     _check(m.rope_scaling.type == 'yarn' or d.seq_len <= m.max_position_embeddings, 'data.seq_len',

@@ -18,7 +18,7 @@ from etils import epath
 
 from dsjax import config as config_lib
 from dsjax import sharding
-from dsjax.data import pipeline
+from dsjax.data import batch_ramp, pipeline
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.interop import hf, hub
 from dsjax.model import flops, moe
@@ -183,8 +183,10 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
         raise config_lib.ConfigError(
             f'config.model.vocab_size={model_cfg.vocab_size} is invalid: the tokenizer has '
             f'{tokenizer.vocab_size} tokens')
-    optimizer = optim.make_optimizer(config.optim)
-    apply_gradients = step_lib.make_apply_gradients(optimizer, optim.make_schedule(config.optim), config.train)
+    tokens_before = batch_ramp.fixed(config.data).tokens_before_traced  # the clock of optim.schedule='phases'
+    optimizer = optim.make_optimizer(config.optim, tokens_before=tokens_before)
+    apply_gradients = step_lib.make_apply_gradients(optimizer, optim.make_schedule(config.optim, tokens_before),
+                                                    config.train)
     stage = build_stage(Setup(config, model_cfg, tokenizer, mesh, apply_gradients, jax.process_index(),
                               jax.process_count()))
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
