@@ -14,6 +14,12 @@ documents p, p + P, ...: grain's index slicing, so an ArrayRecord corpus is
 read record by record, never whole), and hosts never read the same data. Evaluation
 batches are packed identically on every host and each host keeps its slice of
 the rows, so all hosts agree on the number of batches.
+
+With data.document_mask=False a row is packed the same way but is one
+sequence, as V3 pre-trained: one segment, positions 0..seq_len-1, every token
+attends to the earlier documents of its row, and each next-token pair counts,
+across document boundaries too. With data.fim_rate > 0 that share of the
+training documents is rearranged for fill-in-the-middle first (dsjax/data/fim.py).
 """
 import collections
 import copy
@@ -23,7 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import grain
 import numpy as np
 
-from dsjax.data import array_records, corpus
+from dsjax.data import array_records, corpus, fim
 from dsjax.data.tokenizer import Tokenizer
 
 FIELDS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -31,18 +37,19 @@ FIELDS = ("inputs", "targets", "segment_ids", "positions", "weights")
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 
-def pack_documents(token_lists: Iterable[Sequence[int]], seq_len: int) -> Iterator[dict]:
+def pack_documents(token_lists: Iterable[Sequence[int]], seq_len: int, document_mask: bool = True) -> Iterator[dict]:
     """Packs token lists (each already [bos, ..., eos]) into rows; see the module docstring.
 
   Args:
     token_lists: documents as token ids, in packing order.
     seq_len: tokens per row of inputs.
+    document_mask: each document its own segment (True), or the row one sequence (False).
 
   Yields:
     One dict per row with FIELDS as numpy arrays of shape [seq_len]; the last
     row is padded.
   """
-    packer = _RowPacker(seq_len)
+    packer = _RowPacker(seq_len, document_mask=document_mask)
     for tokens in token_lists:
         packer.add(tokens)
         while packer.ready():
@@ -81,7 +88,12 @@ def make_train_iterator(data_cfg,
             f"{tuple(data_cfg.paths)} with data.val_fraction={data_cfg.val_fraction} leaves too few")
     # grain's shuffle seeds epoch e with shuffle_seed + e once repeated past one epoch.
     tokens = docs.shuffle(seed=data_cfg.shuffle_seed).repeat()
-    rows = _PackIterDataset(tokens.to_iter_dataset(_READ_OPTIONS), data_cfg.seq_len)
+    if data_cfg.fim_rate > 0:
+        sentinels, rate = fim.sentinel_ids(tokenizer), data_cfg.fim_rate
+        # The generator is seeded by the element's index, so a resumed run cuts the same documents alike.
+        tokens = tokens.random_map(lambda doc, rng: fim.psm_document(doc, rng, sentinels) if rng.random() < rate
+                                   else doc, seed=data_cfg.shuffle_seed)
+    rows = _PackIterDataset(tokens.to_iter_dataset(_READ_OPTIONS), data_cfg.seq_len, data_cfg.document_mask)
     if data_cfg.shuffle_window > 1:
         # Checkpointable: the state is the packer's state at the window's start plus the position in it.
         rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=data_cfg.shuffle_window,
@@ -112,7 +124,7 @@ def make_eval_batches(data_cfg,
     wanted = num_batches * data_cfg.batch_size
     rows = []
     # Documents are read and tokenised lazily, so only what the batches need is touched.
-    for row in pack_documents((docs[i] for i in range(len(docs))), data_cfg.seq_len):
+    for row in pack_documents((docs[i] for i in range(len(docs))), data_cfg.seq_len, data_cfg.document_mask):
         rows.append(row)
         if len(rows) == wanted:
             break
@@ -166,8 +178,9 @@ def _empty_row(seq_len: int) -> dict:
 class _RowPacker:
     """Incremental packer; documents carry an opaque tag (the pipeline's resume point)."""
 
-    def __init__(self, seq_len: int, offset: int = 0):
+    def __init__(self, seq_len: int, offset: int = 0, document_mask: bool = True):
         self.seq_len = seq_len
+        self.document_mask = document_mask
         # (tokens_T, tag) for documents not yet fully consumed; the next row starts
         # at pending[0].tokens[offset].
         self.pending = collections.deque()
@@ -207,8 +220,11 @@ class _RowPacker:
             if filled == width:
                 break
         self._advance(self.seq_len)
+        if not self.document_mask:  # the row is one sequence: one segment, row positions
+            segment = (segment != 0).astype(np.int32)
+            position = np.where(segment != 0, np.arange(width, dtype=np.int32), 0)
         inputs_segment = segment[:-1]
-        # A target counts only if it is the next token of the same document.
+        # A target counts only if it is the next token of the same segment (the same document, or the row).
         weights = (inputs_segment != 0) & (inputs_segment == segment[1:])
         return {
             "inputs": row_tokens[:-1],
@@ -231,12 +247,13 @@ class _RowPacker:
 class _PackIterDataset(grain.IterDataset):
     """Packs a stream of token arrays into rows, resumable from a saved state."""
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, document_mask: bool = True):
         super().__init__(parent)
         self._seq_len = seq_len
+        self._document_mask = document_mask
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _PackIterator(self._parent.__iter__(), self._seq_len)
+        return _PackIterator(self._parent.__iter__(), self._seq_len, self._document_mask)
 
     def __str__(self) -> str:
         return f"_PackIterDataset(seq_len={self._seq_len})"
@@ -245,9 +262,9 @@ class _PackIterDataset(grain.IterDataset):
 class _PackIterator(grain.DatasetIterator):
     """State = the parent's state before the document the next row starts in, plus the offset."""
 
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, document_mask: bool = True):
         super().__init__(parent)
-        self._packer = _RowPacker(seq_len)
+        self._packer = _RowPacker(seq_len, document_mask=document_mask)
 
     def __next__(self) -> dict:
         while not self._packer.ready():
@@ -265,4 +282,4 @@ class _PackIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
-        self._packer = _RowPacker(self._packer.seq_len, offset=state["offset"])
+        self._packer = _RowPacker(self._packer.seq_len, offset=state["offset"], document_mask=self._packer.document_mask)

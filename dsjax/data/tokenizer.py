@@ -14,7 +14,9 @@ import numpy as np
 import sentencepiece as spm
 
 from dsjax.data import corpus
+from dsjax.data import fim
 from dsjax.data import hf_tokenizer
+from dsjax.interop import hub
 
 # Bump when the training recipe below changes, so cached models are retrained.
 TRAINER_VERSION = 1
@@ -40,6 +42,10 @@ class Tokenizer(Protocol):
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
+        ...
+
+    def token_id(self, token: str) -> int | None:
+        """The id of one whole vocabulary entry (a special or user-defined token), None if absent."""
         ...
 
 
@@ -81,6 +87,11 @@ class SentencePieceTokenizer:
         """Text of `ids`; pad, bos and eos decode to nothing."""
         return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
+    def token_id(self, token: str) -> int | None:
+        """The id of the piece `token` (a user-defined symbol such as a FIM sentinel), None if absent."""
+        token_id = self._sp.piece_to_id(token)
+        return None if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id) else token_id
+
     def piece(self, token_id: int) -> str:
         """The piece (token text) of `token_id`, e.g. '<s>'."""
         return self._sp.id_to_piece(token_id)
@@ -90,7 +101,8 @@ class SentencePieceTokenizer:
         return (SentencePieceTokenizer, (self.model_path, ))
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str) -> str:
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str,
+                        user_defined_symbols: Sequence[str] = ()) -> str:
     """Trains a byte-fallback BPE model on a bounded sample of `texts`.
 
   Args:
@@ -99,6 +111,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str) 
     vocab_size: the number of pieces, including pad/unk/bos/eos and the 256
       byte pieces.
     out_prefix: the model is written to `out_prefix + '.model'`, atomically.
+    user_defined_symbols: pieces that always encode as one token (the FIM sentinels).
 
   Returns:
     The path of the written model. The same texts and vocab_size always give a
@@ -130,6 +143,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str) 
             shuffle_input_sentence=False,  # The sample is already fixed; keep training deterministic.
             num_threads=2,
             minloglevel=2,
+            user_defined_symbols=list(user_defined_symbols),
         )
     except RuntimeError as e:
         raise corpus.DataError(f"sentencepiece training failed for vocab_size={vocab_size}: {e}") from e
@@ -156,12 +170,13 @@ def from_path(path) -> Tokenizer:
 def get_tokenizer(data_cfg) -> Tokenizer:
     """The tokenizer of `config.data`: loaded from `data.tokenizer_path`, else trained once and cached.
 
-    `data.tokenizer='hf'` reads a HF tokenizer.json (or a checkpoint directory holding one) with its
-    special tokens and chat template. For sentencepiece, the cache key covers the source, paths,
+    `data.tokenizer='hf'` reads a HF tokenizer.json (or a checkpoint directory holding one, or a Hub id: its
+    tokenizer files are downloaded once) with its special tokens and chat template. For sentencepiece, the cache key covers the source, paths,
     vocab size and a fingerprint of the training split's content, so a changed corpus gets a new model.
     """
     if data_cfg.tokenizer == "hf":
-        return hf_tokenizer.HFTokenizer(data_cfg.tokenizer_path)
+        return hf_tokenizer.HFTokenizer(hub.resolve(data_cfg.tokenizer_path, "data.tokenizer_path",
+                                                    hub.TOKENIZER_PATTERNS))
     if data_cfg.tokenizer != "sentencepiece":
         raise corpus.DataError(f"data.tokenizer must be 'sentencepiece' or 'hf', got {data_cfg.tokenizer!r}")
     if data_cfg.tokenizer_path:
@@ -182,7 +197,7 @@ def get_tokenizer(data_cfg) -> Tokenizer:
                      prefix)
         start = time.perf_counter()
         try:
-            train_sentencepiece((d.text for d in docs), data_cfg.vocab_size, prefix)
+            train_sentencepiece((d.text for d in docs), data_cfg.vocab_size, prefix, _user_symbols(data_cfg))
         except ValueError as e:
             raise corpus.DataError(f"data.vocab_size={data_cfg.vocab_size}: {e}") from e
         logging.info("Trained the tokenizer in %.1f s", time.perf_counter() - start)
@@ -201,6 +216,12 @@ def default_cache_dir() -> str:
     return os.environ.get("DSJAX_CACHE", os.path.expanduser("~/.cache/dsjax"))
 
 
+def _user_symbols(data_cfg) -> tuple[str, ...]:
+    """Pieces the model must hold whole: the FIM sentinels when FIM is on (else none, so models trained
+    without FIM keep their ids)."""
+    return fim.FIM_TOKENS if data_cfg.fim_rate > 0 else ()
+
+
 def _cache_key(data_cfg, docs: list[corpus.Document]) -> str:
     """A short hash of what determines the trained model."""
     content = hashlib.sha256()
@@ -216,6 +237,7 @@ def _cache_key(data_cfg, docs: list[corpus.Document]) -> str:
             "paths": [] if data_cfg.source == "stdlib" else [str(p) for p in data_cfg.paths],
             "vocab_size": data_cfg.vocab_size,
             "corpus": content.hexdigest(),
+            **({"user_symbols": list(_user_symbols(data_cfg))} if _user_symbols(data_cfg) else {}),
         },
         sort_keys=True)
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]

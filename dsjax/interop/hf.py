@@ -117,6 +117,8 @@ def check_architecture(hf_config: dict, cfg: ModelConfig, where: str) -> None:
     for field, theirs in hf_mapping.model_fields_from_hf(hf_config).items():
         if field in _FREE_FIELDS or (cfg.attention_type == 'mla' and field in ('num_key_value_heads', 'head_dim')):
             continue
+        if field == 'tie_word_embeddings' and theirs and not cfg.tie_word_embeddings:
+            continue  # untying copies the embedding into the head, as R1-Distill-Qwen-1.5B did to its base
         if getattr(cfg, field) != theirs:
             diffs.append(f'{field}={getattr(cfg, field)!r} (checkpoint: {theirs!r})')
     if diffs:
@@ -137,6 +139,10 @@ class HFSource:
         self.block = fp8_block(hf_config)
         self.fused = any(n.endswith('mlp.experts.gate_up_proj') for n in self.files.tensors)
         self.table = hf_mapping.name_map(cfg, self.fused)
+        # A tied checkpoint loaded into an untied model: the head starts as the embedding ([V, D] both ways).
+        self.aliases = {}
+        if hf_config.get('tie_word_embeddings') and 'lm_head.weight' not in self.files.tensors:
+            self.aliases['lm_head.weight'] = 'model.embed_tokens.weight'
         self._check()
 
     def _check(self):
@@ -150,6 +156,7 @@ class HFSource:
             raise ValueError(f'{where}: tensors with no place in the model its config.json describes: '
                              f'{unexpected[:6]}{" ..." if len(unexpected) > 6 else ""}')
         for name, targets in self.table.items():
+            name = self.aliases.get(name, name)
             if name not in tensors:
                 if all(t.copy for t in targets):
                     continue
@@ -177,7 +184,7 @@ class HFSource:
 
     def read(self, name: str) -> np.ndarray:
         """HF tensor `name`, FP8 weights dequantised to float32."""
-        x = self.files.read(name)
+        x = self.files.read(self.aliases.get(name, name))
         if st.is_fp8(x.dtype):
             x = st.dequantize_fp8(x, self.files.read(st.scale_name(name)), self.block)
         return x

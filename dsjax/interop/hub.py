@@ -14,6 +14,8 @@ from huggingface_hub import errors as hub_errors
 # What dsjax reads of a checkpoint repository; pickled weights, remote code and the rest are never fetched.
 ALLOW_PATTERNS = ('config.json', 'generation_config.json', '*.safetensors', '*.safetensors.index.json',
                   'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model')
+# A tokenizer alone (data.tokenizer_path of an R1-Distill repository): never its weights.
+TOKENIZER_PATTERNS = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
 _REPO_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?')
 
 
@@ -26,16 +28,17 @@ def is_repo_id(text: str) -> bool:
     return bool(_REPO_ID.fullmatch(text))
 
 
-def resolve(path, what: str = 'path'):
+def resolve(path, what: str = 'path', patterns=ALLOW_PATTERNS):
     """`path` itself when it exists here (or is not of the form of a Hub id), else the local snapshot of
-    the Hub repository it names; `what` names the argument in errors (e.g. '--model')."""
+    the Hub repository it names (the files matching `patterns`); `what` names the argument in errors (e.g.
+    '--model')."""
     text = str(path)
     if pathlib.Path(text).exists() or not is_repo_id(text):
         return path
     repo_id, _, revision = text.partition('@')
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(repo_id, revision=revision or None,
-                                                              allow_patterns=list(ALLOW_PATTERNS)))
+                                                              allow_patterns=list(patterns)))
     except hub_errors.GatedRepoError as e:
         raise HubError(f'{what}={text!r}: the Hub repository {repo_id} is gated; accept its terms on its page and '
                        'log in (`hf auth login`), or pass a local directory') from e

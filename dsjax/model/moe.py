@@ -11,8 +11,9 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import tokamax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
+import tokamax
 
 from dsjax.config import ModelConfig
 from dsjax.model import fp8 as fp8_lib
@@ -200,17 +201,58 @@ def platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def ragged_dot(x_AxD, w_ExDxF, sizes_E):
-    """x's rows, in groups of `sizes_E` consecutive rows, each times its group's w: `tokamax.ragged_dot`
-    with the backend's kernel (RAGGED_KERNELS), output in x's dtype."""
+# Dimension numbers of ragged_dot, y = x [A, D] . w [E, D, F] over D in x's groups of rows, and of its
+# gradients: dx = dy [A, F] . w over F in the same groups; dw = x . dy over A, one [D, F] per group.
+_Y_DIMS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [1]), ([], [])),
+                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+_DX_DIMS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+_DW_DIMS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+# checkpoint_name() of the routed experts' GEMM outputs: remat policy 'save_dots' keeps them.
+EXPERT_RESIDUALS = ('expert_gemm',)
+
+
+def _tokamax(lhs, rhs, sizes_E, dims, out_dtype):
+    """tokamax.ragged_dot_general with the backend's kernel (RAGGED_KERNELS)."""
     # tokamax reads absl flags, parsing sys.argv for them when no absl app has: under pytest or in a
     # notebook those arguments are not flags, so it gets the defaults instead.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     # The TPU kernel refuses HIGHEST for 16-bit operands, whose products are exact at DEFAULT anyway.
-    precision = jax.lax.Precision.DEFAULT if jnp.dtype(x_AxD.dtype).itemsize == 2 else None
-    return tokamax.ragged_dot(x_AxD, w_ExDxF, sizes_E, precision=precision, preferred_element_type=x_AxD.dtype,
-                              implementation=RAGGED_KERNELS.get(platform(), ('xla',)))
+    precision = jax.lax.Precision.DEFAULT if jnp.dtype(lhs.dtype).itemsize == 2 else None
+    return tokamax.ragged_dot_general(lhs, rhs, sizes_E, dims, precision=precision, preferred_element_type=out_dtype,
+                                      implementation=RAGGED_KERNELS.get(platform(), ('xla',)))
+
+
+def _saved(gemm_out):
+    """A routed-expert GEMM's output, named for the remat policies (EXPERT_RESIDUALS): their einsums have
+    an expert batch axis and tokamax's kernels are custom calls, so 'save_dots' would not keep them."""
+    return checkpoint_name(gemm_out, EXPERT_RESIDUALS[0])
+
+
+@jax.custom_vjp
+def ragged_dot(x_AxD, w_ExDxF, sizes_E):
+    """x's rows, in groups of `sizes_E` consecutive rows, each times its group's w [D, F], in x's dtype.
+
+    tokamax's own VJP keeps the product as its residual, so under a remat policy the forward GEMM ran
+    again in the backward (8 grouped GEMMs per MoE layer instead of 6, counted in the jaxpr); this one
+    keeps only the operands, and `checkpoint_name` lets the policy keep the product.
+    """
+    return _tokamax(x_AxD, w_ExDxF, sizes_E, _Y_DIMS, x_AxD.dtype)
+
+
+def _ragged_dot_fwd(x_AxD, w_ExDxF, sizes_E):
+    return ragged_dot(x_AxD, w_ExDxF, sizes_E), (x_AxD, w_ExDxF, sizes_E)
+
+
+def _ragged_dot_bwd(res, dy_AxF):
+    x_AxD, w_ExDxF, sizes_E = res
+    return (_tokamax(dy_AxF, w_ExDxF, sizes_E, _DX_DIMS, x_AxD.dtype),
+            _tokamax(x_AxD, dy_AxF, sizes_E, _DW_DIMS, w_ExDxF.dtype), None)
+
+
+ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
 
 
 def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
@@ -231,12 +273,12 @@ def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFx
     with jax.named_scope('experts'):
         if fp8:  # gate and up keep their own 128 x 128 blocks (concatenated, a block could straddle both)
             dot = fp8_lib.fp8_ragged_dot
-            h_AxF = swiglu(dot(x_AxD, gate_ExDxF, sizes_E), dot(x_AxD, up_ExDxF, sizes_E))
+            h_AxF = swiglu(_saved(dot(x_AxD, gate_ExDxF, sizes_E)), _saved(dot(x_AxD, up_ExDxF, sizes_E)))
         else:
             dot = ragged_dot
-            gate_up_AxF2 = dot(x_AxD, jnp.concatenate([gate_ExDxF, up_ExDxF], axis=-1), sizes_E)
+            gate_up_AxF2 = _saved(dot(x_AxD, jnp.concatenate([gate_ExDxF, up_ExDxF], axis=-1), sizes_E))
             h_AxF = swiglu(gate_up_AxF2[:, :f], gate_up_AxF2[:, f:])
-        y_AxD = dot(h_AxF, down_ExFxD, sizes_E)
+        y_AxD = _saved(dot(h_AxF, down_ExFxD, sizes_E))
     with jax.named_scope('combine'):
         y_TxKxD = _permute_rows(y_AxD, inverse_A, order_A).reshape(t, k, d)
         y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
@@ -278,9 +320,9 @@ def _capacity_experts(x_AxD, expert_A, priority_A, gate_ExDxF, up_ExDxF, down_Ex
         if buffer_axes:
             buf_ExCxD = constrain(buf_ExCxD, buffer_axes)
     with jax.named_scope('experts'):
-        h_ExCxF = swiglu(_per_group('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF, fp8),
-                         _per_group('ECD,EDF->ECF', buf_ExCxD, up_ExDxF, fp8))
-        y_ExCxD = _per_group('ECF,EFD->ECD', h_ExCxF, down_ExFxD, fp8)
+        h_ExCxF = swiglu(_saved(_per_group('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF, fp8)),
+                         _saved(_per_group('ECD,EDF->ECF', buf_ExCxD, up_ExDxF, fp8)))
+        y_ExCxD = _saved(_per_group('ECF,EFD->ECD', h_ExCxF, down_ExFxD, fp8))
     with jax.named_scope('combine'):
         return jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A], kept_A
 
@@ -399,17 +441,21 @@ def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExF
     k = idx_TxK.shape[1]
     e = gate_ExDxF.shape[0]
     block = block or grouped_block_size(t * k, e)
-    row_A, src_R, expert_N = _grouped_rows(idx_TxK, e, block)
-    n = expert_N.shape[0]
-    # Padding rows read a zero token (row t).
-    token_R = jnp.where(src_R < t * k, src_R // k, t)
-    x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
-    # With fp8 each block quantises its gathered copy of the expert's weights: the same 128 x 128 blocks.
-    h_NxBxF = swiglu(_per_group('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N], fp8),
-                     _per_group('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N], fp8))
-    y_RxD = _per_group('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N], fp8).reshape(n * block, d)
-    y_TxKxD = y_RxD[row_A].reshape(t, k, d)
-    return jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype)), jnp.zeros((), jnp.float32)
+    with jax.named_scope('permute'):
+        row_A, src_R, expert_N = _grouped_rows(idx_TxK, e, block)
+        n = expert_N.shape[0]
+        # Padding rows read a zero token (row t).
+        token_R = jnp.where(src_R < t * k, src_R // k, t)
+        x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
+    with jax.named_scope('experts'):
+        # With fp8 each block quantises its gathered copy of the expert's weights: the same 128 x 128 blocks.
+        h_NxBxF = swiglu(_saved(_per_group('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N], fp8)),
+                         _saved(_per_group('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N], fp8)))
+        y_RxD = _saved(_per_group('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N], fp8)).reshape(n * block, d)
+    with jax.named_scope('combine'):
+        y_TxKxD = y_RxD[row_A].reshape(t, k, d)
+        y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
+    return y_TxD, jnp.zeros((), jnp.float32)
 
 
 DISPATCH = {

@@ -18,11 +18,14 @@ from dsjax.config import ModelConfig
 from dsjax.model import rope
 from dsjax.model.attention import ATTENTION_RESIDUALS, MHA, MLA
 from dsjax.model.layers import MLP, Embed, RMSNorm, constrain, dense, weight
-from dsjax.model.moe import MoE
+from dsjax.model.moe import EXPERT_RESIDUALS, MoE
 
 _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
-    'save_dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Matmul outputs: the dots without batch axes (not attention's [L, S] scores) and the routed experts' GEMMs.
+    'save_dots': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(*EXPERT_RESIDUALS)),
     'save_attention': jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS),
 }
 
