@@ -27,6 +27,7 @@ import flax.linen as nn
 import numpy as np
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax import sharding
 from dsjax.model.transformer import Transformer
 from dsjax.train import loop, optim
@@ -47,7 +48,7 @@ GiB = 2 ** 30
 
 
 def experiment(name: str, **model):
-    c = config_lib.load_experiment(str(ts.EXPERIMENTS / f'{name}.py'), name)
+    c = presets.load_experiment(str(ts.EXPERIMENTS / f'{name}.py'), name)
     c.model.update(**model)
     return c
 
@@ -76,7 +77,8 @@ def compiled_step(c, compile: bool = True):
              for k in ('inputs', 'targets', 'segment_ids', 'positions', 'weights')}
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         _, abstract, shardings = loop.build_state_fns(model, optimizer, mesh, length)
-        step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, c.train),
+        apply_gradients = step_lib.make_apply_gradients(optimizer, schedule, c.train)
+        step = jax.jit(step_lib.make_train_step(model, apply_gradients, c.train),
                        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=(0,))
         compiled = step.lower(abstract, batch).compile() if compile else None
     return compiled, abstract, batch, model

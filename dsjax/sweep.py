@@ -40,10 +40,13 @@ import matplotlib
 from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from dsjax import cli
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax import report as report_lib
+from dsjax import stages
 from dsjax.train import checkpoint, logger
 
 SWEEP_KEYS = ('base', 'overrides', 'variants', 'product', 'seeds', 'metrics')
@@ -101,7 +104,7 @@ class Run:
 
     def finished_step(self) -> int | None:
         """The newest complete checkpoint step in the run directory (None: never checkpointed)."""
-        return max(checkpoint.complete_steps(self.workdir / 'checkpoints'), default=None)
+        return max(checkpoint.complete_steps(checkpoint.checkpoint_dir(self.workdir)), default=None)
 
     @property
     def finished(self) -> bool:
@@ -161,7 +164,7 @@ def _base_config(base: str) -> ml_collections.ConfigDict:
     if not file.is_file():
         raise SweepError(f'base={base!r}: {path} does not exist (paths are relative to the current directory '
                          f'{pathlib.Path.cwd()}; run from the repository root)')
-    return config_lib.load_experiment(str(file.resolve()), file.stem, arg or None)
+    return presets.load_experiment(str(file.resolve()), file.stem, arg or None)
 
 
 def _override(c: ml_collections.ConfigDict, field: str, value, where: str) -> None:
@@ -236,7 +239,7 @@ def plan(sweep: dict, workdir, num_devices: int | None = None) -> list[Run]:
             for field, value in run_overrides.items():
                 _override(c, field, value, where)
             try:
-                config_lib.validate(c, num_devices)
+                stages.validate(c, num_devices)
             except config_lib.ConfigError as e:
                 raise SweepError(f'{where}: {e}') from e
             workdir_ = pathlib.Path(workdir) / _slug(name) / f'seed_{seed}'
@@ -443,23 +446,18 @@ def _plot_expert_load(by_variant: dict, out: pathlib.Path, title: str) -> bool:
     return True
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments {argv[1:]}')
+def main():
     config, workdir = flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir)
-    try:
-        sweep = load_sweep(config)
-        runs = plan(sweep, workdir)
-        if flags.FLAGS['print'].value:
-            for run in runs:
-                print(shlex.join(run.command(sweep['base'])))
-            return
-        workdir.mkdir(parents=True, exist_ok=True)
-        print(f'{len(runs)} runs of {config} in {workdir}', flush=True)
-        execute(runs, sweep['base'])
-        out = write_report(runs, sweep, workdir, pathlib.Path(config).stem)
-    except SweepError as e:
-        sys.exit(f'error: {e}')
+    sweep = load_sweep(config)
+    runs = plan(sweep, workdir)
+    if flags.FLAGS['print'].value:
+        for run in runs:
+            print(shlex.join(run.command(sweep['base'])))
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f'{len(runs)} runs of {config} in {workdir}', flush=True)
+    execute(runs, sweep['base'])
+    out = write_report(runs, sweep, workdir, pathlib.Path(config).stem)
     print(out.read_text())
     print(f'Report: {out} (plots beside it)')
 
@@ -469,4 +467,4 @@ if __name__ == '__main__':
     flags.DEFINE_string('config', None, 'Sweep file, e.g. experiments/sweeps/balancing.py.', required=True)
     flags.DEFINE_string('workdir', None, 'Sweep directory: one subdirectory per run, and the report.', required=True)
     flags.DEFINE_bool('print', False, 'Print one shell command per run instead of running them.')
-    app.run(main)
+    cli.run(main, errors=(SweepError,))

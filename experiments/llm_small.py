@@ -11,6 +11,7 @@ Expect:   validation loss 8.34 (ln 4096) -> 5.07 (step 100) -> 4.62 (200) -> 4.3
 Variants: `:smoke` shrinks everything to a seconds-long run (tests).
 """
 from dsjax import config as config_lib
+from dsjax import presets
 
 
 def get_config(arg=None):
@@ -30,7 +31,6 @@ def get_config(arg=None):
     c.train.checkpoint_every = 100
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 30
-    c.optim.decay_steps = c.train.steps
     if arg == 'smoke':
-        config_lib.smoke(c)
+        presets.smoke(c)
     return c

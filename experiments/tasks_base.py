@@ -18,6 +18,7 @@ Expect:   validation loss 6.19 -> 0.57 (500) -> 0.44 (1,000) -> 0.38 (1,500) -> 
 Variants: `:smoke` shrinks everything to a seconds-long run (tests).
 """
 from dsjax import config as config_lib
+from dsjax import presets
 
 
 def get_config(arg=None):
@@ -42,9 +43,8 @@ def get_config(arg=None):
     c.train.checkpoint_every = 500
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 30
-    c.optim.decay_steps = c.train.steps
     if arg == 'smoke':
-        config_lib.smoke(c)
+        presets.smoke(c)
         c.model.vocab_size = 384
         c.model.max_position_embeddings = 512
         d.task_documents = 400

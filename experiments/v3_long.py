@@ -15,12 +15,12 @@ Expect:   `val_loss_pos*` (validation loss by position within a document, quarte
           longer documents; the gain is about even across positions.
 Variants: `:smoke` continues runs/v3_small_smoke (tests).
 """
-from dsjax import config as config_lib
+from dsjax import presets
 
 
 def get_config(arg=None):
     # Start from the base run's own config, so the two never drift apart.
-    c = config_lib.load_experiment(__file__, 'v3_small', arg)
+    c = presets.load_experiment(__file__, 'v3_small', arg)
     original = c.data.seq_len
     c.init.checkpoint = 'runs/v3_small' + (f'_{arg}' if arg else '')
     c.data.seq_len = original * 4
@@ -33,5 +33,4 @@ def get_config(arg=None):
     c.train.steps = 40 if arg != 'smoke' else 2
     c.train.eval_every = 20 if arg != 'smoke' else 2
     c.train.checkpoint_every = c.train.steps
-    c.optim.decay_steps = c.train.steps
     return c

@@ -20,12 +20,9 @@ import re
 
 from dsjax import config as config_lib
 
-TASKS = ('arithmetic', 'multiplication', 'countdown')
 SPLITS = ('train', 'test')
 TEST_FRACTION = 0.2
-# Difficulty: arithmetic level L joins an L-digit and an (L-1)-digit operand (level 1: two 1-digit ones),
-# or an L-digit and a one-digit factor (as multiplication level L does); countdown gives `level` numbers.
-LEVELS = {'arithmetic': (1, 2, 3, 4, 5, 6), 'multiplication': (2, 3, 4, 5, 6), 'countdown': (2, 3, 4, 5)}
+# Tasks and their levels: config_lib.TASK_LEVELS (with the other fields' valid values).
 COUNTDOWN_MAX_NUMBER = 20
 COUNTDOWN_MAX_TARGET = 1000
 # Longer answers are rejected unparsed: an expression over <= 5 numbers is far shorter.
@@ -38,9 +35,7 @@ R1_ZERO_TEMPLATE = (
     '</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here '
     '</answer>. User: {prompt}. Assistant:')
 
-_ANSWER = re.compile(r'<answer>(.*?)</answer>', re.DOTALL)
-_FORMAT = re.compile(r'\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*', re.DOTALL)
-_TAG = re.compile(r'</?(think|answer)>')
+_TAGS = ('<think>', '</think>', '<answer>', '</answer>')
 _EXPRESSION_CHARS = re.compile(r'[0-9+\-*/() ]+')
 
 
@@ -79,12 +74,13 @@ def canonical_key(problem: Problem) -> str:
 
 
 def _check_args(task: str, split: str, n: int, level: int) -> None:
-    if task not in TASKS:
-        raise ValueError(f'task={task!r} is invalid: must be one of {TASKS}')
+    if task not in config_lib.TASK_LEVELS:
+        raise ValueError(f'task={task!r} is invalid: must be one of {tuple(config_lib.TASK_LEVELS)}')
     if split not in SPLITS:
         raise ValueError(f'split={split!r} is invalid: must be one of {SPLITS}')
-    if level not in LEVELS[task]:
-        raise ValueError(f'level={level!r} is invalid for task {task!r}: must be one of {LEVELS[task]}')
+    if level not in config_lib.TASK_LEVELS[task]:
+        raise ValueError(f'level={level!r} is invalid for task {task!r}: must be one of '
+                         f'{config_lib.TASK_LEVELS[task]}')
     if not (isinstance(n, int) and n >= 0):
         raise ValueError(f'n={n!r} is invalid: must be an integer >= 0')
 
@@ -112,24 +108,10 @@ def make_problems(task: str, split: str, n: int, level: int = 2, seed: int = 0) 
     return problems
 
 
-def parse_task_entries(entries, field: str) -> list[tuple[str, int]]:
-    """('arithmetic:2', ...) -> [('arithmetic', 2), ...]; errors name the config `field` and what is valid."""
-    parsed = []
-    for entry in entries:
-        task, _, level = str(entry).partition(':')
-        if task not in TASKS or not level.isdigit() or int(level) not in LEVELS[task]:
-            valid = ', '.join(f'{t}:{"|".join(map(str, lv))}' for t, lv in LEVELS.items())
-            config_lib.fail(field, tuple(entries), f'each entry must be task:level, one of {valid}')
-        parsed.append((task, int(level)))
-    if not parsed:
-        config_lib.fail(field, tuple(entries), 'needs at least one task:level entry')
-    return parsed
-
-
 def task_problems(entries, split: str, n_each: int, seed: int, field: str) -> list[Problem]:
     """`n_each` problems of `split` for every task:level entry of the config `field`, in entry order."""
     problems = []
-    for task, level in parse_task_entries(entries, field):
+    for task, level in config_lib.parse_task_entries(entries, field):
         problems += make_problems(task, split, n_each, level=level, seed=seed)
     return problems
 
@@ -247,16 +229,32 @@ def worksheet(problems, style: str, header: str = '', shown_steps=None) -> str:
 
 
 def parse_answer(text: str) -> str | None:
-    """The stripped content of the last <answer>...</answer> in `text`, or None."""
-    found = _ANSWER.findall(text)
-    return found[-1].strip() if found else None
+    """The stripped content of the last <answer>...</answer> in `text`, or None: the last match of the
+    lazy `<answer>(.*?)</answer>` scanned left to right, found from the right with five `str.find`s.
+
+    The regex scan itself is quadratic on a flood of unclosed tags (36 s for 20,000 <answer>). Here: E is
+    the last </answer> and A the last <answer> before it. The last match ends at the first </answer>
+    after A; it opens at the first <answer> after the last </answer> before A (B), because a match never
+    holds a </answer>, so after B the scan is looking for an opening."""
+    close = text.rfind('</answer>')
+    last_open = text.rfind('<answer>', 0, close) if close >= 0 else -1
+    if last_open < 0:
+        return None
+    before = text.rfind('</answer>', 0, last_open)
+    start = text.find('<answer>', before + len('</answer>') if before >= 0 else 0)
+    end = text.find('</answer>', last_open + len('<answer>'))
+    return text[start + len('<answer>'):end].strip()
 
 
 def format_ok(text: str) -> bool:
     """True iff `text` is exactly `<think> ... </think> <answer> ... </answer>` (whitespace around
-    allowed), with no stray or nested think/answer tags."""
-    match = _FORMAT.fullmatch(text)
-    return bool(match) and not any(_TAG.search(part) for part in match.groups())
+    allowed), with no stray or nested think/answer tags. Linear time: each tag counted once, then the
+    one arrangement checked."""
+    body = text.strip()
+    if any(body.count(tag) != 1 for tag in _TAGS) or not (body.startswith('<think>') and body.endswith('</answer>')):
+        return False
+    think_end, answer_start = body.index('</think>'), body.index('<answer>')
+    return think_end < answer_start and not body[think_end + len('</think>'):answer_start].strip()
 
 
 def grade(problem: Problem, completion_text: str) -> bool:

@@ -7,12 +7,16 @@ All routing math runs in float32, as HF and DeepSeek's reference do.
 """
 import math
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
+import tokamax
 
 from dsjax.config import ModelConfig
+from dsjax.model import fp8 as fp8_lib
 from dsjax.model.layers import MLP, constrain, param, swiglu, weight
 from dsjax.sharding import BATCH_AXES
 
@@ -135,14 +139,22 @@ def sequence_balance_loss(scores_BxLxE, mask_BxL, k: int):
 
 
 # ---------------------------------------------------------------- dispatch strategies
+# Each takes fp8: every expert GEMM (and its two backward GEMMs) in FP8 (dsjax/model/fp8.py).
 
-def dispatch_dense(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+def _per_group(spec: str, x, w, fp8: bool):
+    """einsum(spec, x, w) for a product per group ('ECD,EDF->ECF'): fp8_lib.fp8_dot when `fp8`."""
+    return fp8_lib.fp8_dot(x, w) if fp8 else jnp.einsum(spec, x, w)
+
+
+def dispatch_dense(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
     """Reference: every expert on every token, combined with the (mostly zero) gate matrix."""
     del capacity
     e = gate_ExDxF.shape[0]
     gates_TxE = jnp.einsum('TK,TKE->TE', weights_TxK, jax.nn.one_hot(idx_TxK, e, dtype=weights_TxK.dtype))
-    h_ExTxF = swiglu(jnp.einsum('TD,EDF->ETF', x_TxD, gate_ExDxF), jnp.einsum('TD,EDF->ETF', x_TxD, up_ExDxF))
-    y_ExTxD = jnp.einsum('ETF,EFD->ETD', h_ExTxF, down_ExFxD)
+    # fp8_dot takes one group of rows per expert: all the tokens, broadcast.
+    x, spec = (jnp.broadcast_to(x_TxD, (e,) + x_TxD.shape), 'ETD,EDF->ETF') if fp8 else (x_TxD, 'TD,EDF->ETF')
+    h_ExTxF = swiglu(_per_group(spec, x, gate_ExDxF, fp8), _per_group(spec, x, up_ExDxF, fp8))
+    y_ExTxD = _per_group('ETF,EFD->ETD', h_ExTxF, down_ExFxD, fp8)
     return jnp.einsum('ETD,TE->TD', y_ExTxD, gates_TxE.astype(y_ExTxD.dtype)), jnp.zeros((), jnp.float32)
 
 
@@ -157,54 +169,177 @@ def _sort_by_expert(weights_TxK, idx_TxK, num_experts: int):
     return order_A, token_A, expert_A[order_A], sizes_E
 
 
-def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
-    """Dropless grouped matmul (`jax.lax.ragged_dot`) over assignments sorted by expert."""
+@jax.custom_vjp
+def _permute_rows(x_NxD, order_N, inverse_N):
+    """x[order] for a permutation `order` with inverse `inverse`; its backward is the inverse gather, where
+    XLA's transpose of a gather is a scatter-add (atomics on a GPU) that does not know the rows are distinct."""
+    return x_NxD[order_N]
+
+
+def _permute_rows_fwd(x_NxD, order_N, inverse_N):
+    return x_NxD[order_N], (order_N, inverse_N)
+
+
+def _permute_rows_bwd(res, g_NxD):
+    order_N, inverse_N = res
+    return g_NxD[inverse_N], None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+# tokamax kernels behind `dispatch_ragged`, first that applies: megablox (Pallas Mosaic TPU; dims >= 128) on
+# TPU, Pallas Mosaic GPU (Hopper and later) then Triton on NVIDIA GPUs; XLA's own ragged_dot, the exact
+# reference, where none applies (on the CPU a masked dot over every expert: 'grouped' is the CPU's choice).
+RAGGED_KERNELS = {'tpu': ('mosaic', 'xla'), 'gpu': ('mosaic', 'triton', 'xla')}
+
+
+def platform() -> str:
+    """The platform being compiled for: the devices of the mesh set by `jax.set_mesh` (a TPU topology when
+    compiling ahead of time on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+# Dimension numbers of ragged_dot, y = x [A, D] . w [E, D, F] over D in x's groups of rows, and of its
+# gradients: dx = dy [A, F] . w over F in the same groups; dw = x . dy over A, one [D, F] per group.
+_Y_DIMS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [1]), ([], [])),
+                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+_DX_DIMS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+_DW_DIMS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+# checkpoint_name() of the routed experts' GEMM outputs: remat policy 'save_dots' keeps them.
+EXPERT_RESIDUALS = ('expert_gemm',)
+
+
+def _tokamax(lhs, rhs, sizes_E, dims, out_dtype):
+    """tokamax.ragged_dot_general with the backend's kernel (RAGGED_KERNELS)."""
+    # tokamax reads absl flags, parsing sys.argv for them when no absl app has: under pytest or in a
+    # notebook those arguments are not flags, so it gets the defaults instead.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    # The TPU kernel refuses HIGHEST for 16-bit operands, whose products are exact at DEFAULT anyway.
+    precision = jax.lax.Precision.DEFAULT if jnp.dtype(lhs.dtype).itemsize == 2 else None
+    return tokamax.ragged_dot_general(lhs, rhs, sizes_E, dims, precision=precision, preferred_element_type=out_dtype,
+                                      implementation=RAGGED_KERNELS.get(platform(), ('xla',)))
+
+
+def _saved(gemm_out):
+    """A routed-expert GEMM's output, named for the remat policies (EXPERT_RESIDUALS): their einsums have
+    an expert batch axis and tokamax's kernels are custom calls, so 'save_dots' would not keep them."""
+    return checkpoint_name(gemm_out, EXPERT_RESIDUALS[0])
+
+
+@jax.custom_vjp
+def ragged_dot(x_AxD, w_ExDxF, sizes_E):
+    """x's rows, in groups of `sizes_E` consecutive rows, each times its group's w [D, F], in x's dtype.
+
+    tokamax's own VJP keeps the product as its residual, so under a remat policy the forward GEMM ran
+    again in the backward (8 grouped GEMMs per MoE layer instead of 6, counted in the jaxpr); this one
+    keeps only the operands, and `checkpoint_name` lets the policy keep the product.
+    """
+    return _tokamax(x_AxD, w_ExDxF, sizes_E, _Y_DIMS, x_AxD.dtype)
+
+
+def _ragged_dot_fwd(x_AxD, w_ExDxF, sizes_E):
+    return ragged_dot(x_AxD, w_ExDxF, sizes_E), (x_AxD, w_ExDxF, sizes_E)
+
+
+def _ragged_dot_bwd(res, dy_AxF):
+    x_AxD, w_ExDxF, sizes_E = res
+    return (_tokamax(dy_AxF, w_ExDxF, sizes_E, _DX_DIMS, x_AxD.dtype),
+            _tokamax(x_AxD, dy_AxF, sizes_E, _DW_DIMS, w_ExDxF.dtype), None)
+
+
+ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
+
+
+def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
+    """Dropless grouped GEMMs (`ragged_dot`) over the assignments sorted by expert: only the routed
+    rows are computed (T x K x D x F x 3 multiply-adds), whatever the number of experts.
+
+    Rows move by permutations both ways (`_permute_rows`), gate and up run as one GEMM of width 2F.
+    """
     del capacity
-    t, d = x_TxD.shape
-    order_A, token_A, _, sizes_E = _sort_by_expert(weights_TxK, idx_TxK, gate_ExDxF.shape[0])
-    x_AxD = x_TxD[token_A]
-    sizes_E = sizes_E.astype(jnp.int32)
-    h_AxF = swiglu(jax.lax.ragged_dot(x_AxD, gate_ExDxF, sizes_E), jax.lax.ragged_dot(x_AxD, up_ExDxF, sizes_E))
-    y_AxD = jax.lax.ragged_dot(h_AxF, down_ExFxD, sizes_E)
-    w_A = weights_TxK.reshape(-1)[order_A].astype(y_AxD.dtype)
-    return jnp.zeros((t, d), y_AxD.dtype).at[token_A].add(y_AxD * w_A[:, None]), jnp.zeros((), jnp.float32)
+    t, k = idx_TxK.shape
+    e, d, f = gate_ExDxF.shape
+    with jax.named_scope('permute'):
+        expert_A = idx_TxK.reshape(-1)
+        order_A = jnp.argsort(expert_A, stable=True)  # sorted row -> assignment (token t * k + slot)
+        inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(t * k, dtype=order_A.dtype))
+        sizes_E = jnp.bincount(expert_A, length=e).astype(jnp.int32)
+        x_AxD = _permute_rows(jnp.repeat(x_TxD, k, axis=0), order_A, inverse_A)
+    with jax.named_scope('experts'):
+        if fp8:  # gate and up keep their own 128 x 128 blocks (concatenated, a block could straddle both)
+            dot = fp8_lib.fp8_ragged_dot
+            h_AxF = swiglu(_saved(dot(x_AxD, gate_ExDxF, sizes_E)), _saved(dot(x_AxD, up_ExDxF, sizes_E)))
+        else:
+            dot = ragged_dot
+            gate_up_AxF2 = _saved(dot(x_AxD, jnp.concatenate([gate_ExDxF, up_ExDxF], axis=-1), sizes_E))
+            h_AxF = swiglu(gate_up_AxF2[:, :f], gate_up_AxF2[:, f:])
+        y_AxD = _saved(dot(h_AxF, down_ExFxD, sizes_E))
+    with jax.named_scope('combine'):
+        y_TxKxD = _permute_rows(y_AxD, inverse_A, order_A).reshape(t, k, d)
+        y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
+    return y_TxD, jnp.zeros((), jnp.float32)
+
+
+def dispatch_gather(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
+    """Each assignment through its own expert's gathered weights ([T, K, D, F]): reads and computes the
+    selected experts only, T x K of them, for decoding, where T x K is at most E (`MoE` picks it then)."""
+    del capacity
+    if fp8:  # fp8_dot per assignment: groups of one row, each with its expert's blocks
+        t, k = idx_TxK.shape
+        x_Ax1xD, idx_A = jnp.repeat(x_TxD, k, axis=0)[:, None], idx_TxK.reshape(-1)
+        h_Ax1xF = swiglu(fp8_lib.fp8_dot(x_Ax1xD, gate_ExDxF[idx_A]), fp8_lib.fp8_dot(x_Ax1xD, up_ExDxF[idx_A]))
+        y_TxKxD = fp8_lib.fp8_dot(h_Ax1xF, down_ExFxD[idx_A]).reshape(t, k, -1)
+    else:
+        h_TxKxF = swiglu(jnp.einsum('TD,TKDF->TKF', x_TxD, gate_ExDxF[idx_TxK]),
+                         jnp.einsum('TD,TKDF->TKF', x_TxD, up_ExDxF[idx_TxK]))
+        y_TxKxD = jnp.einsum('TKF,TKFD->TKD', h_TxKxF, down_ExFxD[idx_TxK])
+    return jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype)), jnp.zeros((), jnp.float32)
 
 
 def _capacity_experts(x_AxD, expert_A, priority_A, gate_ExDxF, up_ExDxF, down_ExFxD, capacity: int,
-                      buffer_axes=('act_exp', None, 'act_embed')):
+                      buffer_axes=('act_exp', None, 'act_embed'), fp8=False):
     """Each assignment through its expert in fixed [E, C, D] buffers, filled highest priority first.
 
     Returns y_AxD (zero for an assignment that found no slot) and kept_A.
     """
     a, d = x_AxD.shape
     e = gate_ExDxF.shape[0]
-    order_A, _, expert_sorted_A, sizes_E = _sort_by_expert(priority_A[:, None], expert_A[:, None], e)
-    starts_E = jnp.cumsum(sizes_E) - sizes_E
-    slot_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(a) - starts_E[expert_sorted_A])
-    kept_A = slot_A < capacity
-    # Overflow goes to a scratch slot (index `capacity`) that is sliced away, so it reads back as 0.
-    slot_A = jnp.where(kept_A, slot_A, capacity)
-    buf_ExCxD = jnp.zeros((e, capacity + 1, d), x_AxD.dtype).at[expert_A, slot_A].set(x_AxD)[:, :capacity]
-    if buffer_axes:
-        buf_ExCxD = constrain(buf_ExCxD, buffer_axes)
-    h_ExCxF = swiglu(jnp.einsum('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF), jnp.einsum('ECD,EDF->ECF', buf_ExCxD, up_ExDxF))
-    y_ExCxD = jnp.einsum('ECF,EFD->ECD', h_ExCxF, down_ExFxD)
-    return jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A], kept_A
+    with jax.named_scope('permute'):
+        order_A, _, expert_sorted_A, sizes_E = _sort_by_expert(priority_A[:, None], expert_A[:, None], e)
+        starts_E = jnp.cumsum(sizes_E) - sizes_E
+        slot_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(a) - starts_E[expert_sorted_A])
+        kept_A = slot_A < capacity
+        # Overflow goes to a scratch slot (index `capacity`) that is sliced away, so it reads back as 0.
+        slot_A = jnp.where(kept_A, slot_A, capacity)
+        buf_ExCxD = jnp.zeros((e, capacity + 1, d), x_AxD.dtype).at[expert_A, slot_A].set(x_AxD)[:, :capacity]
+        if buffer_axes:
+            buf_ExCxD = constrain(buf_ExCxD, buffer_axes)
+    with jax.named_scope('experts'):
+        h_ExCxF = swiglu(_saved(_per_group('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF, fp8)),
+                         _saved(_per_group('ECD,EDF->ECF', buf_ExCxD, up_ExDxF, fp8)))
+        y_ExCxD = _saved(_per_group('ECF,EFD->ECD', h_ExCxF, down_ExFxD, fp8))
+    with jax.named_scope('combine'):
+        return jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A], kept_A
 
 
-def dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+def dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
     """Fixed per-expert buffers [E, C, D] and batched einsums; overflow (lowest gates) is dropped.
 
     Returns the output and the fraction of assignments dropped.
     """
     t, k = idx_TxK.shape
     y_AxD, kept_A = _capacity_experts(jnp.repeat(x_TxD, k, axis=0), idx_TxK.reshape(-1), weights_TxK.reshape(-1),
-                                      gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
+                                      gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=fp8)
     y_TxD = jnp.einsum('TKD,TK->TD', y_AxD.reshape(t, k, -1), weights_TxK.astype(y_AxD.dtype))
     return y_TxD, 1.0 - kept_A.mean()
 
 
-def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
     """Experts split over the mesh's `expert` axis (N shards); assignments travel by all_to_all.
 
     Uses the mesh set by `jax.set_mesh`; tokens stay split over the batch axes, so each shard routes
@@ -215,7 +350,7 @@ def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, 
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or 'expert' not in mesh.axis_names:
-        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
+        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8)
     tokens, k = idx_TxK.shape
     e, d = gate_ExDxF.shape[:2]
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
@@ -243,7 +378,7 @@ def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, 
         # Empty slots rank below every real assignment, so they never take a real one's slot.
         priority_R = exchange(jax.lax.stop_gradient(weights_TxK.reshape(-1)), -jnp.inf)
         y_RxD, kept_R = _capacity_experts(x_RxD, expert_R, priority_R, gate_ExDxF, up_ExDxF, down_ExFxD,
-                                          group_capacity, buffer_axes=None)
+                                          group_capacity, buffer_axes=None, fp8=fp8)
         y_NxSxD = jax.lax.all_to_all(y_RxD.reshape(n, rows, d), 'expert', 0, 0)
         y_TxKxD = y_NxSxD[dest_A, slot_A].reshape(t, k, d)
         y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
@@ -290,7 +425,8 @@ def _grouped_rows(idx_TxK, num_experts: int, block: int):
     return row_A, src_R, expert_N
 
 
-def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, block=None):
+def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False,
+                     block=None):
     """Dropless grouped matmul from dense ops: assignments sorted by expert into blocks of `block`
     rows, each block padded to one expert's; each block multiplies its own expert's weights (gathered
     per block, [N, D, F]).
@@ -305,40 +441,63 @@ def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExF
     k = idx_TxK.shape[1]
     e = gate_ExDxF.shape[0]
     block = block or grouped_block_size(t * k, e)
-    row_A, src_R, expert_N = _grouped_rows(idx_TxK, e, block)
-    n = expert_N.shape[0]
-    # Padding rows read a zero token (row t).
-    token_R = jnp.where(src_R < t * k, src_R // k, t)
-    x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
-    h_NxBxF = swiglu(jnp.einsum('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N]),
-                     jnp.einsum('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N]))
-    y_RxD = jnp.einsum('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N]).reshape(n * block, d)
-    y_TxKxD = y_RxD[row_A].reshape(t, k, d)
-    return jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype)), jnp.zeros((), jnp.float32)
+    with jax.named_scope('permute'):
+        row_A, src_R, expert_N = _grouped_rows(idx_TxK, e, block)
+        n = expert_N.shape[0]
+        # Padding rows read a zero token (row t).
+        token_R = jnp.where(src_R < t * k, src_R // k, t)
+        x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
+    with jax.named_scope('experts'):
+        # With fp8 each block quantises its gathered copy of the expert's weights: the same 128 x 128 blocks.
+        h_NxBxF = swiglu(_saved(_per_group('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N], fp8)),
+                         _saved(_per_group('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N], fp8)))
+        y_RxD = _saved(_per_group('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N], fp8)).reshape(n * block, d)
+    with jax.named_scope('combine'):
+        y_TxKxD = y_RxD[row_A].reshape(t, k, d)
+        y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
+    return y_TxD, jnp.zeros((), jnp.float32)
 
 
 DISPATCH = {
     'dense': dispatch_dense,
     'ragged': dispatch_ragged,
     'grouped': dispatch_grouped,
+    'gather': dispatch_gather,
     'capacity': dispatch_capacity,
     'expert_parallel': dispatch_expert_parallel,
 }
 
 
 def resolve_dispatch(name: str, capacity_factor: float, backend: str | None = None) -> str:
-    """The DISPATCH entry behind `name`; 'auto' picks by measurement (benchmarks/moe_dispatch.py).
+    """The DISPATCH entry behind `name`; 'auto' picks per backend (benchmarks/moe_dispatch.py, device.py).
 
     capacity_factor > 0 asks for V2-style drops: 'capacity' (cost follows T x K x factor). Dropless:
-    'ragged' on TPU, whose compiler has a grouped matmul for `ragged_dot`; elsewhere 'grouped' (dense
-    blocks sorted by expert), because jax lowers `ragged_dot` on CPU to a masked dot over every expert
-    (as slow as 'dense', whose cost grows with E); on GPU the two are compared by benchmarks/device.sh.
+    'ragged' (tokamax's grouped GEMM kernels, routed rows only) on TPU and GPU; 'grouped' (dense blocks
+    sorted by expert) on the CPU, where ragged_dot is a masked dot over every expert (as slow as 'dense').
     """
     if name != 'auto':
         return name
     if capacity_factor > 0:
         return 'capacity'
-    return 'ragged' if (backend or jax.default_backend()) == 'tpu' else 'grouped'
+    return 'grouped' if (backend or platform()) == 'cpu' else 'ragged'
+
+
+def inference_dispatch(name: str, assignments: int, num_experts: int, backend: str | None = None) -> str:
+    """The dispatch where nothing may be dropped (evaluation, decoding): with at most one assignment per
+    expert (T x K <= E, decoding a few rows) 'gather', which reads only the selected experts' weights;
+    'capacity' (whose buffers would then hold every token for every expert) gives way to the backend's
+    dropless choice. The dense reference stays dense, and experts split over a mesh's `expert` axis
+    stay with `dispatch_expert_parallel`."""
+    if name == 'dense' or (name == 'expert_parallel' and _experts_split()):
+        return name
+    if assignments <= num_experts:
+        return 'gather'
+    return resolve_dispatch('auto', 0.0, backend) if name in ('capacity', 'expert_parallel') else name
+
+
+def _experts_split() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.shape.get('expert', 1) > 1
 
 
 def capacity_per_expert(tokens: int, cfg: ModelConfig) -> int:
@@ -365,39 +524,44 @@ class MoE(nn.Module):
                              nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
                              jax.random.PRNGKey(0), (e,), jnp.float32)
         bias_E = nn.meta.unbox(bias.value)
-        logits_TxE = jnp.einsum('TD,DE->TE', x_BxLxD.reshape(-1, d).astype(jnp.float32),
-                                router_DxE.astype(jnp.float32))
-        scores_TxE = scores_from_logits(logits_TxE, cfg.scoring_func)
-        weights_TxK, idx_TxK = select_experts(scores_TxE, jax.lax.stop_gradient(bias_E), cfg)
+        with jax.named_scope('router'):
+            logits_TxE = jnp.einsum('TD,DE->TE', x_BxLxD.reshape(-1, d).astype(jnp.float32),
+                                    router_DxE.astype(jnp.float32))
+            scores_TxE = scores_from_logits(logits_TxE, cfg.scoring_func)
+            weights_TxK, idx_TxK = select_experts(scores_TxE, jax.lax.stop_gradient(bias_E), cfg)
 
         gate_ExDxF = weight(self, 'gate', (e, d, f), ('exp', 'embed', 'mlp'), cfg)
         up_ExDxF = weight(self, 'up', (e, d, f), ('exp', 'embed', 'mlp'), cfg)
         down_ExFxD = weight(self, 'down', (e, f, d), ('exp', 'mlp', 'embed'), cfg)
-        dispatch = DISPATCH[resolve_dispatch(cfg.moe_dispatch, cfg.capacity_factor)]
+        name = resolve_dispatch(cfg.moe_dispatch, cfg.capacity_factor)
+        if deterministic:  # evaluation and decoding: only what is routed is computed
+            name = inference_dispatch(name, b * length * k, e)
+        dispatch = DISPATCH[name]
         # V2 drops overflow only in training; evaluation never drops.
         capacity = capacity_per_expert(b * length, cfg) if not deterministic else b * length
         x_TxD = x_BxLxD.reshape(-1, d)
         # Padding gets zero gates: capacity is filled highest gate first, so padding can never push a
         # real token out of an expert (its output is unused anyway).
         gates_TxK = (weights_TxK * mask_BxL.reshape(-1, 1)).astype(x_TxD.dtype)
-        y_TxD, dropped = dispatch(x_TxD, gates_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
+        y_TxD, dropped = dispatch(x_TxD, gates_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, cfg.fp8)
         y_BxLxD = y_TxD.reshape(b, length, d)
         if cfg.n_shared_experts:
             y_BxLxD = y_BxLxD + MLP(cfg, width=cfg.n_shared_experts * f, name='shared')(x_BxLxD)
 
-        mask = mask_BxL.astype(jnp.float32)
-        scores_BxLxE = scores_TxE.reshape(b, length, e)
-        idx_BxLxK = idx_TxK.reshape(b, length, k)
-        loss = jnp.zeros((), jnp.float32)
-        if cfg.aux_loss_alpha:
-            if cfg.seq_aux:
-                loss += cfg.aux_loss_alpha * sequence_balance_loss(scores_BxLxE, mask, k)
-            else:
-                loss += cfg.aux_loss_alpha * expert_balance_loss(scores_BxLxE, idx_BxLxK, mask, k)
-        if cfg.device_aux_alpha:
-            loss += cfg.device_aux_alpha * device_balance_loss(scores_BxLxE, idx_BxLxK, mask, k, cfg.n_group)
-        if cfg.comm_aux_alpha:
-            loss += cfg.comm_aux_alpha * comm_balance_loss(scores_BxLxE, idx_BxLxK, mask, cfg.n_group,
-                                                           cfg.topk_group)
+        with jax.named_scope('router'):  # its balance losses
+            mask = mask_BxL.astype(jnp.float32)
+            scores_BxLxE = scores_TxE.reshape(b, length, e)
+            idx_BxLxK = idx_TxK.reshape(b, length, k)
+            loss = jnp.zeros((), jnp.float32)
+            if cfg.aux_loss_alpha:
+                if cfg.seq_aux:
+                    loss += cfg.aux_loss_alpha * sequence_balance_loss(scores_BxLxE, mask, k)
+                else:
+                    loss += cfg.aux_loss_alpha * expert_balance_loss(scores_BxLxE, idx_BxLxK, mask, k)
+            if cfg.device_aux_alpha:
+                loss += cfg.device_aux_alpha * device_balance_loss(scores_BxLxE, idx_BxLxK, mask, k, cfg.n_group)
+            if cfg.comm_aux_alpha:
+                loss += cfg.comm_aux_alpha * comm_balance_loss(scores_BxLxE, idx_BxLxK, mask, cfg.n_group,
+                                                               cfg.topk_group)
         aux = {'load': expert_counts(idx_TxK, mask.reshape(-1), e), 'balance_loss': loss, 'dropped': dropped}
         return y_BxLxD, aux
