@@ -109,7 +109,6 @@ def get_config(arg=None):
     s.rs.rejection.update(tasks=tasks, prompts=800, samples=4, temperature=0.7, max_new_tokens=64, max_tokens=64,
                           batch=64, template='chat')
     s.rs_sft = _sft(base, 300, source='jsonl', paths=('{rs}/samples.jsonl',))
-    s.rs_sft.data.val_fraction = 0.1  # a few hundred kept samples: 2% would leave the validation split empty
     s.rs_sft.init.checkpoint = '{base}'
     s.grpo2 = _grpo(base, 10)
     c.evaluation = presets.chain_evaluation(('base', 'cold_sft', 'grpo1', 'rs_sft', 'grpo2'), tasks)
