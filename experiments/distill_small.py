@@ -23,15 +23,14 @@ between student_alone and the teacher each closes -> WORKDIR/table.md.
 
 Run:      python -m dsjax.main --config=experiments/distill_small.py --workdir=runs/distill_small
           (re-running resumes; finished stages are skipped).
-Hardware: 2 CPU cores: ~30 min for the chain on the idle machine, most of it the teacher's pre-training
-          (the MoE step is ~1.5x the dense one).
-Expect:   (rerun of 2026-12-04; 512 held-out problems, greedy) teacher 66.4%, student_alone 0.0%,
-          student_seq 75.6%, student_logit 76.2%: R1's finding at laptop scale. The 2-layer student
-          cannot bootstrap by RL: its base never answers right, so every GRPO group is all-wrong and RL
-          teaches only the format; the teacher's kept answers take the same student past the teacher in
-          300 SFT steps. Logit-level distillation lands where sequence-level does: on answers this
-          deterministic the teacher's distribution adds little the sampled tokens do not hold. Controls
-          and history: benchmarks/results/history.md.
+Hardware: 2 CPU cores; the teacher's 2,500 pre-training steps dominate (on the shared machine at load ~12,
+          2.0 s per MoE step, twice the dense base's 1.0 s).
+Expect:   not yet rerun on the current code. What earlier code measured (benchmarks/results/history.md):
+          R1's finding at laptop scale. RL alone cannot teach the 2-layer student to answer (its base
+          never answers right, so every GRPO group is all wrong and RL teaches only the format), while
+          the GRPO-trained teacher's kept answers take the same student to about the teacher's accuracy
+          in 300 SFT steps; logit-level distillation lands where sequence-level does (on answers this
+          deterministic the teacher's distribution adds little the sampled tokens do not hold).
 Variants: `:smoke` is a seconds-long chain (tests); `:qwen2` shapes the student as R1's Qwen2.5 students
           (q/k/v biases, 2 kv heads, tied head, RoPE theta 1e6; not yet measured), `:qwen2,smoke` both.
 """
