@@ -15,7 +15,7 @@ import jax
 from absl import logging
 
 from dsjax import config as config_lib
-from dsjax.posttrain import chain, distill, grpo, rejection, reward_model, sft
+from dsjax.posttrain import chain, distill, dpo, grpo, rejection, reward_model, sft
 from dsjax.train import loop
 
 RUNNERS = {
@@ -23,6 +23,7 @@ RUNNERS = {
     'sft': sft.run,
     'grpo': grpo.run,
     'reward': reward_model.run,
+    'dpo': dpo.run,
     'rejection': rejection.run,
     'distill': distill.run,
 }
@@ -31,6 +32,7 @@ CHECKS = {
     'sft': sft.validate,
     'grpo': grpo.validate,
     'reward': reward_model.validate,
+    'dpo': dpo.validate,
     'rejection': rejection.validate,
     'distill': distill.validate,
 }
