@@ -11,7 +11,7 @@ import numpy as np
 ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
-MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'gather', 'expert_parallel')
+MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
 REMAT_POLICIES = ('auto', 'none', 'full', 'save_dots', 'save_attention')
 ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn')
 FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes

@@ -440,7 +440,7 @@ DISPATCH = {
     'dense': dispatch_dense,
     'ragged': dispatch_ragged,
     'grouped': dispatch_grouped,
-    'gather': dispatch_gather,
+    'gather': dispatch_gather,  # chosen by inference_dispatch, not by config: training would gather [T, K, D, F]
     'capacity': dispatch_capacity,
     'expert_parallel': dispatch_expert_parallel,
 }
