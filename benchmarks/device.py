@@ -26,12 +26,16 @@ so a run cut short keeps what it measured:
 - decode: benchmarks/decode.py's comparison at V2-Lite size (random weights, bf16).
 - speculative: MTP speculative decoding against plain greedy at default and at highest precision.
 - attention: one MLA layer's attention core (qk 192, v 128), forward + backward, per kernel.
+- fp8 (not in the default list: `bash benchmarks/device.sh --parts=fp8`, ~4 minutes by estimate, not yet run
+  on a GPU): fp8_dot's kernel path (dsjax/model/fp8.py, tokamax) against its float32 reference on the device,
+  then the MoE's training step with model.fp8 off and on per --dispatch: step time and compiled peak memory.
 """
 import dataclasses
 import pathlib
 import re
 import statistics
 import tempfile
+import functools
 import time
 
 from absl import app, flags
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 from dsjax import config as config_lib
 from dsjax import presets
 from dsjax.model import attention, flops
+from dsjax.model import fp8 as fp8_lib
 
 import decode as decode_bench  # benchmarks/decode.py, beside this file
 import harness as ts  # benchmarks/harness.py, beside this file
@@ -67,7 +72,7 @@ _OUT = flags.DEFINE_string('out', '', 'Where to write (default results/device.md
 _PEAK = flags.DEFINE_float('peak', 0.0, 'The measured bf16 matmul FLOP/s (a run of several parts passes it to each).')
 
 # Seconds a part needs at full size on an H200 (estimates): it starts only if that much budget is left.
-NEEDS = {'train': 200, 'profile': 70, 'scaling': 80, 'decode': 240, 'speculative': 120, 'attention': 40}
+NEEDS = {'train': 200, 'profile': 70, 'scaling': 80, 'decode': 240, 'speculative': 120, 'attention': 40, 'fp8': 240}
 
 
 # ---------------------------------------------------------------- the models
@@ -451,8 +456,61 @@ def part_speculative(write, ctx: dict):
         write(lines)
 
 
+# ---------------------------------------------------------------- part: fp8
+
+def fp8_kernel_check(m: int = 512, k: int = 1024, n: int = 768) -> float:
+    """Largest relative difference of fp8_dot's kernel path to its reference on this device (forward, dx, dw
+    of an [m, k] @ [k, n] product; float32 in and out, so only the accumulation order differs: ~1e-6
+    expected; on the CPU the kernel path is tokamax's XLA fallback)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (m, k))
+    w = jax.random.normal(keys[1], (k, n)) * 0.03
+    dy = jax.random.normal(keys[2], (m, n))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(impl):
+        y, vjp = jax.vjp(lambda a, b: fp8_lib.fp8_dot(a, b, impl), x, w)
+        return (y, *vjp(dy))
+
+    ref, got = run('reference'), run('tokamax')
+    return max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(got, ref))
+
+
+def part_fp8(write, ctx: dict):
+    """The MoE's training step per --dispatch with model.fp8 off and on (fp8_dot's path for this backend:
+    fp8.resolve_impl), after checking that path against the reference."""
+    check = fp8_kernel_check()
+    lines = ['## FP8 training (model.fp8) against bf16', '',
+             f'The MoE ~1B active, bf16 compute, float32 params and AdamW, remat {_REMAT.value}, batch '
+             f'{" x ".join(map(str, batch_shape()))}; median of {_STEPS.value} steps. fp8_dot path here: '
+             f'{fp8_lib.resolve_impl()}; against its float32 reference (forward, dx, dw of a 512 x 1024 @ 1024 x 768 '
+             f'float32 product) the largest relative difference is {check:.2e}.', '',
+             '| dispatch | step ms, fp8 off | step ms, fp8 on | on / off | peak memory off | peak memory on '
+             '| compile s off / on | first loss off / on |', '|---|---|---|---|---|---|---|---|']
+    write(lines)
+    for dispatch in _DISPATCH.value:
+        pair = {}
+        for fp8_on in (False, True):
+            c = finish(moe_1b_active(), dispatch)
+            c.model.fp8 = fp8_on
+            try:
+                pair[fp8_on] = run_ours(c, _STEPS.value)
+            except Exception as e:  # noqa: BLE001  (e.g. out of memory: keep the other rows)
+                print(f'{dispatch} fp8={fp8_on}: failed: {type(e).__name__}: {str(e)[:400]}', flush=True)
+                pair[fp8_on] = None
+        label = f'{dispatch}{" = " + ctx["auto"] if dispatch == "auto" else ""}'
+        off, on = pair[False], pair[True]
+        if off is None or on is None:
+            lines.append(f'| {label} | failed (see the log) | | | | | | |')
+        else:
+            lines.append(f"| {label} | {off['sec'] * 1e3:.1f} | {on['sec'] * 1e3:.1f} | {on['sec'] / off['sec']:.2f}x "
+                         f"| {_gib(off['mem'])} | {_gib(on['mem'])} | {off['compile_s']:.0f} / {on['compile_s']:.0f} "
+                         f"| {off['loss']:.4f} / {on['loss']:.4f} |")
+        write(lines)
+
+
 PARTS = {'train': part_train, 'profile': part_profile, 'scaling': part_scaling, 'decode': part_decode,
-         'speculative': part_speculative, 'attention': part_attention}
+         'speculative': part_speculative, 'attention': part_attention, 'fp8': part_fp8}
 
 
 SECTION = '<!-- part: {} -->'

@@ -60,7 +60,8 @@ def build_ours(c, host_batch) -> Ours:
         init, _, shardings = loop.build_state_fns(model, optimizer, mesh, c.data.seq_len)
         state = init(jax.random.PRNGKey(0))
         batch = sharding.global_batch(host_batch, mesh)
-        step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, c.train),
+        apply_gradients = step_lib.make_apply_gradients(optimizer, schedule, c.train)
+        step = jax.jit(step_lib.make_train_step(model, apply_gradients, c.train),
                        in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None),
                        donate_argnums=(0,))
         compiled = step.lower(state, batch).compile()

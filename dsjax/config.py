@@ -97,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
     # fused flash kernel (GPU, bf16/fp16 compute; MLA's unequal widths from Hopper on); 'auto': cudnn where
     # it applies on a GPU, blocked on the CPU, else xla. See attention.resolve_impl.
     m.attention_impl = 'auto'
+    # FP8 training as DeepSeek-V3 (dsjax/model/fp8.py): every linear GEMM in the blocks (attention and MLA
+    # projections, dense MLP, shared and routed experts) and its two backward GEMMs on E4M3 operands,
+    # activations per 1 x 128 tile, weights per 128 x 128 block; embedding, head, router, norms, attention
+    # core and the MTP projection stay in the compute dtype.
+    m.fp8 = False
 
     c.data = d = ml_collections.ConfigDict()
     d.source = 'stdlib'
@@ -203,25 +208,34 @@ def base_config() -> ml_collections.ConfigDict:
     ds.temperature = 1.0
     ds.ce_weight = 0.0  # plus this times the cross-entropy on the data's own completions
 
+    # Field names follow TRL's GRPOConfig where one exists (README: GRPO fields and TRL's).
     c.grpo = g = ml_collections.ConfigDict()
-    g.tasks = ('arithmetic:2',)  # prompts from the train split, evaluation on the test split
-    g.template = 'zero'  # 'zero': the R1-Zero template (dsjax/data/tasks.py)
-    g.batch_size = 512  # completions per step: prompts per step x group_size
-    g.group_size = 16  # G
-    g.max_new_tokens = 48
+    g.source = 'tasks'  # or 'jsonl': the prompt rows of grpo.paths
+    g.tasks = ('arithmetic:2',)  # source 'tasks': prompts from the train split, evaluation on the test split
+    # Source 'jsonl': one row per line, {"prompt": "..."} or {"messages": [...]} (ending on a user turn), plus
+    # any fields a reward function reads; rows are held out for evaluation by a hash, as data.val_fraction says.
+    g.paths = ()
+    g.template = 'zero'  # 'zero': the R1-Zero template (dsjax/data/tasks.py); 'chat': the SFT chat template
+    g.batch_size = 512  # completions per batch: prompts per batch x num_generations
+    g.num_generations = 16  # G
+    g.max_completion_length = 48  # tokens, EOS included
     g.temperature = 1.0  # sampling, and the T of log_softmax(logits / T) in the loss
     g.top_p = 1.0
-    g.updates_per_batch = 1  # mu; above 1 the ratio uses the log-probs stored at rollout
+    g.num_iterations = 1  # mu, optimizer steps per batch; above 1 the ratio uses the log-probs stored at rollout
     g.beta = 0.001  # k3 KL to the frozen initial policy; 0 skips the reference forward pass
-    g.eps_low = 0.2
-    g.eps_high = 0.28
-    g.eps_std = 1e-4
-    g.aggregation = 'seq-mean-token-mean'  # or 'token-mean', 'seq-mean-token-sum-norm'
-    g.reward_names = ('accuracy', 'format')  # dsjax/posttrain/rewards.py
+    g.epsilon = 0.2  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    g.epsilon_high = 0.28
+    g.eps_std = 1e-4  # advantages: (r - mean) / (std + eps_std) within each group
+    # 'grpo': mean over sequences of each one's token mean; 'dapo': mean over all completion tokens;
+    # 'dr_grpo': sum over tokens / (completions x max_completion_length).
+    g.loss_type = 'grpo'
+    # Rule rewards of dsjax/posttrain/rewards.py by name, or any function by import path, 'module:function'
+    # or 'path/to/file.py:function', called as f(prompts, completions, **fields of the rows) -> floats.
+    g.reward_funcs = ('accuracy', 'format')
     g.reward_weights = (1.0, 1.0)
     g.reward_model = ''  # reward 'reward_model': a reward-model run directory (stage 'reward')
     g.overlong_buffer = 8  # reward 'length': its penalty ramps over the last this many tokens
-    g.eval_problems = 512  # held-out (test-split) problems per task entry
+    g.eval_problems = 512  # held-out problems per task entry (source 'jsonl': at most this many held-out rows)
     g.eval_temperature = 0.0  # 0: greedy; the R1 paper's protocol is 0.6 with top-p 0.95 and k samples
     g.eval_top_p = 1.0
     g.eval_samples = 1  # k completions per held-out problem: accuracy is their mean (pass@1), plus pass@k
@@ -270,6 +284,26 @@ def _type_name(default) -> str:
     if isinstance(default, int):
         return 'an int'
     return {float: 'a number', str: 'a string', tuple: 'a tuple'}[type(default)]
+
+
+# Fields renamed to TRL's GRPOConfig names: a config that still sets the old name is told the new one.
+RENAMED = {'grpo.group_size': 'grpo.num_generations', 'grpo.max_new_tokens': 'grpo.max_completion_length',
+           'grpo.updates_per_batch': 'grpo.num_iterations', 'grpo.eps_low': 'grpo.epsilon',
+           'grpo.eps_high': 'grpo.epsilon_high', 'grpo.aggregation': 'grpo.loss_type',
+           'grpo.reward_names': 'grpo.reward_funcs'}
+
+
+def _check_known(c, defaults) -> None:
+    """Every field of every section is one base_config knows: a misspelt or renamed field set in an
+    experiment file would otherwise be silently ignored."""
+    for section in defaults.keys():
+        if not isinstance(defaults[section], ml_collections.ConfigDict) or section not in c:
+            continue
+        for key in c[section].keys():
+            field = f'{section}.{key}'
+            if key not in defaults[section]:
+                fail(field, c[section][key], f'renamed to config.{RENAMED[field]}' if field in RENAMED else
+                     f'unknown field; the fields of config.{section} are {sorted(defaults[section].keys())}')
 
 
 def _check_types(section, defaults, prefix: str) -> None:
@@ -458,7 +492,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks the sections every stage reads (model, data, optim, train, mesh) before anything compiles;
     raises ConfigError naming the field. A stage's own section is its module's `validate`'s
     (dsjax/stages.py runs both)."""
-    _check_types(c, base_config(), '')
+    defaults = base_config()
+    _check_known(c, defaults)
+    _check_types(c, defaults, '')
     _choice(c.stage, 'stage', STAGES)
     m = c.model
     validate_model(m)
@@ -596,6 +632,7 @@ class ModelConfig:
     param_dtype: str
     remat_policy: str
     attention_impl: str
+    fp8: bool
 
     @property
     def attn_head_dim(self) -> int:
@@ -644,25 +681,3 @@ def freeze_model(m) -> ModelConfig:
     values['rope_scaling'] = RopeScaling(**m.rope_scaling.to_dict())
     return ModelConfig(**values)
 
-
-def from_saved(saved: dict) -> ml_collections.ConfigDict:
-    """base_config() with the values of a config saved with a run (its JSON dict): the one reader of
-    saved configs. Fields this version does not know are left out (older runs' settings), except in the
-    model section, where one would change the architecture: there it is an error."""
-    c = base_config()
-
-    def merge(section, values, prefix):
-        for key, value in values.items():
-            if prefix.startswith('model.') and key not in section:
-                fail(f'{prefix}{key}', value, 'unknown model field in a saved config (written by another '
-                     f'version of dsjax?); valid fields: {sorted(section.keys())}')
-            # data.vocab_size refers to model.vocab_size: setting it would set the model's too.
-            if key not in section or f'{prefix}{key}' == 'data.vocab_size':
-                continue
-            if isinstance(section[key], ml_collections.ConfigDict):
-                merge(section[key], value, f'{prefix}{key}.')
-            else:
-                section[key] = tuple(value) if isinstance(value, list) else value
-
-    merge(c, saved, '')
-    return c

@@ -104,7 +104,7 @@ class Run:
 
     def finished_step(self) -> int | None:
         """The newest complete checkpoint step in the run directory (None: never checkpointed)."""
-        return max(checkpoint.complete_steps(self.workdir / 'checkpoints'), default=None)
+        return max(checkpoint.complete_steps(checkpoint.checkpoint_dir(self.workdir)), default=None)
 
     @property
     def finished(self) -> bool:

@@ -132,7 +132,7 @@ def get_config(arg=None):
     s.student_logit.distill.update(teacher='{teacher}', beta=0.5, temperature=1.0, ce_weight=1.0)
     c.evaluation = presets.chain_evaluation(('teacher_base', 'teacher', 'student_base', 'student_alone',
                                                 'student_seq', 'student_logit'), tasks)
-    c.evaluation.update(template='zero', max_new_tokens=grpo.grpo.max_new_tokens, gap=('student_alone', 'teacher'))
+    c.evaluation.update(template='zero', max_new_tokens=grpo.grpo.max_completion_length, gap=('student_alone', 'teacher'))
     if smoke:
         for name in ('student_seq', 'student_logit'):
             s[name].train.update(steps=2, eval_every=2, checkpoint_every=2)

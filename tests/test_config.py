@@ -91,6 +91,23 @@ def test_unknown_model_field_is_named():
         config_lib.freeze_model(c.model)
 
 
+@pytest.mark.parametrize('old,new', [('group_size', 'num_generations'), ('max_new_tokens', 'max_completion_length'),
+                                     ('updates_per_batch', 'num_iterations'), ('eps_low', 'epsilon'),
+                                     ('aggregation', 'loss_type'), ('reward_names', 'reward_funcs')])
+def test_a_renamed_grpo_field_points_to_its_new_name(old, new):
+    c = config_lib.base_config()
+    c.grpo[old] = 8
+    with pytest.raises(config_lib.ConfigError, match=f'config.grpo.{old}=8 is invalid: renamed to config.grpo.{new}'):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_an_unknown_field_of_any_section_is_named():
+    c = config_lib.base_config()
+    c.train.stepz = 10
+    with pytest.raises(config_lib.ConfigError, match=r'config.train.stepz=10 is invalid: unknown field; the fields'):
+        config_lib.validate(c, num_devices=8)
+
+
 def test_decay_steps_follows_train_steps_until_set():
     """The cosine schedule ends where training ends, whichever of the two a user overrides, unless
     decay_steps is set itself (then it stays, and train.steps moves alone)."""

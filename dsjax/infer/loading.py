@@ -4,22 +4,16 @@ import dataclasses
 import pathlib
 
 from absl import flags
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
 from dsjax import config as config_lib
-from dsjax import sharding
 from dsjax.config import ModelConfig
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.infer import decode
 from dsjax.infer import speculative as speculative_lib
 from dsjax.infer.sampling import SamplingConfig
-from dsjax.interop import hf, hf_files, hub, orbax_io
-from dsjax.model.transformer import Transformer
+from dsjax.interop import hf, hf_files, hub
+from dsjax.train import checkpoint
 
 
 @dataclasses.dataclass
@@ -30,60 +24,27 @@ class Loaded:
     tokenizer: tokenizer_lib.Tokenizer
 
 
-def load_orbax(path, *, step: int | None = None, dtype=None, mesh=None,
-               tokenizer: str | None = None) -> Loaded:
-    """A dsjax checkpoint (a run's workdir or checkpoint dir): params, the routing bias and the tokenizer
-    of the saved config (or `tokenizer`, a path)."""
-    step_dir = orbax_io._checkpoint_step_dir(path, step)
-    config_dir = step_dir / 'config'
-    if not config_dir.is_dir():
-        raise FileNotFoundError(f'--model={str(path)!r}: {config_dir} does not exist, so the architecture is unknown')
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        saved = checkpointer.restore(epath.Path(config_dir), args=ocp.args.JsonRestore())
-    config = config_lib.base_config()
-    model = dict(saved['model'])
-    config.model.rope_scaling.update(**model.pop('rope_scaling', {}))
-    config.model.update(**model)
-    if dtype is not None:
-        dtype = config_lib.dtype_name(dtype, 'dtype')
-        config.model.update(dtype=dtype, param_dtype=dtype)
-    cfg = config_lib.freeze_model(config.model)
-    mesh = mesh or sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
-    boxed = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nn.meta.unbox(boxed), sharding.logical_sharding(boxed, mesh))
-    # A TrainState's params and its non-gradient buffers (the V3 routing bias); nothing else is read.
-    item = {'params': abstract['params']}
-    if 'moe_bias' in abstract:
-        item['buffers'] = {'moe_bias': abstract['moe_bias']}
-    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                  partial_restore=True)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(epath.Path(step_dir / 'state'), args=args)
-    variables = {'params': restored['params']}
-    if 'buffers' in restored:
-        variables['moe_bias'] = restored['buffers']['moe_bias']
-    if tokenizer:
-        tok = tokenizer_lib.from_path(tokenizer)
-    else:
-        data = config.data
-        data.update(**{k: v for k, v in saved.get('data', {}).items() if k in data})
-        tok = tokenizer_lib.get_tokenizer(data)
-    return Loaded(cfg, variables, tok)
+def load_orbax(path, *, step: int | None = None, dtype=None, mesh=None, tokenizer: str | None = None,
+               what: str = '--model') -> Loaded:
+    """A dsjax checkpoint (a run's workdir or checkpoint dir, read by checkpoint.read_run): params, the
+    routing bias and the tokenizer of the saved config (or `tokenizer`, a path)."""
+    run = checkpoint.read_run(path, step, what=what, dtype=dtype, mesh=mesh)
+    tok = tokenizer_lib.from_path(tokenizer) if tokenizer else tokenizer_lib.get_tokenizer(run.config.data)
+    return Loaded(run.model_cfg, run.variables, tok)
 
 
 def load(path, *, step: int | None = None, dtype=None, mesh=None, tokenizer: str | None = None,
-         **model_overrides) -> Loaded:
+         what: str = '--model', **model_overrides) -> Loaded:
     """A HF checkpoint directory or Hub id (through dsjax.interop.hf) or a dsjax Orbax checkpoint; `dtype`
-    by name or as a jnp/np dtype."""
-    path = hub.resolve(path, '--model')
+    by name or as a jnp/np dtype; errors name the argument `path` came from (`what`)."""
+    path = hub.resolve(path, what)
     if hf.is_hf_checkpoint(path):
         model, variables = hf.load(path, dtype, mesh=mesh, **model_overrides)
         return Loaded(model.cfg, variables, tokenizer_lib.from_path(tokenizer or str(path)))
     if not pathlib.Path(path).exists():
-        raise FileNotFoundError(f'--model={str(path)!r} does not exist (give a dsjax run directory, its '
+        raise FileNotFoundError(f'{what}={str(path)!r} does not exist (give a dsjax run directory, its '
                                 'checkpoints/ directory, a HF checkpoint directory or a Hub id owner/name)')
-    loaded = load_orbax(path, step=step, dtype=dtype, mesh=mesh, tokenizer=tokenizer)
+    loaded = load_orbax(path, step=step, dtype=dtype, mesh=mesh, tokenizer=tokenizer, what=what)
     if model_overrides:
         loaded.cfg = dataclasses.replace(loaded.cfg, **model_overrides)
     return loaded
