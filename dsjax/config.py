@@ -11,7 +11,7 @@ import numpy as np
 ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
-MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'gather', 'expert_parallel')
+MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
 REMAT_POLICIES = ('auto', 'none', 'full', 'save_dots', 'save_attention')
 ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn')
 FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes
@@ -100,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
     # fused flash kernel (GPU, bf16/fp16 compute; MLA's unequal widths from Hopper on); 'auto': cudnn where
     # it applies on a GPU, blocked on the CPU, else xla. See attention.resolve_impl.
     m.attention_impl = 'auto'
+    # FP8 training as DeepSeek-V3 (dsjax/model/fp8.py): every linear GEMM in the blocks (attention and MLA
+    # projections, dense MLP, shared and routed experts) and its two backward GEMMs on E4M3 operands,
+    # activations per 1 x 128 tile, weights per 128 x 128 block; embedding, head, router, norms, attention
+    # core and the MTP projection stay in the compute dtype.
+    m.fp8 = False
 
     c.data = d = ml_collections.ConfigDict()
     d.source = 'stdlib'
@@ -665,6 +670,7 @@ class ModelConfig:
     param_dtype: str
     remat_policy: str
     attention_impl: str
+    fp8: bool
 
     @property
     def attn_head_dim(self) -> int:

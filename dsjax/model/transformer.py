@@ -112,6 +112,8 @@ class MTPLayer(nn.Module):
         d = cfg.hidden_size
         # The checkpoint's order is [embedding; hidden] (the paper's eq. 21 writes the reverse).
         both = jnp.concatenate([RMSNorm(cfg, name='enorm')(emb_BxLxD), RMSNorm(cfg, name='hnorm')(h_BxLxD)], -1)
+        # eh_proj stays out of FP8 (model.fp8), as DeepSeek's FP8 checkpoint keeps it in BF16 with the head
+        # and embedding; the MTP block's GEMMs are FP8 like every block's (stored E4M3 with block scales).
         x_BxLxD = dense(both, weight(self, 'eh_proj', (2 * d, d), (None, 'embed'), cfg))
         block = Block(cfg, use_moe=cfg.num_moe_layers > 0, deterministic=self.deterministic, absorb=self.absorb,
                       name='block')
