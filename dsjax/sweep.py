@@ -486,4 +486,4 @@ if __name__ == '__main__':
     flags.DEFINE_string('config', None, 'Sweep file, e.g. experiments/sweeps/balancing.py.', required=True)
     flags.DEFINE_string('workdir', None, 'Sweep directory: one subdirectory per run, and the report.', required=True)
     flags.DEFINE_bool('print', False, 'Print one shell command per run instead of running them.')
-    cli.run(main, errors=(SweepError,))
+    cli.run(main, errors=(SweepError, workdir_lib.WorkdirError))
