@@ -27,7 +27,7 @@ so a run cut short keeps what it measured:
 - speculative: MTP speculative decoding against plain greedy at default and at highest precision.
 - attention: one MLA layer's attention core (qk 192, v 128), forward + backward, per kernel.
 - fp8 (not in the default list: `bash benchmarks/device.sh --parts=fp8`, ~4 minutes by estimate, not yet run
-  on a GPU): fp8_dot's kernel path (dsjax/model/fp8.py, tokamax) against its float32 reference on the device,
+  on a GPU; --shrink checked end to end on the CPU): fp8_dot's kernel path (dsjax/model/fp8.py, tokamax) against its float32 reference on the device,
   then the MoE's training step with model.fp8 off and on per --dispatch: step time and compiled peak memory.
 """
 import dataclasses
@@ -467,12 +467,13 @@ def fp8_kernel_check(m: int = 512, k: int = 1024, n: int = 768) -> float:
     w = jax.random.normal(keys[1], (k, n)) * 0.03
     dy = jax.random.normal(keys[2], (m, n))
 
+    # The operands are arguments, not closed-over constants, which XLA would constant-fold (minutes on a CPU).
     @functools.partial(jax.jit, static_argnums=0)
-    def run(impl):
+    def run(impl, x, w, dy):
         y, vjp = jax.vjp(lambda a, b: fp8_lib.fp8_dot(a, b, impl), x, w)
         return (y, *vjp(dy))
 
-    ref, got = run('reference'), run('tokamax')
+    ref, got = run('reference', x, w, dy), run('tokamax', x, w, dy)
     return max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(got, ref))
 
 

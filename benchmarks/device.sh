@@ -27,9 +27,9 @@ if [[ "${1:-}" == --fetch-wheels ]]; then
     --implementation cp "${platforms[@]}" -d .whl "${WHEELS[@]}"
   exit
 fi
-if ! python3 -c 'import tokamax, grain, ml_collections, tensorboardX' 2>/dev/null; then
+if ! python3 -c 'import tokamax, qwix, grain, ml_collections, tensorboardX' 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "tokamax, grain, ml_collections or tensorboardX is missing and .whl/ holds no wheels:" \
+    echo "tokamax, qwix, grain, ml_collections or tensorboardX is missing and .whl/ holds no wheels:" \
          "pip install -e . (or fetch wheels: bash benchmarks/device.sh --fetch-wheels)" >&2
     exit 1
   fi
