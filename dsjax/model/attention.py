@@ -10,21 +10,28 @@ then attends over all S slots, seeing slot s from position p iff s <= p. Slots p
 may hold stale entries (padding, rejected drafts); they are masked until overwritten.
 """
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
 from dsjax.config import FUSED_ATTENTION_DTYPES, ModelConfig
 from dsjax.model import rope
 from dsjax.model.layers import RMSNorm, constrain, dense, param, weight
+from dsjax.sharding import BATCH_AXES
 
 # A large negative instead of -inf keeps fully-masked rows (padding) finite.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # checkpoint_name()s of what recomputed_attention's backward needs beyond q, k, v: the remat policy
 # 'save_attention' keeps them, so a rematted layer recomputes its projections but not its attention.
 ATTENTION_RESIDUALS = ('attention_out', 'attention_lse')
+# Query and key block of the splash kernel: the TPU's 128 lanes.
+SPLASH_BLOCK = 128
 
 
 def attention_mask(segment_ids_BxL) -> jax.Array:
@@ -61,25 +68,31 @@ def write_cache(cache_BxSxX, new_BxLxX, positions_BxL) -> jax.Array:
     return cache_BxSxX.at[rows_Bx1, positions_BxL].set(new_BxLxX.astype(cache_BxSxX.dtype), mode='drop')
 
 
-def resolve_impl(cfg: ModelConfig, qk_dim: int, v_dim: int, backend: str | None = None) -> str:
-    """The kernel behind `cfg.attention_impl` for (uncached) self-attention: 'auto' picks cudnn on a GPU
-    for bf16/fp16 compute when the qk and v head widths are equal and at most 128 (dense DeepSeek-LLM),
-    blocked on the CPU (measured: README, Performance), else xla.
-    An explicit 'cudnn' also serves MLA (192 / 128) by zero-padding the values to the qk width."""
+def resolve_impl(cfg: ModelConfig, qk_dim: int, v_dim: int, backend: str | None = None, length: int = 0) -> str:
+    """The kernel behind `cfg.attention_impl` for (uncached) self-attention of `length` tokens: 'auto' picks
+    cudnn on a GPU for bf16/fp16 compute when the qk and v head widths are equal and at most 128 (dense
+    DeepSeek-LLM), splash on a TPU when the length fills its blocks, blocked on the CPU (measured: README,
+    Performance), else xla. An explicit 'cudnn' also serves MLA (192 / 128) by zero-padding the values to
+    the qk width."""
     if cfg.attention_impl != 'auto':
         return cfg.attention_impl
     backend = backend or jax.default_backend()
     if backend == 'gpu' and cfg.dtype in FUSED_ATTENTION_DTYPES and qk_dim == v_dim <= 128:
         return 'cudnn'
+    if backend == 'tpu':
+        return 'splash' if length and length % SPLASH_BLOCK == 0 else 'xla'
     return 'blocked' if backend == 'cpu' else 'xla'
 
 
 def self_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: float, impl: str = 'xla'):
     """Causal self-attention within documents: query t sees key s iff s <= t and both carry the same
     segment id (attention_mask; 0 marks padding). impl 'blocked' runs causal query blocks that never
-    build the [B, L, L] mask (causal_block_attention); the others go through dot_product_attention."""
+    build the [B, L, L] mask (causal_block_attention), 'splash' runs the TPU flash kernel
+    (splash_attention); the others go through dot_product_attention."""
     if impl == 'blocked':
         return causal_block_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale)
+    if impl == 'splash':
+        return splash_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale)
     return dot_product_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, attention_mask(segment_ids_BxL), scale, impl)
 
 
@@ -171,6 +184,38 @@ def causal_block_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, s
     return jnp.moveaxis(out_BxGxQxLxU, 3, 1)
 
 
+def splash_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: float, interpret: bool = False):
+    """self_attention through Pallas' TPU splash kernel (flash attention over causal blocks: the [L, L]
+    scores never exist, the blocks above the diagonal are skipped), per device under shard_map: rows
+    over the batch axes, kv heads over `tensor`. `interpret` runs the kernel on the CPU (tests)."""
+    b, length, g, nq, kd = q_BxLxGxQxK.shape
+    q_BxNxLxK = jnp.moveaxis(q_BxLxGxQxK * jnp.asarray(scale, q_BxLxGxQxK.dtype), 1, 3).reshape(b, g * nq, length, kd)
+    k_BxGxLxK, v_BxGxLxU = jnp.moveaxis(k_BxLxGxK, 1, 2), jnp.moveaxis(v_BxLxGxU, 1, 2)
+
+    def local(q_BxNxLxK, k_BxGxLxK, v_BxGxLxU, segment_ids_BxL):
+        heads = q_BxNxLxK.shape[1]
+        mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * heads)
+        n = min(SPLASH_BLOCK, length)
+        blocks = splash_kernel.BlockSizes(block_q=n, block_kv=n, block_kv_compute=n, block_q_dkv=n, block_kv_dkv=n,
+                                          block_kv_dkv_compute=n, block_q_dq=n, block_kv_dq=n)
+        kernel = splash_kernel.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks,
+                                               interpret=interpret)
+        per_row = lambda q, k, v, seg: kernel(q, k, v, segment_ids=splash_kernel.SegmentIds(q=seg, kv=seg))
+        return jax.vmap(per_row)(q_BxNxLxK, k_BxGxLxK, v_BxGxLxU, segment_ids_BxL)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+        # Rows that do not split over the batch axes (the init's one row, batch-1 serving) stay whole.
+        batch = batch if b % math.prod(mesh.shape[a] for a in batch) == 0 else None
+        heads = P(batch, 'tensor' if 'tensor' in mesh.axis_names else None)
+        # The kernel's outputs carry no varying-axes annotation, so shard_map cannot check them.
+        local = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, P(batch)), out_specs=heads,
+                              check_vma=False)
+    out_BxNxLxU = local(q_BxNxLxK, k_BxGxLxK, v_BxGxLxU, segment_ids_BxL)
+    return jnp.moveaxis(out_BxNxLxU.reshape(b, g, nq, length, -1), 3, 1)
+
+
 def fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, implementation: str):
     """The same attention through jax.nn.dot_product_attention (cudnn: a flash kernel that never holds
     the [L, S] scores). Values narrower than the keys (MLA) are zero-padded to the key width and the
@@ -208,7 +253,8 @@ class MHA(nn.Module):
         q_BxLxGxQxK = q_BxLxNxK.reshape(b, length, g, n // g, k)
         scale = rope.softmax_scale(k, cfg.rope_scaling)
         if cache is None:
-            out = self_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL, scale, resolve_impl(cfg, k, k))
+            impl = resolve_impl(cfg, k, k, length=length)
+            out = self_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL, scale, impl)
         else:
             cache = {'k': write_cache(cache['k'], k_BxSxGxK, positions_BxL),
                      'v': write_cache(cache['v'], v_BxSxGxK, positions_BxL)}
@@ -308,7 +354,8 @@ class MLA(nn.Module):
         c_BxSxR, k_rope_BxSxP = self.latent(x_BxLxD, cos, sin)
         cfg = self.cfg
         if cache is None:
-            impl = resolve_impl(cfg, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim)
+            impl = resolve_impl(cfg, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim,
+                                length=x_BxLxD.shape[1])
             out_BxLxNxU = self.expanded_attention(
                 q_nope, q_rope, c_BxSxR, k_rope_BxSxP,
                 lambda q, k, v, scale: self_attention(q, k, v, segment_ids_BxL, scale, impl))
