@@ -20,7 +20,8 @@ setup(
     extras_require={
         # torch 2.13.0 (CPU build) is on the development machines' disk; another version downloads gigabytes.
         # nbclient + ipykernel run the notebooks in the tests.
+        # jax[tpu] brings libtpu, which dsjax.aot (tests/test_aot.py) compiles TPU programs with on any host.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=5.0", "nbclient>=0.10",
-                 "nbformat>=5.10", "ipykernel>=6.29"],
+                 "nbformat>=5.10", "ipykernel>=6.29", "jax[tpu]==0.10.2"],
     },
 )

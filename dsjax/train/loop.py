@@ -55,6 +55,13 @@ def build_state_fns(model, optimizer, mesh, seq_len: int):
     return init, abstract, shardings
 
 
+def jit_train_step(train_step, state_shardings, mesh):
+    """The step as the loop runs it (and dsjax.aot compiles it): state in place (donated), batch split
+    over the batch axes."""
+    return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
 def _host(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
@@ -181,10 +188,8 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage) -> dict:
         logging.info('Model: %s parameters, %s activated matmul parameters per token', f'{n_params:,}',
                      f'{flops.activated_matmul_params(model_cfg):,}')
 
-        batch_shardings = sharding.batch_sharding(mesh)
-        train_step = jax.jit(stage.train_step, in_shardings=(state_shardings, batch_shardings),
-                             out_shardings=(state_shardings, None), donate_argnums=(0,))
-        eval_step = jax.jit(stage.eval_step, in_shardings=(state_shardings, batch_shardings))
+        train_step = jit_train_step(stage.train_step, state_shardings, mesh)
+        eval_step = jax.jit(stage.eval_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)))
 
         tokens_per_step = config.data.batch_size * config.data.seq_len
         flops_per_step = flops.train_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step

@@ -1,0 +1,123 @@
+"""dsjax.aot: the loop's train step compiled for a TPU topology (libtpu, no TPU) and a simulated CPU mesh."""
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from dsjax import aot
+from dsjax import config as config_lib
+
+EXPERIMENTS = pathlib.Path(__file__).parents[1] / 'experiments'
+
+
+def _v3_smoke(**data):
+    c = config_lib.load_experiment(str(EXPERIMENTS / 'x.py'), 'v3_small', 'smoke')
+    c.data.update(**data)
+    return c
+
+
+def _param_bytes(config) -> int:
+    """Parameter bytes of the whole model, counted from its abstract init."""
+    import jax.numpy as jnp
+    from dsjax.model.transformer import Transformer
+    cfg = config_lib.freeze_model(config.model)
+    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def test_torus_shapes_follow_the_slice_names():
+    assert aot._torus(4, 3) == (2, 2, 1)
+    assert aot._torus(64, 3) == (4, 4, 4)
+    assert aot._torus(128, 3) == (4, 4, 8)  # v5p-256
+    assert aot._torus(512, 3) == (8, 8, 8)  # v5p-1024
+    assert aot._torus(4, 2) == (2, 2)
+    assert aot._torus(128, 2) == (8, 16)  # v5e-128
+    assert len(aot.topology('v5p-256').devices) == 128
+    assert len(aot.topology('v5e-4').devices) == 4
+    with pytest.raises(ValueError, match='v5p-<cores>'):
+        aot.topology('v5p-100')
+
+
+HLO = """
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %ag = bf16[4,1024]{1,0} all-gather(%x), channel_id=1, dimensions={0}
+  %ar-start = f32[256]{0} all-reduce-start(%y), channel_id=2, to_apply=%add
+  %ar-done = f32[256]{0} all-reduce-done(%ar-start)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(61)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%fused (a: f32[8]) -> f32[8] {
+  %rs = f32[2,8]{1,0} reduce-scatter(%a), channel_id=3, dimensions={0}, to_apply=%add
+}
+
+ENTRY %main (x: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body
+  %f = f32[8] fusion(%x), kind=kCustom, calls=%fused
+  %a2a = (f32[16,8]{1,0}, f32[16,8]{1,0}) all-to-all(%u, %v), channel_id=4
+}
+"""
+
+
+def test_collectives_count_loop_bodies_once_per_iteration():
+    # 61 iterations of the body's all-gather (8 KiB) and all-reduce (1 KiB, counted at its -done);
+    # the fusion's reduce-scatter once; the tuple all-to-all counts both results.
+    assert aot.collectives(HLO) == {
+        'all-reduce': (61, 61 * 256 * 4),
+        'all-gather': (61, 61 * 4 * 1024 * 2),
+        'reduce-scatter': (1, 2 * 8 * 4),
+        'all-to-all': (1, 2 * 16 * 8 * 4),
+    }
+
+
+def test_train_step_compiles_for_a_tpu_topology():
+    config = _v3_smoke()
+    report = aot.compile_program('v3_small:smoke', config, aot.topology('v5e-4'))
+    assert report.mesh == {'data': 4, 'fsdp': 1, 'expert': 1, 'tensor': 1}
+    # TPU resolves 'auto' as a TPU would: no remat.
+    assert report.remat == 'none'
+    # Pure data parallelism: every device holds all parameters (float32) and AdamW's two moments.
+    params = _param_bytes(config)
+    assert report.params_bytes == params
+    assert 2 * params <= report.opt_state_bytes < 2 * params + 4096
+    m = report.memory
+    assert m.argument_size_in_bytes >= params * 3
+    assert report.total_bytes == (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                                  + m.temp_size_in_bytes)
+    assert report.fits and 'fits' in report.verdict()
+    # The compiler counts the same matmuls as the FLOP model, give or take what the model leaves out.
+    assert 0.5 < report.flops / report.model_flops < 4
+    # Gradients are summed over the data axis.
+    assert report.collectives['all-reduce'][0] >= 1
+    tokens_per_s = report.tokens_per_second(0.4)
+    per_device_tokens = report.tokens / 4
+    np.testing.assert_allclose(tokens_per_s, 0.4 * 197e12 / report.model_flops * per_device_tokens)
+    assert report.lines()[-1].startswith('collectives per device per step: all-reduce')
+
+
+def test_oversized_batch_is_reported_as_not_fitting():
+    config = _v3_smoke(batch_size=1024, seq_len=2048)
+    config.model.max_position_embeddings = 2048
+    with pytest.raises(aot.DoesNotFit) as e:
+        aot.compile_program('v3_small:smoke', config, aot.topology('v5e-4'))
+    message = str(e.value)
+    assert '\n' not in message
+    assert 'v5e-4' in message and 'batch 1024 x 2048' in message and 'HBM (15.75G)' in message
+
+
+def test_simulated_cpu_mesh_shards_params_and_experts():
+    config = _v3_smoke()
+    config.mesh.update(data=1, fsdp=2, expert=4)
+    config.model.moe_dispatch = 'expert_parallel'
+    report = aot.compile_program('v3_small:smoke', config, aot.topology('cpu:8', hbm_gib=80))
+    assert report.mesh == {'data': 1, 'fsdp': 2, 'expert': 4, 'tensor': 1}
+    # Everything is split at least over fsdp; the experts over expert too.
+    assert report.params_bytes < _param_bytes(config) / 2
+    assert 'all-to-all' in report.collectives
+    assert report.fits and np.isnan(report.tokens_per_second(0.4))
