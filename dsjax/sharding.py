@@ -33,8 +33,10 @@ DEFAULT_RULES = (
     ('head_dim', None),
     ('mlp', 'tensor'),
     ('exp', 'expert'),
-    ('q_lora', None),
-    ('kv_lora', None),
+    # MLA's up-projections [R, heads, K] split their latent rank over fsdp (as `embed` splits the others');
+    # the down-projections [D, R] already split D, and a mesh axis splits one dimension only.
+    ('q_lora', 'fsdp'),
+    ('kv_lora', 'fsdp'),
     ('layers', None),
     ('norm', None),
 )
