@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.infer import cache as cache_lib
 from dsjax.infer import decode, loading, speculative
 from dsjax.interop import hf_mapping
@@ -43,7 +44,7 @@ def load_model():
         loaded = loading.load(_MODEL.value)
         cfg, variables, tokenizer = loaded.cfg, loaded.variables, loaded.tokenizer
     else:
-        c = config_lib.load_experiment(str(EXPERIMENT), 'v3_small').model
+        c = presets.load_experiment(str(EXPERIMENT), 'v3_small').model
         cfg = config_lib.freeze_model(c)
         variables = jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
         variables, tokenizer = jax.tree.map(np.asarray, jax.tree.map(lambda x: x, _unbox(variables))), None

@@ -22,6 +22,7 @@ from absl import app, flags
 import jax
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.model import flops
 
 import harness as ts  # benchmarks/harness.py, beside this file
@@ -72,7 +73,7 @@ def finish(c, batch: int, seq: int):
     c.model.update(dtype='bfloat16', remat_policy=_REMAT.value, attention_impl=_ATTENTION.value)
     c.data.update(batch_size=batch, seq_len=seq)
     if _SHRINK.value:
-        config_lib.smoke(c)
+        presets.smoke(c)
         c.data.update(batch_size=2, seq_len=32)
     return c
 

@@ -27,6 +27,7 @@ import flax.linen as nn
 import numpy as np
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax import sharding
 from dsjax.model.transformer import Transformer
 from dsjax.train import loop, optim
@@ -47,7 +48,7 @@ GiB = 2 ** 30
 
 
 def experiment(name: str, **model):
-    c = config_lib.load_experiment(str(ts.EXPERIMENTS / f'{name}.py'), name)
+    c = presets.load_experiment(str(ts.EXPERIMENTS / f'{name}.py'), name)
     c.model.update(**model)
     return c
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax import sharding
 from dsjax.model import moe
 
@@ -141,7 +142,7 @@ def full_step_table(batch: int, repeats: int = 3) -> list[str]:
     runners = {}
     for e in FULL_STEP_EXPERTS:
         for label, (name, factor) in FULL_STEP_STRATEGIES.items():
-            c = config_lib.load_experiment(str(ts.EXPERIMENTS / 'v3_small.py'), 'v3_small')
+            c = presets.load_experiment(str(ts.EXPERIMENTS / 'v3_small.py'), 'v3_small')
             c.model.update(n_routed_experts=e, moe_dispatch=name, capacity_factor=factor)
             c.data.batch_size = batch
             cfg = config_lib.freeze_model(c.model)

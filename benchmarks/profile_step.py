@@ -21,7 +21,7 @@ import time
 from absl import app, flags
 import jax
 
-from dsjax import config as config_lib
+from dsjax import presets
 
 from harness import build_ours, random_batch  # benchmarks/harness.py
 
@@ -69,7 +69,7 @@ def model_part(hlo_text: str) -> dict:
 
 def main(argv):
     del argv
-    c = config_lib.load_experiment(str(pathlib.Path(__file__).parents[1] / 'experiments' / 'x.py'), _SHAPE.value)
+    c = presets.load_experiment(str(pathlib.Path(__file__).parents[1] / 'experiments' / 'x.py'), _SHAPE.value)
     ours = build_ours(c, random_batch(c.model, c.data.batch_size, c.data.seq_len))
     ours.run(2)
     n = _STEPS.value

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.model import flops
 
 from harness import EXPERIMENTS, Torch, build_ours, random_batch, side_by_side  # benchmarks/harness.py
@@ -52,7 +53,7 @@ def xla_threads() -> int:
 
 def experiment(name: str, mtp: bool = True):
     """The experiment's config with --override applied (and MTP off unless `mtp`)."""
-    c = config_lib.load_experiment(str(EXPERIMENTS / f'{name}.py'), name)
+    c = presets.load_experiment(str(EXPERIMENTS / f'{name}.py'), name)
     for item in _OVERRIDE.value:
         key, value = item.split('=', 1)
         section, field = key.split('.', 1)

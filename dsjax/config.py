@@ -1,23 +1,31 @@
-"""Experiment configs: the shared base, validation that names the field, and the frozen model config."""
+"""Experiment configs: every field's default (`base_config`) and valid values, validation that names the
+field, and the frozen model config. The bottom of dsjax: it imports no other dsjax module."""
 import dataclasses
 import math
+
 import jax
 import ml_collections
 
 ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
-MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
+MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'gather', 'expert_parallel')
 REMAT_POLICIES = ('auto', 'none', 'full', 'save_dots', 'save_attention')
 ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn', 'splash')
 FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes
 DTYPES = ('float32', 'bfloat16', 'float16')
-ROPE_SCALING_TYPES = ('none', 'yarn')
+ROPE_SCALING_TYPES = ('none', 'yarn', 'llama3')
 STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill', 'grpo')
 SOURCES = ('stdlib', 'text', 'jsonl', 'tasks')
 TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 NONFINITE_POLICIES = ('stop', 'skip')
+SCHEDULES = ('cosine', 'multistep', 'constant')
+MOMENT_DTYPES = ('float32', 'bfloat16')
+# Verifiable tasks (dsjax/data/tasks.py) and their difficulty levels: arithmetic level L joins an L-digit
+# and an (L-1)-digit operand (level 1: two 1-digit ones), or an L-digit and a one-digit factor (as
+# multiplication level L does); countdown gives `level` numbers.
+TASK_LEVELS = {'arithmetic': (1, 2, 3, 4, 5, 6), 'multiplication': (2, 3, 4, 5, 6), 'countdown': (2, 3, 4, 5)}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -38,10 +46,13 @@ def base_config() -> ml_collections.ConfigDict:
     m.rope_theta = 10000.0
     m.rope_interleave = False  # True: rotate pairs (x[2i], x[2i+1]) as DeepSeek-V2/V3 checkpoints do
     m.max_position_embeddings = 4096
+    # type 'yarn' (DeepSeek-V2/V3: beta_*, mscale*) or 'llama3' (Llama-3.1+: *_freq_factor); both stretch
+    # the original context by `factor`.
     m.rope_scaling = ml_collections.ConfigDict(dict(
         type='none', factor=1.0, original_max_position_embeddings=4096,
-        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0))
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0, low_freq_factor=1.0, high_freq_factor=4.0))
     m.attention_type = 'mha'
+    m.qkv_bias = False  # MHA/GQA: biases on the q, k and v projections (Qwen2); o never has one
     m.q_lora_rank = 0  # 0: a single q projection (V2-Lite)
     m.kv_lora_rank = 0
     m.qk_nope_head_dim = 0
@@ -62,8 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.seq_aux = False  # True: V3 sequence-wise balance loss on normalised sigmoid scores
     m.device_aux_alpha = 0.0  # V2 alpha2 (groups stand for devices)
     m.comm_aux_alpha = 0.0  # V2 alpha3
-    # 'auto': capacity when capacity_factor > 0, else dropless grouped (ragged on TPU); see
-    # moe.resolve_dispatch and benchmarks/results/moe_dispatch.md for the numbers behind it.
+    # 'auto': capacity when capacity_factor > 0, else dropless: ragged (tokamax grouped GEMMs) on GPU and TPU,
+    # grouped on the CPU; see moe.resolve_dispatch and benchmarks/results/moe_dispatch.md, moe_flops.md.
+    # Evaluation and decoding never drop: 'gather' (the selected experts' weights only) when T x K <= E.
     m.moe_dispatch = 'auto'
     m.capacity_factor = 0.0  # capacity dispatch only; 0: no token is ever dropped
     m.num_nextn_predict_layers = 0
@@ -79,8 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat_policy = 'auto'
     # Training-time attention kernel. 'xla': einsums and a float32 softmax over the whole [L, S] scores;
     # 'blocked': the same per block of queries, skipping the keys above the causal diagonal; 'cudnn': the
-    # fused flash kernel (GPU, bf16/fp16 compute); 'auto': cudnn where it applies on a GPU with equal qk
-    # and v head widths (MHA/GQA), blocked on the CPU, else xla. See attention.resolve_impl.
+    # fused flash kernel (GPU, bf16/fp16 compute; MLA's unequal widths from Hopper on); 'auto': cudnn where
+    # it applies on a GPU, blocked on the CPU, else xla. See attention.resolve_impl.
     m.attention_impl = 'auto'
 
     c.data = d = ml_collections.ConfigDict()
@@ -210,130 +222,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-_V3_YARN = dict(type='yarn', factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
-                mscale=1.0, mscale_all_dim=1.0)
-_V2_YARN = dict(_V3_YARN, mscale=0.707, mscale_all_dim=0.707)
-_MLA = dict(attention_type='mla', kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-            rope_interleave=True, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=163840,
-            initializer_range=0.006)
-
-# Full-size architectures, as in DeepSeek's papers and released config.json files (spec section 5).
-MODEL_PRESETS = {
-    'deepseek_llm_7b': dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
-                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-    'deepseek_llm_67b': dict(vocab_size=102400, hidden_size=8192, intermediate_size=22016, num_hidden_layers=95,
-                             num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096),
-    'deepseek_v2': dict(_MLA, vocab_size=102400, hidden_size=5120, intermediate_size=12288, num_hidden_layers=60,
-                        num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, n_routed_experts=160,
-                        n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1536,
-                        first_k_dense_replace=1, scoring_func='softmax', topk_method='group_limited_greedy',
-                        n_group=8, topk_group=3, norm_topk_prob=False, routed_scaling_factor=16.0,
-                        aux_loss_alpha=0.003, device_aux_alpha=0.05, comm_aux_alpha=0.02,
-                        rope_scaling=_V2_YARN),
-    'deepseek_v2_lite': dict(_MLA, vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-                             num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=0,
-                             n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-                             moe_intermediate_size=1408, first_k_dense_replace=1, scoring_func='softmax',
-                             topk_method='greedy', n_group=1, topk_group=1, norm_topk_prob=False,
-                             routed_scaling_factor=1.0, aux_loss_alpha=0.001, rope_scaling=_V2_YARN),
-    'deepseek_v3': dict(_MLA, vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_hidden_layers=61,
-                        num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, n_routed_experts=256,
-                        n_shared_experts=1, num_experts_per_tok=8, moe_intermediate_size=2048,
-                        first_k_dense_replace=3, scoring_func='sigmoid', topk_method='noaux_tc', n_group=8,
-                        topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5, aux_loss_alpha=0.0001,
-                        seq_aux=True, num_nextn_predict_layers=1, rope_scaling=_V3_YARN),
-}
-
-
-def apply_preset(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """Sets `c.model` (and data.vocab_size through its reference) to a full-size architecture."""
-    preset = dict(MODEL_PRESETS[name])
-    c.model.rope_scaling.update(**preset.pop('rope_scaling', {}))
-    c.model.update(**preset)
-    return c
-
-
-def full_size_pretraining(preset: str, *, batch: int, tokens: int, mesh: dict) -> ml_collections.ConfigDict:
-    """A true-size pre-training run as DeepSeek did it: the preset architecture at 4K context with plain
-    RoPE (YaRN comes with the long-context stage), bf16 compute, steps from the token budget, a pod mesh."""
-    c = apply_preset(base_config(), preset)
-    c.model.rope_scaling.type = 'none'
-    c.model.max_position_embeddings = 4096
-    c.model.dtype = 'bfloat16'
-    c.data.seq_len = 4096
-    c.data.batch_size = batch
-    c.train.steps = tokens // (batch * c.data.seq_len)
-    c.optim.decay_steps = c.train.steps
-    c.mesh.update(**mesh)
-    return c
-
-
-def variant(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
-    """Applies a full-size file's `:smoke` variant: tiny sizes on whatever devices there are."""
-    if arg == 'smoke':
-        smoke(c)
-        c.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
-    return c
-
-
-def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Shrinks any experiment to a few-second run (tests, CI): same features, tiny sizes."""
-    m = c.model
-    m.vocab_size = 512
-    m.hidden_size = 64
-    m.intermediate_size = 128
-    gqa = m.num_key_value_heads != m.num_attention_heads
-    m.num_attention_heads = 4
-    m.num_key_value_heads = 2 if gqa else 4
-    m.num_hidden_layers = 2
-    m.head_dim = 0
-    m.max_position_embeddings = 256
-    if m.attention_type == 'mla':
-        m.q_lora_rank = 32 if m.q_lora_rank else 0
-        m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim = 32, 16, 8, 16
-    if m.n_routed_experts:
-        m.n_routed_experts = 8
-        m.num_experts_per_tok = 2
-        m.moe_intermediate_size = 32
-        m.n_shared_experts = min(m.n_shared_experts, 1)
-        m.first_k_dense_replace = min(m.first_k_dense_replace, 1)
-        m.num_hidden_layers = m.first_k_dense_replace + 2
-        if m.n_group > 1:
-            m.n_group, m.topk_group = 4, 2
-    c.data.seq_len = 32
-    c.data.batch_size = 8
-    c.data.val_fraction = 0.05
-    c.train.steps = 4
-    c.train.log_every = 1
-    c.train.eval_every = 2
-    c.train.eval_batches = 1
-    c.train.checkpoint_every = 2
-    c.train.progress_bar = False
-    c.optim.warmup_steps = 1
-    c.optim.decay_steps = c.train.steps
-    return c
-
-
-def chain_evaluation(stages, tasks) -> ml_collections.ConfigDict:
-    """A chain's `evaluation` section: each named stage answers 512 held-out problems of `tasks` greedily in
-    the chat template (accuracy, format rate) and is scored on their worked solutions' cross-entropy.
-    `gap=(low, high)`, two of the stages, adds the share of the accuracy gap between them each stage closes."""
-    return ml_collections.ConfigDict(dict(stages=tuple(stages), tasks=tasks, problems=512, template='chat',
-                                          max_new_tokens=64, batch_size=128, val_loss=True, seq_len=256, gap=()))
-
-
-def load_experiment(caller_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
-    """`get_config(arg)` of the experiment file `name`.py beside `caller_file` (a stage's base run)."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(caller_file).with_name(f'{name}.py')
-    spec = importlib.util.spec_from_file_location(f'dsjax_experiment_{name}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 class ConfigError(ValueError):
     """A config field holds a value dsjax cannot use."""
 
@@ -419,6 +307,8 @@ def validate_model(m) -> None:
     _check(m.rms_norm_eps > 0, 'model.rms_norm_eps', m.rms_norm_eps, 'must be > 0')
     _check(m.rope_theta > 0, 'model.rope_theta', m.rope_theta, 'must be > 0')
     _check(m.initializer_range > 0, 'model.initializer_range', m.initializer_range, 'must be > 0')
+    _check(not m.qkv_bias or m.attention_type == 'mha', 'model.qkv_bias', m.qkv_bias,
+           "q/k/v biases belong to attention_type='mha' (Qwen2); MLA has none")
     if m.attention_type == 'mha':
         _check(m.num_key_value_heads > 0 and m.num_attention_heads % m.num_key_value_heads == 0,
                'model.num_key_value_heads', m.num_key_value_heads,
@@ -442,6 +332,12 @@ def validate_model(m) -> None:
                rs.original_max_position_embeddings, 'must be > 0')
         _check(rs.beta_fast > rs.beta_slow > 0, 'model.rope_scaling.beta_fast', rs.beta_fast,
                f'must exceed beta_slow={rs.beta_slow} > 0')
+    if rs.type == 'llama3':
+        _check(rs.factor >= 1, 'model.rope_scaling.factor', rs.factor, 'must be >= 1 for llama3 scaling')
+        _check(rs.original_max_position_embeddings > 0, 'model.rope_scaling.original_max_position_embeddings',
+               rs.original_max_position_embeddings, 'must be > 0')
+        _check(rs.high_freq_factor > rs.low_freq_factor > 0, 'model.rope_scaling.high_freq_factor',
+               rs.high_freq_factor, f'must exceed low_freq_factor={rs.low_freq_factor} > 0')
     if m.n_routed_experts:
         _positive_int({'model': m}, 'model.num_experts_per_tok')
         _positive_int({'model': m}, 'model.moe_intermediate_size')
@@ -478,6 +374,48 @@ def validate_model(m) -> None:
                'MTP blocks copy the MoE block, so at least one MoE layer is needed')
 
 
+def parse_task_entries(entries, field: str) -> list[tuple[str, int]]:
+    """('arithmetic:2', ...) -> [('arithmetic', 2), ...]; errors name the config `field` and what is valid."""
+    parsed = []
+    for entry in entries:
+        task, _, level = str(entry).partition(':')
+        if task not in TASK_LEVELS or not level.isdigit() or int(level) not in TASK_LEVELS[task]:
+            valid = ', '.join(f'{t}:{"|".join(map(str, lv))}' for t, lv in TASK_LEVELS.items())
+            fail(field, tuple(entries), f'each entry must be task:level, one of {valid}')
+        parsed.append((task, int(level)))
+    if not parsed:
+        fail(field, tuple(entries), 'needs at least one task:level entry')
+    return parsed
+
+
+def validate_optim(o) -> None:
+    """Raises ConfigError naming the first bad `optim.*` field, its value and what is valid."""
+    _check(o.lr > 0, 'optim.lr', o.lr, 'the peak learning rate must be > 0')
+    _choice(o.schedule, 'optim.schedule', SCHEDULES)
+    _check(o.warmup_steps >= 0, 'optim.warmup_steps', o.warmup_steps, 'must be >= 0')
+    _check(o.decay_steps > 0, 'optim.decay_steps', o.decay_steps,
+           'must be > 0 (total steps of the schedule, usually train.steps)')
+    _check(o.schedule != 'cosine' or o.decay_steps > o.warmup_steps, 'optim.decay_steps', o.decay_steps,
+           f'a cosine schedule needs decay_steps > warmup_steps={o.warmup_steps} (both count from step 0)')
+    _check(0 <= o.min_lr_ratio <= 1, 'optim.min_lr_ratio', o.min_lr_ratio,
+           'the cosine floor as a fraction of lr must be in [0, 1]')
+    for name in ('b1', 'b2'):
+        _check(0 <= o[name] < 1, f'optim.{name}', o[name], 'Adam betas must be in [0, 1)')
+    _check(o.eps > 0, 'optim.eps', o.eps, 'must be > 0')
+    _check(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, 'must be >= 0')
+    _choice(o.moment_dtype, 'optim.moment_dtype', MOMENT_DTYPES)
+    _check(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, 'must be >= 0 (0 turns clipping off)')
+    milestones, factors = tuple(o.milestones), tuple(o.milestone_factors)
+    _check(all(0 < m < 1 for m in milestones) and all(a < b for a, b in zip(milestones, milestones[1:])),
+           'optim.milestones', milestones, 'must be strictly increasing fractions of decay_steps in (0, 1)')
+    _check(o.schedule != 'multistep' or bool(milestones), 'optim.milestones', milestones,
+           "schedule='multistep' needs at least one milestone, e.g. (0.8, 0.9)")
+    _check(len(factors) == len(milestones), 'optim.milestone_factors', factors,
+           f'needs one factor per milestone ({len(milestones)}: {milestones})')
+    _check(all(0 < f <= 1 for f in factors), 'optim.milestone_factors', factors,
+           'each lr multiplier must be in (0, 1]')
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> dict:
     """Resolves -1 in the mesh config against the device count; errors name the axis."""
     sizes = {a: mesh_cfg[a] for a in MESH_AXES}
@@ -496,9 +434,9 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict:
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Checks every section before anything compiles; raises ConfigError naming the field."""
-    from dsjax.train import optim  # optim owns its own checks
-
+    """Checks the sections every stage reads (model, data, optim, train, mesh) before anything compiles;
+    raises ConfigError naming the field. A stage's own section is its module's `validate`'s
+    (dsjax/stages.py runs both)."""
     _check_types(c, base_config(), '')
     _choice(c.stage, 'stage', STAGES)
     m = c.model
@@ -506,8 +444,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     d = c.data
     _choice(d.source, 'data.source', SOURCES)
     if d.source == 'tasks':
-        from dsjax.data import tasks  # tasks reads this module's errors
-        tasks.parse_task_entries(d.tasks, 'data.tasks')
+        parse_task_entries(d.tasks, 'data.tasks')
         _positive_int(c, 'data.task_documents')
         _check(0 <= d.worked_fraction <= 1, 'data.worked_fraction', d.worked_fraction, 'must be in [0, 1]')
     elif d.source != 'stdlib':
@@ -537,7 +474,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(t.mtp_loss_weight >= 0, 'train.mtp_loss_weight', t.mtp_loss_weight, 'must be >= 0')
     _check(t.mtp_loss_weight == 0 or m.num_nextn_predict_layers > 0, 'train.mtp_loss_weight',
            t.mtp_loss_weight, 'needs model.num_nextn_predict_layers > 0')
-    optim.validate(c.optim)
+    validate_optim(c.optim)
     sizes = mesh_shape(c.mesh, num_devices)
     batch_axes = sizes['data'] * sizes['fsdp'] * sizes['expert']
     _check(d.batch_size % batch_axes == 0, 'data.batch_size', d.batch_size,
@@ -556,19 +493,34 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(sizes['expert'] == 1, 'mesh.expert', sizes['expert'], 'a dense model has no experts to shard')
 
 
-@dataclasses.dataclass(frozen=True)
+def _defaults_from(section):
+    """Class decorator: a frozen dataclass of the annotated fields, each defaulting to `section`'s value
+    (base_config's), so every default is written once, in base_config."""
+
+    def wrap(cls):
+        for name in cls.__annotations__:
+            value = section[name]
+            setattr(cls, name, RopeScaling(**value.to_dict()) if name == 'rope_scaling' else value)
+        return dataclasses.dataclass(frozen=True)(cls)
+
+    return wrap
+
+
+@_defaults_from(base_config().model.rope_scaling)
 class RopeScaling:
-    """YaRN settings (HF `rope_scaling`); type 'none' means plain RoPE."""
-    type: str = 'none'
-    factor: float = 1.0
-    original_max_position_embeddings: int = 4096
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 0.0
+    """HF `rope_scaling`: type 'yarn' (beta_*, mscale*) or 'llama3' (*_freq_factor); 'none' is plain RoPE."""
+    type: str
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float
+    beta_slow: float
+    mscale: float
+    mscale_all_dim: float
+    low_freq_factor: float
+    high_freq_factor: float
 
 
-@dataclasses.dataclass(frozen=True)
+@_defaults_from(base_config().model)
 class ModelConfig:
     """The frozen model section: what modules and jitted functions take instead of a ConfigDict."""
     vocab_size: int
@@ -577,42 +529,43 @@ class ModelConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int = 0
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_interleave: bool = False
-    max_position_embeddings: int = 4096
-    rope_scaling: RopeScaling = RopeScaling()
-    attention_type: str = 'mha'
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 0
-    qk_nope_head_dim: int = 0
-    qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
-    n_routed_experts: int = 0
-    n_shared_experts: int = 0
-    num_experts_per_tok: int = 0
-    moe_intermediate_size: int = 0
-    first_k_dense_replace: int = 0
-    scoring_func: str = 'softmax'
-    topk_method: str = 'greedy'
-    n_group: int = 1
-    topk_group: int = 1
-    norm_topk_prob: bool = False
-    routed_scaling_factor: float = 1.0
-    aux_loss_alpha: float = 0.0
-    seq_aux: bool = False
-    device_aux_alpha: float = 0.0
-    comm_aux_alpha: float = 0.0
-    moe_dispatch: str = 'auto'
-    capacity_factor: float = 0.0
-    num_nextn_predict_layers: int = 0
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    dtype: str = 'float32'
-    param_dtype: str = 'float32'
-    remat_policy: str = 'auto'
-    attention_impl: str = 'auto'
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_interleave: bool
+    max_position_embeddings: int
+    rope_scaling: RopeScaling
+    attention_type: str
+    qkv_bias: bool
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    first_k_dense_replace: int
+    scoring_func: str
+    topk_method: str
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    aux_loss_alpha: float
+    seq_aux: bool
+    device_aux_alpha: float
+    comm_aux_alpha: float
+    moe_dispatch: str
+    capacity_factor: float
+    num_nextn_predict_layers: int
+    tie_word_embeddings: bool
+    initializer_range: float
+    dtype: str
+    param_dtype: str
+    remat_policy: str
+    attention_impl: str
 
     @property
     def attn_head_dim(self) -> int:
@@ -647,3 +600,26 @@ def freeze_model(m) -> ModelConfig:
     values = {k: m[k] for k in m.keys()}
     values['rope_scaling'] = RopeScaling(**m.rope_scaling.to_dict())
     return ModelConfig(**values)
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """base_config() with the values of a config saved with a run (its JSON dict): the one reader of
+    saved configs. Fields this version does not know are left out (older runs' settings), except in the
+    model section, where one would change the architecture: there it is an error."""
+    c = base_config()
+
+    def merge(section, values, prefix):
+        for key, value in values.items():
+            if prefix.startswith('model.') and key not in section:
+                fail(f'{prefix}{key}', value, 'unknown model field in a saved config (written by another '
+                     f'version of dsjax?); valid fields: {sorted(section.keys())}')
+            # data.vocab_size refers to model.vocab_size: setting it would set the model's too.
+            if key not in section or f'{prefix}{key}' == 'data.vocab_size':
+                continue
+            if isinstance(section[key], ml_collections.ConfigDict):
+                merge(section[key], value, f'{prefix}{key}.')
+            else:
+                section[key] = tuple(value) if isinstance(value, list) else value
+
+    merge(c, saved, '')
+    return c

@@ -26,6 +26,22 @@ RUNNERS = {
     'rejection': rejection.run,
     'distill': distill.run,
 }
+# name -> the check of the stage's own section, `validate(config, num_devices)`.
+CHECKS = {
+    'sft': sft.validate,
+    'grpo': grpo.validate,
+    'reward': reward_model.validate,
+    'rejection': rejection.validate,
+    'distill': distill.validate,
+}
+
+
+def validate(config, num_devices: int) -> None:
+    """Every field the stage `config.stage` reads: the shared sections, then its own; raises ConfigError
+    naming the first bad one."""
+    config_lib.validate(config, num_devices)
+    if config.stage in CHECKS:
+        CHECKS[config.stage](config, num_devices)
 
 
 def run(config, workdir) -> dict:
@@ -39,7 +55,7 @@ def run(config, workdir) -> dict:
 
 def chain_configs(config, workdir) -> list[tuple[str, object, pathlib.Path]]:
     """(name, stage config with init.checkpoint filled in, workdir) of each stage, in order; every stage's
-    shared sections are validated before the first one starts."""
+    whole config (its own section included) is validated before the first one starts."""
     names = tuple(config.chain)
     if not names or sorted(names) != sorted(config.stages.keys()):
         config_lib.fail('chain', names, f'must list each of config.stages ({sorted(config.stages.keys())}) once, '
@@ -57,7 +73,7 @@ def chain_configs(config, workdir) -> list[tuple[str, object, pathlib.Path]]:
         if stage.stage == 'chain' or stage.stage not in RUNNERS:
             config_lib.fail(f'stages.{name}.stage', stage.stage, f'must be one of {tuple(RUNNERS)}')
         try:
-            config_lib.validate(stage, len(jax.devices()))
+            validate(stage, len(jax.devices()))
         except config_lib.ConfigError as e:
             raise config_lib.ConfigError(f'stage {name!r}: {e}') from e
         out.append((name, stage, stage_dir))

@@ -43,7 +43,9 @@ import numpy as np
 from absl import app, flags
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax import report as report_lib
+from dsjax import stages
 from dsjax.train import checkpoint, logger
 
 SWEEP_KEYS = ('base', 'overrides', 'variants', 'product', 'seeds', 'metrics')
@@ -161,7 +163,7 @@ def _base_config(base: str) -> ml_collections.ConfigDict:
     if not file.is_file():
         raise SweepError(f'base={base!r}: {path} does not exist (paths are relative to the current directory '
                          f'{pathlib.Path.cwd()}; run from the repository root)')
-    return config_lib.load_experiment(str(file.resolve()), file.stem, arg or None)
+    return presets.load_experiment(str(file.resolve()), file.stem, arg or None)
 
 
 def _override(c: ml_collections.ConfigDict, field: str, value, where: str) -> None:
@@ -236,7 +238,7 @@ def plan(sweep: dict, workdir, num_devices: int | None = None) -> list[Run]:
             for field, value in run_overrides.items():
                 _override(c, field, value, where)
             try:
-                config_lib.validate(c, num_devices)
+                stages.validate(c, num_devices)
             except config_lib.ConfigError as e:
                 raise SweepError(f'{where}: {e}') from e
             workdir_ = pathlib.Path(workdir) / _slug(name) / f'seed_{seed}'

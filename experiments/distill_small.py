@@ -66,7 +66,7 @@ gap at best, and the JSD alone learnt more slowly than CE in 200 steps.
 """
 import ml_collections
 
-from dsjax import config as config_lib
+from dsjax import presets
 
 TEACHER = dict(
     attention_type='mla', q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
@@ -101,7 +101,7 @@ def _on_samples(c, stage: str, steps: int):
 
 def get_config(arg=None):
     smoke = arg == 'smoke'
-    r1_zero = config_lib.load_experiment(__file__, 'r1_zero_small', arg)
+    r1_zero = presets.load_experiment(__file__, 'r1_zero_small', arg)
     base, grpo = r1_zero.stages.base, r1_zero.stages.grpo
     tasks = tuple(grpo.grpo.tasks)
     c = ml_collections.ConfigDict()
@@ -123,7 +123,7 @@ def get_config(arg=None):
     s.student_seq = _on_samples(_student(base.copy_and_resolve_references()), 'sft', 300)
     s.student_logit = _on_samples(_student(base.copy_and_resolve_references()), 'distill', 300)
     s.student_logit.distill.update(teacher='{teacher}', beta=0.5, temperature=1.0, ce_weight=1.0)
-    c.evaluation = config_lib.chain_evaluation(('teacher_base', 'teacher', 'student_base', 'student_alone',
+    c.evaluation = presets.chain_evaluation(('teacher_base', 'teacher', 'student_base', 'student_alone',
                                                 'student_seq', 'student_logit'), tasks)
     c.evaluation.update(template='zero', max_new_tokens=grpo.grpo.max_new_tokens, gap=('student_alone', 'teacher'))
     if smoke:

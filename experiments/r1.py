@@ -6,10 +6,11 @@ the architecture and the long-context setting R1's checkpoints use; it builds ab
 continues next-token training at 32K context from `init.checkpoint` (e.g. converted R1 weights).
 """
 from dsjax import config as config_lib
+from dsjax import presets
 
 
 def get_config(arg=None):
-    c = config_lib.apply_preset(config_lib.base_config(), 'deepseek_v3')
+    c = presets.apply_preset(config_lib.base_config(), 'deepseek_v3')
     m = c.model
     m.dtype = 'bfloat16'
     m.remat_policy = 'full'
@@ -22,4 +23,4 @@ def get_config(arg=None):
     c.train.steps = 1000
     c.optim.decay_steps = c.train.steps
     c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, -1, 64
-    return config_lib.variant(c, arg)
+    return presets.variant(c, arg)

@@ -44,7 +44,7 @@ little to reinforce, as on arithmetic:2.
 """
 import ml_collections
 
-from dsjax import config as config_lib
+from dsjax import presets
 
 
 def _post(base, stage: str, steps: int, lr: float):
@@ -91,7 +91,7 @@ def _grpo(base, steps: int):
 
 def get_config(arg=None):
     smoke = arg == 'smoke'
-    base = config_lib.load_experiment(__file__, 'tasks_base', arg)
+    base = presets.load_experiment(__file__, 'tasks_base', arg)
     if not smoke:  # the base these numbers were measured on: 500 steps of tasks_base
         base.train.steps = base.optim.decay_steps = 500
         base.train.eval_every = base.train.checkpoint_every = 250
@@ -109,7 +109,7 @@ def get_config(arg=None):
     s.rs_sft = _sft(base, 100, source='jsonl', paths=('{rs}/samples.jsonl',))
     s.rs_sft.init.checkpoint = '{base}'
     s.grpo2 = _grpo(base, 10)
-    c.evaluation = config_lib.chain_evaluation(('base', 'cold_sft', 'grpo1', 'rs_sft', 'grpo2'), tasks)
+    c.evaluation = presets.chain_evaluation(('base', 'cold_sft', 'grpo1', 'rs_sft', 'grpo2'), tasks)
     if smoke:
         for name in ('cold_sft', 'rs_sft'):
             s[name].data.seq_len = 128

@@ -45,15 +45,16 @@ Tuning history: on arithmetic:2 (the former task; tasks_base 3,000 steps) the ba
           84.2 / 83.0 / 82.4% at steps 20-80 (+7.4; its direct answers were already 84% right greedily,
           its worked ones 33%, and GRPO again dropped them), so the 3-term form stays.
 """
-from dsjax import config as config_lib
 import ml_collections
+
+from dsjax import presets
 
 TASKS = ('multiplication:3',)
 
 
 def base_stage(arg=None):
     """tasks_base's model and schedule, pre-trained on 3-digit x 1-digit multiplication worksheets."""
-    c = config_lib.load_experiment(__file__, 'tasks_base', arg)
+    c = presets.load_experiment(__file__, 'tasks_base', arg)
     c.data.tasks = TASKS
     c.data.worked_fraction = 0.3  # most pages give the product at once, as most of the web does
     if arg != 'smoke':

@@ -12,13 +12,13 @@ Expect:   validation loss 6.19 -> 0.57 (500) -> 0.44 (1,000) -> 0.38 (1,500) -> 
           -> 0.34 (3,000) (measured). In the R1-Zero template it answers 54.5% of 512 held-out
           arithmetic:2 problems correctly inside <answer> tags (greedy) but never stops after them
           (format rate 0%). By operation (256 problems): subtraction 100%, addition 61%,
-          multiplication 11%; sampling at T=1 adds almost nothing (pass@8 100 / 65 / 15%, 62.5% in all
-          against 59.8% greedy): its mistakes are systematic, operands misread after the template's
-          long preamble (in its own tagged worksheet format it answers 99% of 128 of them). The
-          former 1,000-step schedule stopped at val 0.45 and 20.7% accuracy (pass@8 42%).
+          multiplication 11%; sampling at T=1 adds almost nothing (pass@8 62.5% against 59.8% greedy):
+          its mistakes are systematic, operands misread after the template's long preamble (in its own
+          tagged worksheet format it answers 99% of 128 of them).
 Variants: `:smoke` shrinks everything to a seconds-long run (tests).
 """
 from dsjax import config as config_lib
+from dsjax import presets
 
 
 def get_config(arg=None):
@@ -45,7 +45,7 @@ def get_config(arg=None):
     c.optim.warmup_steps = 30
     c.optim.decay_steps = c.train.steps
     if arg == 'smoke':
-        config_lib.smoke(c)
+        presets.smoke(c)
         c.model.vocab_size = 384
         c.model.max_position_embeddings = 512
         d.task_documents = 400

@@ -5,13 +5,13 @@ Builds abstractly here (tests/test_experiments.py); trains on a pod with expert 
 Recipe (V2 paper 3.1.2): AdamW (0.9, 0.95), wd 0.1, clip 1.0, lr 2.4e-4, 2K warmup, x0.316 at ~60% and
 ~90% of 8.1T tokens; alpha1/2/3 = 0.003/0.05/0.02; capacity factor 1.0 at the device level.
 """
-from dsjax import config as config_lib
+from dsjax import presets
 
 BATCH, TOKENS = 9216, 8_100_000_000_000
 
 
 def get_config(arg=None):
-    c = config_lib.full_size_pretraining('deepseek_v2', batch=BATCH, tokens=TOKENS,
+    c = presets.full_size_pretraining('deepseek_v2', batch=BATCH, tokens=TOKENS,
                                          mesh=dict(data=1, fsdp=-1, expert=8))
     m = c.model
     m.remat_policy = 'full'
@@ -22,4 +22,4 @@ def get_config(arg=None):
     c.optim.warmup_steps = 2000
     c.optim.milestones = (0.6, 0.9)
     c.optim.milestone_factors = (0.316, 0.1)
-    return config_lib.variant(c, arg)
+    return presets.variant(c, arg)

@@ -5,13 +5,14 @@ in training (1.25, lowest gates first; never at evaluation), no MTP, no routing 
 
 Run:      python -m dsjax.main --config=experiments/v2_small.py
 Hardware: 2 CPU cores.
-Expect:   not yet measured at full length (the smoke variant runs in the tests).
+Expect:   not yet measured at full length.
+Variants: `:smoke` shrinks everything to a seconds-long run (tests).
 """
-from dsjax import config as config_lib
+from dsjax import presets
 
 
 def get_config(arg=None):
-    c = config_lib.load_experiment(__file__, 'v3_small', arg)
+    c = presets.load_experiment(__file__, 'v3_small', arg)
     m = c.model
     m.n_routed_experts = 16 if arg != 'smoke' else m.n_routed_experts
     m.n_shared_experts = 2 if arg != 'smoke' else 1

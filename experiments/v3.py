@@ -8,13 +8,13 @@ Recipe (V3 paper 4.2): AdamW (0.9, 0.95), wd 0.1, clip 1.0; lr 2.2e-4 after 2K w
 2.2e-5; 14.8T tokens at 4K context; AdamW's moments kept in bfloat16 (paper 3.3). Long context follows
 as a separate stage (YaRN, 32K then 128K).
 """
-from dsjax import config as config_lib
+from dsjax import presets
 
 BATCH, TOKENS = 15360, 14_800_000_000_000
 
 
 def get_config(arg=None):
-    c = config_lib.full_size_pretraining('deepseek_v3', batch=BATCH, tokens=TOKENS,
+    c = presets.full_size_pretraining('deepseek_v3', batch=BATCH, tokens=TOKENS,
                                          mesh=dict(data=1, fsdp=-1, expert=64))
     m = c.model
     m.remat_policy = 'full'
@@ -28,4 +28,4 @@ def get_config(arg=None):
     c.train.mtp_loss_weight = 0.3
     c.train.mtp_loss_weight_final = 0.1
     c.train.mtp_weight_switch = 10.0 / 14.8
-    return config_lib.variant(c, arg)
+    return presets.variant(c, arg)

@@ -6,26 +6,20 @@ bias balancing (gamma 1e-2, see below), sequence-wise balance loss (alpha 1e-4),
 0.1), YaRN-ready RoPE (interleaved pairs as in the checkpoints; see v3_long.py to extend).
 
 Run:      python -m dsjax.main --config=experiments/v3_small.py
-Hardware: 2 CPU cores: 300 steps x 8 x 256 tokens in 7.2 minutes on the idle machine (1,615 tokens/s
-          with MTP; measured; 7.7 minutes and 1,471 tokens/s before the flattened projections, the
-          [B x G]-row attention and remat save_attention, ~9.5 minutes and 1,260 tokens/s before the
-          chunked head, blocked attention and CPU remat).
-Expect:   validation loss 8.38 -> 5.47 (100) -> 4.82 (200) -> 4.65 (300), global MaxVio 1.12 -> 0.74
-          (measured with shuffled rows, data.shuffle_window; other runs of the same math with other
-          rounding: 5.46 / 4.82 / 4.66, MaxVio 0.87; 5.44 / 4.81 / 4.65, MaxVio 0.93; after the scalar
-          gradient clip, 5.47 / 4.83 / 4.67, MaxVio 0.90 in 7.7 minutes). At 150 steps before shuffling:
-          5.59, MaxVio 0.88 against 4.19 without balancing
-          (benchmarks/results/sweeps/balancing/v3_small_width256_seed0.md).
-          experiments/sweeps/balancing.py compares the balancing methods over three seeds.
+Hardware: 2 CPU cores: 300 steps x 8 x 256 tokens in 7.2-7.7 minutes on the idle machine (1,615
+          tokens/s with MTP in the 7.2-minute run).
+Expect:   validation loss 8.38 -> 5.47 (100) -> 4.83 (200) -> 4.67 (300), global MaxVio 0.90 (measured;
+          reruns give 4.65-4.67 and MaxVio 0.74-0.93). experiments/sweeps/balancing.py compares the
+          balancing methods over three seeds. History: benchmarks/results/history.md.
 Variants: `:smoke` (seconds, tests), `:nobias` (sequence-wise loss only), `:nobalance` (neither),
           `:tiny` (width 128, 4 layers, 150 steps of 8 x 64 tokens: the ablation sweeps' size).
 """
-from dsjax import config as config_lib
+from dsjax import presets
 
 
 def get_config(arg=None):
     # llm_small's vocabulary, data and warmup; its own width and schedule; V3's architecture on top.
-    c = config_lib.load_experiment(__file__, 'llm_small')
+    c = presets.load_experiment(__file__, 'llm_small')
     m = c.model
     m.hidden_size = 256
     m.intermediate_size = 688
@@ -80,5 +74,5 @@ def get_config(arg=None):
         c.optim.warmup_steps = 15
         c.train.eval_every, c.train.checkpoint_every = 50, 150
     if 'smoke' in variants:
-        config_lib.smoke(c)
+        presets.smoke(c)
     return c

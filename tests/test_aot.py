@@ -8,12 +8,13 @@ import pytest
 
 from dsjax import aot
 from dsjax import config as config_lib
+from dsjax import presets
 
 EXPERIMENTS = pathlib.Path(__file__).parents[1] / 'experiments'
 
 
 def _v3_smoke(**data):
-    c = config_lib.load_experiment(str(EXPERIMENTS / 'x.py'), 'v3_small', 'smoke')
+    c = presets.load_experiment(str(EXPERIMENTS / 'x.py'), 'v3_small', 'smoke')
     c.data.update(**data)
     return c
 

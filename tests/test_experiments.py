@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets, stages
 from dsjax.model import flops
 from dsjax.model.transformer import Transformer
 
@@ -24,20 +25,23 @@ FULL_SIZE = {
 
 
 def _load(name, arg=None):
-    return config_lib.load_experiment(str(pathlib.Path(__file__).parents[1] / 'experiments' / 'x.py'), name, arg)
+    return presets.load_experiment(str(pathlib.Path(__file__).parents[1] / 'experiments' / 'x.py'), name, arg)
 
 
-def _stages(c):
-    """A chain's stage configs in order, or the config itself."""
-    return [c.stages[n] for n in c.chain] if c.stage == 'chain' else [c]
+def _validated_stages(c, devices: int):
+    """A chain's stage configs in order, as the chain resolves and validates them (on this process's 8
+    devices, the small experiments' size), or the config itself, validated on `devices`."""
+    if c.stage == 'chain':
+        assert devices == len(jax.devices())
+        return [stage for _, stage, _ in stages.chain_configs(c, '/nonexistent/chain')]
+    stages.validate(c, num_devices=devices)
+    return [c]
 
 
 @pytest.mark.parametrize('name', EXPERIMENTS)
 def test_experiment_builds(name):
-    *_, c = _stages(_load(name))
     devices = FULL_SIZE.get(name, (8,))[0]
-    for stage in _stages(_load(name)):
-        config_lib.validate(stage, num_devices=devices)
+    *_, c = _validated_stages(_load(name), devices)
     cfg = config_lib.freeze_model(c.model)
     shapes = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
     leaves = jax.tree_util.tree_leaves_with_path(shapes['params'])
@@ -53,5 +57,4 @@ def test_experiment_builds(name):
 
 @pytest.mark.parametrize('name', EXPERIMENTS)
 def test_smoke_variant_validates_on_eight_devices(name):
-    for stage in _stages(_load(name, 'smoke')):
-        config_lib.validate(stage, num_devices=8)
+    _validated_stages(_load(name, 'smoke'), 8)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax import sharding
 from dsjax.model.transformer import Transformer
 
@@ -22,7 +23,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize('name', sorted(LAYOUTS))
 def test_every_large_parameter_is_split_over_fsdp(name):
-    config = config_lib.load_experiment(str(EXPERIMENTS / 'x.py'), name)
+    config = presets.load_experiment(str(EXPERIMENTS / 'x.py'), name)
     cfg = config_lib.freeze_model(config.model)
     sizes = LAYOUTS[name]
     boxed = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']

@@ -52,22 +52,45 @@ def render_plain(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[i
     return ids, mask
 
 
+def _reply_past_prompt(tokenizer, messages: Sequence[dict], prompt: str, reply: str) -> str:
+    """`reply` without its start that the generation prompt already holds: the longest end of the text the
+    generation prompt adds (DeepSeek-R1's '<｜Assistant｜><think>\\n') that the reply begins with."""
+    history = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    opening = prompt[len(history):] if prompt.startswith(history) else ''
+    n = next((n for n in range(min(len(opening), len(reply)), 0, -1) if reply.startswith(opening[-n:])), 0)
+    return reply[n:]
+
+
 def _render_template(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
     """The tokenizer's own chat template; an assistant turn's tokens are those past the rendering of
-    the conversation before it (with the generation prompt)."""
+    the conversation before it (with the generation prompt). Where the template does not render the
+    turn as that prompt's continuation (DeepSeek-R1's generation prompt opens the reply with
+    '<think>\\n', and its rendered history keeps only the text after '</think>'), the turn is the
+    reply's text past what the prompt already holds, then eos: what the model is asked to produce."""
     ids, mask = [], []
     for i, m in enumerate(messages):
         if m['role'] != 'assistant':
             continue
-        before = tokenizer.encode(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True))
-        upto = tokenizer.encode(tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False))
-        if upto[:len(before)] != before or len(before) < len(ids):
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        before = tokenizer.encode(prompt)
+        if before[:len(ids)] != ids or len(before) < len(ids):
             raise DataError('the tokenizer chat template does not render each conversation prefix as a prefix '
-                            'of the next one, so assistant tokens cannot be masked')
+                            'of the next one, so assistant tokens cannot be masked (DeepSeek-R1 templates drop '
+                            'earlier turns\' reasoning: give one assistant turn per conversation)')
+        upto = tokenizer.encode(tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False))
+        if upto[:len(before)] != before:
+            reply = _reply_past_prompt(tokenizer, messages[:i], prompt, m['content'])
+            upto = before + tokenizer.encode(reply) + [tokenizer.eos_id]
         mask += [0] * (len(before) - len(ids)) + [1] * (len(upto) - len(before))
         ids = upto
-    full = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
-    return full, mask + [0] * (len(full) - len(mask))
+    last = max(i for i, m in enumerate(messages) if m['role'] == 'assistant')
+    if last == len(messages) - 1:
+        return ids, mask
+    rest = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+    if rest[:len(ids)] != ids:
+        raise DataError('the tokenizer chat template renders the turns after the last assistant reply differently '
+                        'from the conversation before them, so assistant tokens cannot be masked')
+    return rest, mask + [0] * (len(rest) - len(mask))
 
 
 def render_zero(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:

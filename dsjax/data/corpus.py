@@ -19,6 +19,7 @@ from typing import Iterator
 
 from absl import logging
 
+from dsjax import config as config_lib
 from dsjax.data import tasks
 
 SOURCES = ("stdlib", "text", "jsonl", "tasks")
@@ -144,7 +145,7 @@ def worksheet_documents(entries, n: int, worked_fraction: float = 1.0) -> Iterat
     """`n` worksheet pages (tasks.worksheet) of train-split problems of the task:level `entries`, taken
     in turn; each page has its own style and size, and each tagged solution shows its steps with
     probability `worked_fraction` (else only its result). Test-split problems never appear."""
-    parsed = tasks.parse_task_entries(entries, "data.tasks")
+    parsed = config_lib.parse_task_entries(entries, "data.tasks")
     rng = random.Random(0)
     for k in range(n):
         task, level = parsed[k % len(parsed)]

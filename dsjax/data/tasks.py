@@ -20,12 +20,9 @@ import re
 
 from dsjax import config as config_lib
 
-TASKS = ('arithmetic', 'multiplication', 'countdown')
 SPLITS = ('train', 'test')
 TEST_FRACTION = 0.2
-# Difficulty: arithmetic level L joins an L-digit and an (L-1)-digit operand (level 1: two 1-digit ones),
-# or an L-digit and a one-digit factor (as multiplication level L does); countdown gives `level` numbers.
-LEVELS = {'arithmetic': (1, 2, 3, 4, 5, 6), 'multiplication': (2, 3, 4, 5, 6), 'countdown': (2, 3, 4, 5)}
+# Tasks and their levels: config_lib.TASK_LEVELS (with the other fields' valid values).
 COUNTDOWN_MAX_NUMBER = 20
 COUNTDOWN_MAX_TARGET = 1000
 # Longer answers are rejected unparsed: an expression over <= 5 numbers is far shorter.
@@ -79,12 +76,13 @@ def canonical_key(problem: Problem) -> str:
 
 
 def _check_args(task: str, split: str, n: int, level: int) -> None:
-    if task not in TASKS:
-        raise ValueError(f'task={task!r} is invalid: must be one of {TASKS}')
+    if task not in config_lib.TASK_LEVELS:
+        raise ValueError(f'task={task!r} is invalid: must be one of {tuple(config_lib.TASK_LEVELS)}')
     if split not in SPLITS:
         raise ValueError(f'split={split!r} is invalid: must be one of {SPLITS}')
-    if level not in LEVELS[task]:
-        raise ValueError(f'level={level!r} is invalid for task {task!r}: must be one of {LEVELS[task]}')
+    if level not in config_lib.TASK_LEVELS[task]:
+        raise ValueError(f'level={level!r} is invalid for task {task!r}: must be one of '
+                         f'{config_lib.TASK_LEVELS[task]}')
     if not (isinstance(n, int) and n >= 0):
         raise ValueError(f'n={n!r} is invalid: must be an integer >= 0')
 
@@ -112,24 +110,10 @@ def make_problems(task: str, split: str, n: int, level: int = 2, seed: int = 0) 
     return problems
 
 
-def parse_task_entries(entries, field: str) -> list[tuple[str, int]]:
-    """('arithmetic:2', ...) -> [('arithmetic', 2), ...]; errors name the config `field` and what is valid."""
-    parsed = []
-    for entry in entries:
-        task, _, level = str(entry).partition(':')
-        if task not in TASKS or not level.isdigit() or int(level) not in LEVELS[task]:
-            valid = ', '.join(f'{t}:{"|".join(map(str, lv))}' for t, lv in LEVELS.items())
-            config_lib.fail(field, tuple(entries), f'each entry must be task:level, one of {valid}')
-        parsed.append((task, int(level)))
-    if not parsed:
-        config_lib.fail(field, tuple(entries), 'needs at least one task:level entry')
-    return parsed
-
-
 def task_problems(entries, split: str, n_each: int, seed: int, field: str) -> list[Problem]:
     """`n_each` problems of `split` for every task:level entry of the config `field`, in entry order."""
     problems = []
-    for task, level in parse_task_entries(entries, field):
+    for task, level in config_lib.parse_task_entries(entries, field):
         problems += make_problems(task, split, n_each, level=level, seed=seed)
     return problems
 

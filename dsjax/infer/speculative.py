@@ -10,6 +10,15 @@ Each step, for a row whose newest token `last` (not yet fed) sits at position p 
      after the newest emitted one.
 Every emitted token is the main model's argmax given the tokens before it, so the output is plain
 greedy decoding's; a step costs a 2-token forward plus one MTP block and emits 1 or 2 tokens.
+
+Exactness: plain decoding computes a position's logits in a 1-token step, this in a 2-token verify block:
+the same function of the same inputs, with other matmul shapes. The bits agree where a backend rounds a
+row the same whatever rows are beside it, as the CPU does at its default precision in float32 and
+bfloat16 (tests/infer/test_speculative.py). Where it picks kernels by shape (a GPU at default precision:
+TF32 for float32, split-K reductions), a logit can move by the matmuls' rounding, and the two outputs
+part at the first step whose top two logits lie within it; each then goes on as greedy decoding of its
+own prefix (`bash benchmarks/device.sh --parts=speculative` measures it). Precision 'highest' narrows the
+rounding to float32's.
 Cache slots written for a rejected draft (main and MTP) hold position p+1's entry of a wrong token;
 the next step writes that slot again before any query can see it.
 """

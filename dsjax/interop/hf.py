@@ -1,4 +1,5 @@
-"""Load and save HF checkpoints (safetensors) of DeepSeek-LLM, V2 and V3 as dsjax models.
+"""Load and save HF checkpoints (safetensors) of DeepSeek-LLM, V2, V3 and the R1-Distill models (Qwen2,
+Llama-3) as dsjax models.
 
     model, variables = hf.load('/ckpt/DeepSeek-V3', dtype='bfloat16', mesh=mesh)
     logits, aux = model.apply(variables, tokens_BxL)
@@ -30,8 +31,8 @@ from dsjax.interop import safetensors_io as st
 from dsjax.model.transformer import Transformer
 
 CONFIG_FILE = 'config.json'
-# DeepSeek-LLM 7B / 67B ship as Llama.
-ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'DeepseekV2ForCausalLM': 'deepseek_v2',
+# DeepSeek-LLM 7B / 67B ship as Llama; the R1-Distill models as Qwen2 (Qwen2.5 bases) or Llama (Llama-3.x).
+ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'Qwen2ForCausalLM': 'qwen2', 'DeepseekV2ForCausalLM': 'deepseek_v2',
                  'DeepseekV3ForCausalLM': 'deepseek_v3'}
 DEFAULT_SHARD_BYTES = 5 * 10**9  # HF's usual shard size
 DEFAULT_HOST_BYTES = 1 << 30

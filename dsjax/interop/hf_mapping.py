@@ -1,4 +1,4 @@
-"""HF transformers <-> dsjax: config fields and tensor names/layouts for Llama, DeepSeek-V2 and DeepSeek-V3.
+"""HF transformers <-> dsjax: config fields and tensor names/layouts for Llama, Qwen2, DeepSeek-V2 and V3.
 
 Pure functions, numpy in and out, no file I/O. One table (`name_map`) describes every HF tensor of a
 model as pieces of our (scanned, Flax-layout) arrays; loading and exporting both walk it, and a
@@ -24,7 +24,10 @@ from dsjax.model.transformer import Transformer
 # ---------------------------------------------------------------- config
 
 _MLA_TYPES = ('deepseek_v2', 'deepseek_v3')
-_SUPPORTED = ('llama',) + _MLA_TYPES
+_MHA_TYPES = ('llama', 'qwen2')
+_SUPPORTED = _MHA_TYPES + _MLA_TYPES
+_NO_SCALING = dict(type='none', factor=1.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
+                   mscale=1.0, mscale_all_dim=0.0, low_freq_factor=1.0, high_freq_factor=4.0)
 
 
 def _rope_fields(hf: dict) -> tuple[float, dict]:
@@ -33,17 +36,20 @@ def _rope_fields(hf: dict) -> tuple[float, dict]:
     theta = float(rp.get('rope_theta', hf.get('rope_theta', 10000.0)))
     rope_type = rp.get('rope_type', rp.get('type', 'default'))
     if rope_type == 'default':
-        return theta, dict(type='none', factor=1.0, original_max_position_embeddings=4096, beta_fast=32.0,
-                           beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0)
+        return theta, dict(_NO_SCALING)
+    if rope_type == 'llama3':
+        return theta, dict(_NO_SCALING, type='llama3', factor=float(rp['factor']),
+                           original_max_position_embeddings=int(rp['original_max_position_embeddings']),
+                           low_freq_factor=float(rp['low_freq_factor']), high_freq_factor=float(rp['high_freq_factor']))
     if rope_type != 'yarn':
         raise ValueError(f"rope type {rope_type!r} of model_type={hf.get('model_type')!r} is not supported: "
-                         "dsjax implements 'default' and 'yarn'")
+                         "dsjax implements 'default', 'yarn' and 'llama3'")
     if not rp.get('truncate', True):
         raise ValueError("rope_parameters.truncate=False is not supported (YaRN's floor/ceil range is used)")
     max_pos = hf['max_position_embeddings']
     orig = int(rp.get('original_max_position_embeddings') or max_pos)
     scaling = dict(
-        type='yarn',
+        _NO_SCALING, type='yarn',
         factor=float(rp['factor'] if rp.get('factor') is not None else max_pos / orig),
         original_max_position_embeddings=orig,
         beta_fast=float(rp.get('beta_fast') or 32.0),  # HF: `or 32`, so 0/None mean the default
@@ -67,7 +73,7 @@ def _require(hf: dict, key: str, ok: bool, valid: str):
 
 
 def model_fields_from_hf(hf_config: dict) -> dict:
-    """Our `base_config().model` fields from a HF `config.json` dict (llama, deepseek_v2, deepseek_v3).
+    """Our `base_config().model` fields from a HF `config.json` dict (llama, qwen2, deepseek_v2, deepseek_v3).
 
     Only architecture is mapped; balance-loss coefficients (`aux_loss_alpha`, `seq_aux`) are
     training choices and stay with the experiment config. Apply with `config.model.update(fields)`.
@@ -77,7 +83,10 @@ def model_fields_from_hf(hf_config: dict) -> dict:
     if model_type not in _SUPPORTED:
         raise ValueError(f'HF model_type={model_type!r} is not supported; supported: {_SUPPORTED}')
     _require(hf, 'hidden_act', hf.get('hidden_act', 'silu') == 'silu', "only 'silu' (SwiGLU)")
-    _require(hf, 'attention_bias', not hf.get('attention_bias', False), 'dsjax attention has no biases')
+    _require(hf, 'attention_bias', not hf.get('attention_bias', False),
+             "dsjax attention has q/k/v biases only as Qwen2 lays them out (o_proj has none)")
+    _require(hf, 'use_sliding_window', not hf.get('use_sliding_window', False),
+             'dsjax attends over the whole context (no sliding window)')
     _require(hf, 'mlp_bias', not hf.get('mlp_bias', False), 'dsjax MLPs have no biases')
     theta, scaling = _rope_fields(hf)
     heads = hf['num_attention_heads']
@@ -89,9 +98,10 @@ def model_fields_from_hf(hf_config: dict) -> dict:
         max_position_embeddings=hf['max_position_embeddings'], rope_scaling=scaling,
         tie_word_embeddings=bool(hf.get('tie_word_embeddings', False)),
         initializer_range=float(hf.get('initializer_range', 0.02)))
-    if model_type == 'llama':
+    if model_type in _MHA_TYPES:
         head_dim = hf.get('head_dim') or 0
-        f.update(attention_type='mha', rope_interleave=False, n_routed_experts=0,
+        # Qwen2 always biases q, k and v (its config has no switch for it).
+        f.update(attention_type='mha', qkv_bias=model_type == 'qwen2', rope_interleave=False, n_routed_experts=0,
                  # 0 is our "hidden_size // heads": keeps cfg -> HF -> cfg an identity.
                  head_dim=0 if head_dim == hf['hidden_size'] // heads else head_dim)
         return f
@@ -99,7 +109,7 @@ def model_fields_from_hf(hf_config: dict) -> dict:
     _require(hf, 'moe_layer_freq', hf.get('moe_layer_freq', 1) == 1, 'every layer past first_k_dense_replace is MoE')
     q_lora = hf.get('q_lora_rank')
     f.update(
-        attention_type='mla', head_dim=0, num_key_value_heads=heads, q_lora_rank=q_lora or 0,
+        attention_type='mla', qkv_bias=False, head_dim=0, num_key_value_heads=heads, q_lora_rank=q_lora or 0,
         kv_lora_rank=hf['kv_lora_rank'], qk_nope_head_dim=hf['qk_nope_head_dim'],
         qk_rope_head_dim=hf['qk_rope_head_dim'], v_head_dim=hf['v_head_dim'],
         n_routed_experts=hf.get('n_routed_experts', hf.get('num_local_experts')) or 0,
@@ -133,6 +143,10 @@ def hf_config_from_model(cfg: ModelConfig) -> dict:
     """A HF `config.json` dict for `cfg` (the inverse of `model_fields_from_hf`)."""
     rs = cfg.rope_scaling
     rope = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+    if rs.type == 'llama3':
+        rope.update(rope_type='llama3', factor=rs.factor, low_freq_factor=rs.low_freq_factor,
+                    high_freq_factor=rs.high_freq_factor,
+                    original_max_position_embeddings=rs.original_max_position_embeddings)
     if rs.type == 'yarn':
         rope.update(rope_type='yarn', factor=rs.factor,
                     original_max_position_embeddings=rs.original_max_position_embeddings,
@@ -151,8 +165,12 @@ def hf_config_from_model(cfg: ModelConfig) -> dict:
         _check_export(not cfg.rope_interleave, 'rope_interleave', True, 'HF Llama rotates half-split pairs')
         _check_export(cfg.num_nextn_predict_layers == 0, 'num_nextn_predict_layers',
                       cfg.num_nextn_predict_layers, 'HF Llama has no MTP')
-        hf.update(model_type='llama', architectures=['LlamaForCausalLM'], mlp_bias=False,
-                  num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.attn_head_dim)
+        hf.update(num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.attn_head_dim)
+        if cfg.qkv_bias:  # Qwen2 biases q, k, v; its config has no attention_bias or mlp_bias
+            del hf['attention_bias']
+            hf.update(model_type='qwen2', architectures=['Qwen2ForCausalLM'], use_sliding_window=False)
+        else:
+            hf.update(model_type='llama', architectures=['LlamaForCausalLM'], mlp_bias=False)
         return hf
 
     v3 = cfg.topk_method == 'noaux_tc' or not cfg.rope_interleave or cfg.num_nextn_predict_layers > 0
@@ -202,6 +220,8 @@ HEADS_IN = Layout(lambda x, s: x.T.reshape(s), lambda x: x.reshape(x.shape[0], -
 # [D, N*K] <-> [N, K, D]: the output projection out of heads
 HEADS_OUT = Layout(lambda x, s: x.T.reshape(s), lambda x: x.reshape(-1, x.shape[-1]).T,
                    lambda s: (s[2], s[0] * s[1]))
+# [N*K] <-> [N, K]: a projection's bias per head (Qwen2's q, k, v)
+HEADS_BIAS = Layout(lambda x, s: x.reshape(s), lambda x: x.reshape(-1), lambda s: (s[0] * s[1],))
 # [E, out, in] <-> [E, in, out]: transformers v5 fused experts
 EXPERTS = Layout(lambda x, s: x.swapaxes(1, 2), lambda x: x.swapaxes(1, 2), lambda s: (s[0], s[2], s[1]))
 
@@ -233,6 +253,9 @@ _ATTN_AND_NORMS = (
     ('self_attn.q_proj.weight', 'attn/q', HEADS_IN),
     ('self_attn.k_proj.weight', 'attn/k', HEADS_IN),
     ('self_attn.v_proj.weight', 'attn/v', HEADS_IN),
+    ('self_attn.q_proj.bias', 'attn/q_bias', HEADS_BIAS),
+    ('self_attn.k_proj.bias', 'attn/k_bias', HEADS_BIAS),
+    ('self_attn.v_proj.bias', 'attn/v_bias', HEADS_BIAS),
     ('self_attn.q_a_proj.weight', 'attn/q_a', LINEAR),
     ('self_attn.q_a_layernorm.weight', 'attn/q_a_norm/scale', SAME),
     ('self_attn.q_b_proj.weight', 'attn/q_b', HEADS_IN),

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # MLA widths (fused_attention)
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
@@ -70,18 +71,28 @@ def write_cache(cache_BxSxX, new_BxLxX, positions_BxL) -> jax.Array:
 
 def resolve_impl(cfg: ModelConfig, qk_dim: int, v_dim: int, backend: str | None = None, length: int = 0) -> str:
     """The kernel behind `cfg.attention_impl` for (uncached) self-attention of `length` tokens: 'auto' picks
-    cudnn on a GPU for bf16/fp16 compute when the qk and v head widths are equal and at most 128 (dense
-    DeepSeek-LLM), splash on a TPU when the length fills its blocks, blocked on the CPU (measured: README,
-    Performance), else xla. An explicit 'cudnn' also serves MLA (192 / 128) by zero-padding the values to
-    the qk width."""
+    cudnn on a GPU for bf16/fp16 compute where cuDNN's flash kernel takes the head widths (`cudnn_takes`),
+    splash on a TPU when the length fills its blocks, blocked on the CPU (measured: README, Performance),
+    else xla."""
     if cfg.attention_impl != 'auto':
         return cfg.attention_impl
     backend = backend or jax.default_backend()
-    if backend == 'gpu' and cfg.dtype in FUSED_ATTENTION_DTYPES and qk_dim == v_dim <= 128:
+    if backend == 'gpu' and cfg.dtype in FUSED_ATTENTION_DTYPES and cudnn_takes(qk_dim, v_dim):
         return 'cudnn'
     if backend == 'tpu':
         return 'splash' if length and length % SPLASH_BLOCK == 0 else 'xla'
     return 'blocked' if backend == 'cpu' else 'xla'
+
+
+def cudnn_takes(qk_dim: int, v_dim: int, compute_capability: str | None = None) -> bool:
+    """Whether cuDNN's flash attention takes these head widths on this GPU (`compute_capability`, default
+    the first device's): equal widths up to 128 anywhere; up to 256 and values narrower than the keys
+    (MLA's 192 / 128) from Hopper (9.0) on, with cuDNN >= 9.10 (jax's check at trace time)."""
+    if qk_dim == v_dim <= 128:
+        return True
+    if compute_capability is None:
+        compute_capability = getattr(jax.devices()[0], 'compute_capability', '0')
+    return float(compute_capability) >= 9.0 and qk_dim <= 256 and qk_dim % 8 == 0 and v_dim % 8 == 0
 
 
 def self_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: float, impl: str = 'xla'):
@@ -93,15 +104,17 @@ def self_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: fl
         return causal_block_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale)
     if impl == 'splash':
         return splash_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale)
-    return dot_product_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, attention_mask(segment_ids_BxL), scale, impl)
+    return dot_product_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, attention_mask(segment_ids_BxL), scale, impl,
+                                 causal=True)
 
 
-def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, impl: str = 'xla'):
+def dot_product_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, impl: str = 'xla',
+                          causal: bool = False):
     """Softmax attention under an explicit mask, grouped so kv heads are shared by Q query heads.
-    impl 'xla': einsums and a float32 softmax; otherwise jax.nn.dot_product_attention with that
-    implementation (fused_attention)."""
+    impl 'xla': einsums and a float32 softmax; otherwise the fused kernel `impl` (fused_attention), told
+    by `causal` that the mask hides every key after its query, so it can skip those blocks."""
     if impl != 'xla':
-        return fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale, impl)
+        return fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale, impl, causal)
     logits = jnp.einsum('BLGQK,BSGK->BGQLS', q_BxLxGxQxK, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(jnp.where(mask_BxLxS[:, None, None], logits, _MASK_VALUE), axis=-1)
     return jnp.einsum('BGQLS,BSGU->BLGQU', probs.astype(v_BxSxGxU.dtype), v_BxSxGxU)
@@ -216,23 +229,42 @@ def splash_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: 
     return jnp.moveaxis(out_BxNxLxU.reshape(b, g, nq, length, -1), 3, 1)
 
 
-def fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, implementation: str):
+def fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, implementation: str,
+                    causal: bool = False):
     """The same attention through jax.nn.dot_product_attention (cudnn: a flash kernel that never holds
-    the [L, S] scores). Values narrower than the keys (MLA) are zero-padded to the key width and the
-    output cut back: the padded columns only ever add zeros."""
+    the [L, S] scores); with `causal` (queries and keys aligned, the mask causal) the kernel skips the
+    blocks above the diagonal. Values narrower than the keys (MLA) go to cuDNN as they are, through the
+    binding under jax.nn's wrapper, which insists on equal widths (padding 128 -> 192 cost a third more
+    value reads, products and output)."""
     b, length, g, q, k = q_BxLxGxQxK.shape
     u = v_BxSxGxU.shape[-1]
-    if u < k:
-        v_BxSxGxU = jnp.pad(v_BxSxGxU, ((0, 0), (0, 0), (0, 0), (0, k - u)))
-    out_BxLxNxK = jax.nn.dot_product_attention(
-        q_BxLxGxQxK.reshape(b, length, g * q, k), k_BxSxGxK, v_BxSxGxU, mask=mask_BxLxS[:, None],
-        scale=scale, implementation=implementation)
-    return out_BxLxNxK[..., :u].reshape(b, length, g, q, u)
+    q_BxLxNxK = q_BxLxGxQxK.reshape(b, length, g * q, k)
+    if u == k:
+        out_BxLxNxU = jax.nn.dot_product_attention(q_BxLxNxK, k_BxSxGxK, v_BxSxGxU, mask=mask_BxLxS[:, None],
+                                                   scale=scale, is_causal=causal, implementation=implementation)
+    elif implementation == 'cudnn':
+        out_BxLxNxU = cudnn_attention.dot_product_attention(
+            q_BxLxNxK, k_BxSxGxK, v_BxSxGxU, mask=mask_BxLxS[:, None], scale=scale,
+            mask_type=cudnn_attention.MaskType.CAUSAL if causal else cudnn_attention.MaskType.NO_MASK)
+    else:
+        raise ValueError(f'fused attention {implementation!r} needs equal key and value widths, not {k} / {u}')
+    return out_BxLxNxU.reshape(b, length, g, q, u)
 
 
 class MHA(nn.Module):
-    """Multi-head attention with optional grouped kv heads (GQA); RoPE over the whole head."""
+    """Multi-head attention with optional grouped kv heads (GQA) and q/k/v biases (Qwen2's
+    `qkv_bias`); RoPE over the whole head."""
     cfg: ModelConfig
+
+    def project(self, x_BxLxD, name: str, heads: int, axis: str):
+        """x @ W_name [D, heads, K] (+ the bias [heads, K] with qkv_bias): [B, L, heads, K]."""
+        cfg = self.cfg
+        d, k = cfg.hidden_size, cfg.attn_head_dim
+        y_BxLxHxK = dense(x_BxLxD, weight(self, name, (d, heads, k), ('embed', axis, 'head_dim'), cfg))
+        if cfg.qkv_bias:
+            y_BxLxHxK = y_BxLxHxK + weight(self, f'{name}_bias', (heads, k), (axis, 'head_dim'), cfg,
+                                           nn.initializers.zeros)
+        return y_BxLxHxK
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache=None, positions_BxL=None):
@@ -242,9 +274,9 @@ class MHA(nn.Module):
         cfg = self.cfg
         d, n, g, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
         b, length = x_BxLxD.shape[:2]
-        q_BxLxNxK = dense(x_BxLxD, weight(self, 'q', (d, n, k), ('embed', 'heads', 'head_dim'), cfg))
-        k_BxLxGxK = dense(x_BxLxD, weight(self, 'k', (d, g, k), ('embed', 'kv_heads', 'head_dim'), cfg))
-        v_BxLxGxK = dense(x_BxLxD, weight(self, 'v', (d, g, k), ('embed', 'kv_heads', 'head_dim'), cfg))
+        q_BxLxNxK = self.project(x_BxLxD, 'q', n, 'heads')
+        k_BxLxGxK = self.project(x_BxLxD, 'k', g, 'kv_heads')
+        v_BxLxGxK = self.project(x_BxLxD, 'v', g, 'kv_heads')
         q_BxLxNxK = rope.apply_rope(q_BxLxNxK, cos, sin, cfg.rope_interleave)
         k_BxLxGxK = rope.apply_rope(k_BxLxGxK, cos, sin, cfg.rope_interleave)
         q_BxLxNxK = constrain(q_BxLxNxK, ('batch', 'act_len', 'act_heads', None))

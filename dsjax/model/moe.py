@@ -7,9 +7,11 @@ All routing math runs in float32, as HF and DeepSeek's reference do.
 """
 import math
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import tokamax
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
@@ -157,17 +159,84 @@ def _sort_by_expert(weights_TxK, idx_TxK, num_experts: int):
     return order_A, token_A, expert_A[order_A], sizes_E
 
 
+@jax.custom_vjp
+def _permute_rows(x_NxD, order_N, inverse_N):
+    """x[order] for a permutation `order` with inverse `inverse`; its backward is the inverse gather, where
+    XLA's transpose of a gather is a scatter-add (atomics on a GPU) that does not know the rows are distinct."""
+    return x_NxD[order_N]
+
+
+def _permute_rows_fwd(x_NxD, order_N, inverse_N):
+    return x_NxD[order_N], (order_N, inverse_N)
+
+
+def _permute_rows_bwd(res, g_NxD):
+    order_N, inverse_N = res
+    return g_NxD[inverse_N], None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+# tokamax kernels behind `dispatch_ragged`, first that applies: megablox (Pallas Mosaic TPU; dims >= 128) on
+# TPU, Pallas Mosaic GPU (Hopper and later) then Triton on NVIDIA GPUs; XLA's own ragged_dot, the exact
+# reference, where none applies (on the CPU a masked dot over every expert: 'grouped' is the CPU's choice).
+RAGGED_KERNELS = {'tpu': ('mosaic', 'xla'), 'gpu': ('mosaic', 'triton', 'xla')}
+
+
+def platform() -> str:
+    """The platform being compiled for: the devices of the mesh set by `jax.set_mesh` (a TPU topology when
+    compiling ahead of time on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def ragged_dot(x_AxD, w_ExDxF, sizes_E):
+    """x's rows, in groups of `sizes_E` consecutive rows, each times its group's w: `tokamax.ragged_dot`
+    with the backend's kernel (RAGGED_KERNELS), output in x's dtype."""
+    # tokamax reads absl flags, parsing sys.argv for them when no absl app has: under pytest or in a
+    # notebook those arguments are not flags, so it gets the defaults instead.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    # The TPU kernel refuses HIGHEST for 16-bit operands, whose products are exact at DEFAULT anyway.
+    precision = jax.lax.Precision.DEFAULT if jnp.dtype(x_AxD.dtype).itemsize == 2 else None
+    return tokamax.ragged_dot(x_AxD, w_ExDxF, sizes_E, precision=precision, preferred_element_type=x_AxD.dtype,
+                              implementation=RAGGED_KERNELS.get(platform(), ('xla',)))
+
+
 def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
-    """Dropless grouped matmul (`jax.lax.ragged_dot`) over assignments sorted by expert."""
+    """Dropless grouped GEMMs (`ragged_dot`) over the assignments sorted by expert: only the routed
+    rows are computed (T x K x D x F x 3 multiply-adds), whatever the number of experts.
+
+    Rows move by permutations both ways (`_permute_rows`), gate and up run as one GEMM of width 2F.
+    """
     del capacity
-    t, d = x_TxD.shape
-    order_A, token_A, _, sizes_E = _sort_by_expert(weights_TxK, idx_TxK, gate_ExDxF.shape[0])
-    x_AxD = x_TxD[token_A]
-    sizes_E = sizes_E.astype(jnp.int32)
-    h_AxF = swiglu(jax.lax.ragged_dot(x_AxD, gate_ExDxF, sizes_E), jax.lax.ragged_dot(x_AxD, up_ExDxF, sizes_E))
-    y_AxD = jax.lax.ragged_dot(h_AxF, down_ExFxD, sizes_E)
-    w_A = weights_TxK.reshape(-1)[order_A].astype(y_AxD.dtype)
-    return jnp.zeros((t, d), y_AxD.dtype).at[token_A].add(y_AxD * w_A[:, None]), jnp.zeros((), jnp.float32)
+    t, k = idx_TxK.shape
+    e, d, f = gate_ExDxF.shape
+    with jax.named_scope('permute'):
+        expert_A = idx_TxK.reshape(-1)
+        order_A = jnp.argsort(expert_A, stable=True)  # sorted row -> assignment (token t * k + slot)
+        inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(t * k, dtype=order_A.dtype))
+        sizes_E = jnp.bincount(expert_A, length=e).astype(jnp.int32)
+        x_AxD = _permute_rows(jnp.repeat(x_TxD, k, axis=0), order_A, inverse_A)
+    with jax.named_scope('experts'):
+        gate_up_AxF2 = ragged_dot(x_AxD, jnp.concatenate([gate_ExDxF, up_ExDxF], axis=-1), sizes_E)
+        h_AxF = swiglu(gate_up_AxF2[:, :f], gate_up_AxF2[:, f:])
+        y_AxD = ragged_dot(h_AxF, down_ExFxD, sizes_E)
+    with jax.named_scope('combine'):
+        y_TxKxD = _permute_rows(y_AxD, inverse_A, order_A).reshape(t, k, d)
+        y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
+    return y_TxD, jnp.zeros((), jnp.float32)
+
+
+def dispatch_gather(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+    """Each assignment through its own expert's gathered weights ([T, K, D, F]): reads and computes the
+    selected experts only, T x K of them, for decoding, where T x K is at most E (`MoE` picks it then)."""
+    del capacity
+    h_TxKxF = swiglu(jnp.einsum('TD,TKDF->TKF', x_TxD, gate_ExDxF[idx_TxK]),
+                     jnp.einsum('TD,TKDF->TKF', x_TxD, up_ExDxF[idx_TxK]))
+    y_TxKxD = jnp.einsum('TKF,TKFD->TKD', h_TxKxF, down_ExFxD[idx_TxK])
+    return jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype)), jnp.zeros((), jnp.float32)
 
 
 def _slots(group_A, priority_A, groups: int):
@@ -185,16 +254,20 @@ def _capacity_experts(x_AxD, expert_A, priority_A, gate_ExDxF, up_ExDxF, down_Ex
     """
     d = x_AxD.shape[1]
     e = gate_ExDxF.shape[0]
-    slot_A = _slots(expert_A, priority_A, e)
-    kept_A = slot_A < capacity
-    # Overflow goes to a scratch slot (index `capacity`) that is sliced away, so it reads back as 0.
-    slot_A = jnp.where(kept_A, slot_A, capacity)
-    buf_ExCxD = jnp.zeros((e, capacity + 1, d), x_AxD.dtype).at[expert_A, slot_A].set(x_AxD)[:, :capacity]
-    if buffer_axes:
-        buf_ExCxD = constrain(buf_ExCxD, buffer_axes)
-    h_ExCxF = swiglu(jnp.einsum('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF), jnp.einsum('ECD,EDF->ECF', buf_ExCxD, up_ExDxF))
-    y_ExCxD = jnp.einsum('ECF,EFD->ECD', h_ExCxF, down_ExFxD)
-    return jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A], kept_A
+    with jax.named_scope('permute'):
+        slot_A = _slots(expert_A, priority_A, e)
+        kept_A = slot_A < capacity
+        # Overflow goes to a scratch slot (index `capacity`) that is sliced away, so it reads back as 0.
+        slot_A = jnp.where(kept_A, slot_A, capacity)
+        buf_ExCxD = jnp.zeros((e, capacity + 1, d), x_AxD.dtype).at[expert_A, slot_A].set(x_AxD)[:, :capacity]
+        if buffer_axes:
+            buf_ExCxD = constrain(buf_ExCxD, buffer_axes)
+    with jax.named_scope('experts'):
+        h_ExCxF = swiglu(jnp.einsum('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF),
+                         jnp.einsum('ECD,EDF->ECF', buf_ExCxD, up_ExDxF))
+        y_ExCxD = jnp.einsum('ECF,EFD->ECD', h_ExCxF, down_ExFxD)
+    with jax.named_scope('combine'):
+        return jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A], kept_A
 
 
 def dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
@@ -343,24 +416,42 @@ DISPATCH = {
     'dense': dispatch_dense,
     'ragged': dispatch_ragged,
     'grouped': dispatch_grouped,
+    'gather': dispatch_gather,
     'capacity': dispatch_capacity,
     'expert_parallel': dispatch_expert_parallel,
 }
 
 
 def resolve_dispatch(name: str, capacity_factor: float, backend: str | None = None) -> str:
-    """The DISPATCH entry behind `name`; 'auto' picks by measurement (benchmarks/moe_dispatch.py).
+    """The DISPATCH entry behind `name`; 'auto' picks per backend (benchmarks/moe_dispatch.py, device.py).
 
     capacity_factor > 0 asks for V2-style drops: 'capacity' (cost follows T x K x factor). Dropless:
-    'ragged' on TPU, whose compiler has a grouped matmul for `ragged_dot`; elsewhere 'grouped' (dense
-    blocks sorted by expert), because jax lowers `ragged_dot` on CPU to a masked dot over every expert
-    (as slow as 'dense', whose cost grows with E); on GPU the two are compared by benchmarks/device.sh.
+    'ragged' (tokamax's grouped GEMM kernels, routed rows only) on TPU and GPU; 'grouped' (dense blocks
+    sorted by expert) on the CPU, where ragged_dot is a masked dot over every expert (as slow as 'dense').
     """
     if name != 'auto':
         return name
     if capacity_factor > 0:
         return 'capacity'
-    return 'ragged' if (backend or jax.default_backend()) == 'tpu' else 'grouped'
+    return 'grouped' if (backend or platform()) == 'cpu' else 'ragged'
+
+
+def inference_dispatch(name: str, assignments: int, num_experts: int, backend: str | None = None) -> str:
+    """The dispatch where nothing may be dropped (evaluation, decoding): with at most one assignment per
+    expert (T x K <= E, decoding a few rows) 'gather', which reads only the selected experts' weights;
+    'capacity' (whose buffers would then hold every token for every expert) gives way to the backend's
+    dropless choice. The dense reference stays dense, and experts split over a mesh's `expert` axis
+    stay with `dispatch_expert_parallel`."""
+    if name == 'dense' or (name == 'expert_parallel' and _experts_split()):
+        return name
+    if assignments <= num_experts:
+        return 'gather'
+    return resolve_dispatch('auto', 0.0, backend) if name in ('capacity', 'expert_parallel') else name
+
+
+def _experts_split() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.shape.get('expert', 1) > 1
 
 
 def capacity_per_expert(tokens: int, cfg: ModelConfig) -> int:
@@ -387,15 +478,19 @@ class MoE(nn.Module):
                              nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
                              jax.random.PRNGKey(0), (e,), jnp.float32)
         bias_E = nn.meta.unbox(bias.value)
-        logits_TxE = jnp.einsum('TD,DE->TE', x_BxLxD.reshape(-1, d).astype(jnp.float32),
-                                router_DxE.astype(jnp.float32))
-        scores_TxE = scores_from_logits(logits_TxE, cfg.scoring_func)
-        weights_TxK, idx_TxK = select_experts(scores_TxE, jax.lax.stop_gradient(bias_E), cfg)
+        with jax.named_scope('router'):
+            logits_TxE = jnp.einsum('TD,DE->TE', x_BxLxD.reshape(-1, d).astype(jnp.float32),
+                                    router_DxE.astype(jnp.float32))
+            scores_TxE = scores_from_logits(logits_TxE, cfg.scoring_func)
+            weights_TxK, idx_TxK = select_experts(scores_TxE, jax.lax.stop_gradient(bias_E), cfg)
 
         gate_ExDxF = weight(self, 'gate', (e, d, f), ('exp', 'embed', 'mlp'), cfg)
         up_ExDxF = weight(self, 'up', (e, d, f), ('exp', 'embed', 'mlp'), cfg)
         down_ExFxD = weight(self, 'down', (e, f, d), ('exp', 'mlp', 'embed'), cfg)
-        dispatch = DISPATCH[resolve_dispatch(cfg.moe_dispatch, cfg.capacity_factor)]
+        name = resolve_dispatch(cfg.moe_dispatch, cfg.capacity_factor)
+        if deterministic:  # evaluation and decoding: only what is routed is computed
+            name = inference_dispatch(name, b * length * k, e)
+        dispatch = DISPATCH[name]
         # V2 drops overflow only in training; evaluation never drops.
         capacity = capacity_per_expert(b * length, cfg) if not deterministic else b * length
         x_TxD = x_BxLxD.reshape(-1, d)
@@ -407,19 +502,20 @@ class MoE(nn.Module):
         if cfg.n_shared_experts:
             y_BxLxD = y_BxLxD + MLP(cfg, width=cfg.n_shared_experts * f, name='shared')(x_BxLxD)
 
-        mask = mask_BxL.astype(jnp.float32)
-        scores_BxLxE = scores_TxE.reshape(b, length, e)
-        idx_BxLxK = idx_TxK.reshape(b, length, k)
-        loss = jnp.zeros((), jnp.float32)
-        if cfg.aux_loss_alpha:
-            if cfg.seq_aux:
-                loss += cfg.aux_loss_alpha * sequence_balance_loss(scores_BxLxE, mask, k)
-            else:
-                loss += cfg.aux_loss_alpha * expert_balance_loss(scores_BxLxE, idx_BxLxK, mask, k)
-        if cfg.device_aux_alpha:
-            loss += cfg.device_aux_alpha * device_balance_loss(scores_BxLxE, idx_BxLxK, mask, k, cfg.n_group)
-        if cfg.comm_aux_alpha:
-            loss += cfg.comm_aux_alpha * comm_balance_loss(scores_BxLxE, idx_BxLxK, mask, cfg.n_group,
-                                                           cfg.topk_group)
+        with jax.named_scope('router'):  # its balance losses
+            mask = mask_BxL.astype(jnp.float32)
+            scores_BxLxE = scores_TxE.reshape(b, length, e)
+            idx_BxLxK = idx_TxK.reshape(b, length, k)
+            loss = jnp.zeros((), jnp.float32)
+            if cfg.aux_loss_alpha:
+                if cfg.seq_aux:
+                    loss += cfg.aux_loss_alpha * sequence_balance_loss(scores_BxLxE, mask, k)
+                else:
+                    loss += cfg.aux_loss_alpha * expert_balance_loss(scores_BxLxE, idx_BxLxK, mask, k)
+            if cfg.device_aux_alpha:
+                loss += cfg.device_aux_alpha * device_balance_loss(scores_BxLxE, idx_BxLxK, mask, k, cfg.n_group)
+            if cfg.comm_aux_alpha:
+                loss += cfg.comm_aux_alpha * comm_balance_loss(scores_BxLxE, idx_BxLxK, mask, cfg.n_group,
+                                                               cfg.topk_group)
         aux = {'load': expert_counts(idx_TxK, mask.reshape(-1), e), 'balance_loss': loss, 'dropped': dropped}
         return y_BxLxD, aux

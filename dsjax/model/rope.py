@@ -1,4 +1,4 @@
-"""Rotary position embeddings: plain RoPE, YaRN frequencies, and both pair conventions.
+"""Rotary position embeddings: plain RoPE, YaRN and Llama-3 frequencies, and both pair conventions.
 
 Axis legend: B batch, L length, N heads, K rotated width (rope_dim), J = K/2 frequency pairs.
 Conventions: `interleaved` rotates (x[2j], x[2j+1]) as DeepSeek-V2/V3 checkpoints do
@@ -22,9 +22,22 @@ def _correction_dim(rotations: float, dim: int, base: float, max_pos: int) -> fl
     return dim * math.log(max_pos / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
 
+def llama3_frequencies(inv_freq_J: np.ndarray, scaling: RopeScaling) -> np.ndarray:
+    """Llama-3.1's scaling: pairs whose wavelength exceeds original / low_freq_factor are divided by
+    `factor`, those shorter than original / high_freq_factor kept, and the ones between blended
+    linearly in original / wavelength."""
+    orig = scaling.original_max_position_embeddings
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelength_J = 2 * math.pi / inv_freq_J
+    smooth_J = np.clip((orig / wavelength_J - low) / (high - low), 0.0, 1.0)
+    return inv_freq_J * ((1 - smooth_J) / scaling.factor + smooth_J)
+
+
 def inv_frequencies(dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
-    """Inverse frequencies [J], YaRN-interpolated when `scaling.type == 'yarn'`."""
+    """Inverse frequencies [J], YaRN- or llama3-interpolated as `scaling.type` says."""
     inv_freq_J = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if scaling.type == 'llama3':
+        return llama3_frequencies(inv_freq_J, scaling).astype(np.float32)
     if scaling.type != 'yarn':
         return inv_freq_J.astype(np.float32)
     orig = scaling.original_max_position_embeddings

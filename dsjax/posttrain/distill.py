@@ -91,7 +91,8 @@ def make_loss_fn(model, beta: float, temperature: float, ce_weight: float):
     return loss_fn
 
 
-def validate(config) -> None:
+def validate(config, num_devices: int) -> None:
+    """Raises ConfigError naming the first bad `distill.*` or `sft.*` field (it trains on SFT data)."""
     d = config.distill
     if not d.teacher:
         config_lib.fail('distill.teacher', d.teacher, "needs the teacher's run directory")
@@ -101,12 +102,11 @@ def validate(config) -> None:
         config_lib.fail('distill.temperature', d.temperature, 'must be > 0')
     if d.ce_weight < 0:
         config_lib.fail('distill.ce_weight', d.ce_weight, 'must be >= 0')
-    sft.validate(config)
+    sft.validate(config, num_devices)
 
 
 def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop.Stage:
     """The loop's Stage for logit-level distillation: SFT data, teacher logits per batch."""
-    validate(config)
     try:
         teacher = loading.load(config.distill.teacher)
     except (FileNotFoundError, ValueError) as e:
@@ -122,4 +122,4 @@ def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop
 
 def run(config, workdir, devices=None) -> dict:
     """Distils `distill.teacher` into the student of `config` in `workdir`; returns the last metrics."""
-    return loop.run(config, workdir, devices, build_stage=build_stage)
+    return loop.run(config, workdir, devices, build_stage=build_stage, validate=validate)

@@ -39,11 +39,10 @@ WIDTH_MULTIPLE = 32
 
 
 def validate(config, num_devices: int, extra_rewards=()) -> None:
-    """Raises ConfigError naming the first bad `grpo.*` field (after the shared sections); reward names
-    may be rule rewards or names in `extra_rewards`."""
-    config_lib.validate(config, num_devices)
+    """Raises ConfigError naming the first bad `grpo.*` field; reward names may be rule rewards or names
+    in `extra_rewards`."""
     g = config.grpo
-    tasks.parse_task_entries(g.tasks, 'grpo.tasks')
+    config_lib.parse_task_entries(g.tasks, 'grpo.tasks')
     if g.template not in TEMPLATES:
         config_lib.fail('grpo.template', g.template, f'must be one of {tuple(TEMPLATES)}')
     for f in ('batch_size', 'group_size', 'max_new_tokens', 'updates_per_batch', 'eval_problems',
@@ -89,7 +88,7 @@ def validate(config, num_devices: int, extra_rewards=()) -> None:
 
 def step_problems(entries, n: int, seed: int, step: int) -> list[tasks.Problem]:
     """The `n` training problems of `step`, dealt over the task:level entries in turn."""
-    parsed = tasks.parse_task_entries(entries, 'grpo.tasks')
+    parsed = config_lib.parse_task_entries(entries, 'grpo.tasks')
     counts = [len(range(i, n, len(parsed))) for i in range(len(parsed))]
     per_entry = [tasks.make_problems(t, 'train', c, level=lv, seed=seed * 1_000_003 + step)
                  for (t, lv), c in zip(parsed, counts)]
@@ -233,6 +232,7 @@ def run(config, workdir, devices=None, extra_rewards=None) -> dict:
     grpo.reward_names besides the rule rewards.
     """
     devices = jax.devices() if devices is None else devices
+    config_lib.validate(config, len(devices))
     validate(config, len(devices), extra_rewards or ())
     g, tcfg = config.grpo, config.train
     workdir = pathlib.Path(workdir).resolve()

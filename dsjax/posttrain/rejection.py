@@ -30,10 +30,12 @@ STATS_FILE = 'stats.json'
 KEEP = ('correct', 'all')
 
 
-def validate(config) -> None:
-    """Raises ConfigError naming the first bad `rejection.*` field."""
+def validate(config, num_devices: int) -> None:
+    """Raises ConfigError naming the first bad `rejection.*` field (`num_devices`: the stage-check
+    interface's)."""
+    del num_devices
     r = config.rejection
-    tasks.parse_task_entries(r.tasks, 'rejection.tasks')
+    config_lib.parse_task_entries(r.tasks, 'rejection.tasks')
     for f in ('prompts', 'samples', 'max_new_tokens', 'max_tokens', 'batch'):
         if not (isinstance(r[f], int) and r[f] > 0):
             config_lib.fail(f'rejection.{f}', r[f], 'must be a positive integer')
@@ -116,7 +118,7 @@ def select(problems, records, max_tokens: int, keep: str = 'correct') -> tuple[l
 def run(config, workdir, devices=None) -> dict:
     """Samples, filters and writes DIR/samples.jsonl and DIR/stats.json; returns the statistics."""
     del devices  # sampling runs on one device; the batch is small
-    validate(config)
+    validate(config, 1)
     r = config.rejection
     workdir = pathlib.Path(workdir)
     if (workdir / STATS_FILE).exists() and (workdir / SAMPLES_FILE).exists():

@@ -173,9 +173,11 @@ def start_from(path, model_cfg, abstract_state, state):
     return state.replace(params=params, buffers=restored.get('buffers', state.buffers))
 
 
-def validate(config) -> None:
+def validate(config, num_devices: int) -> None:
+    """Raises ConfigError naming the first bad `reward.*` field (`num_devices`: the stage-check interface's)."""
+    del num_devices
     r = config.reward
-    tasks.parse_task_entries(r.tasks, 'reward.tasks')
+    config_lib.parse_task_entries(r.tasks, 'reward.tasks')
     for f in ('pairs', 'val_pairs'):
         if not (isinstance(r[f], int) and r[f] > 0):
             config_lib.fail(f'reward.{f}', r[f], 'must be a positive integer')
@@ -186,7 +188,6 @@ def validate(config) -> None:
 
 def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop.Stage:
     """The loop's Stage for reward modelling; data.batch_size counts pairs."""
-    validate(config)
     r, d = config.reward, config.data
     model = RewardModel(model_cfg)
     train = pair_rows(tokenizer, tasks.task_problems(r.tasks, 'train', r.pairs, r.seed, 'reward.tasks'), d.seq_len,
@@ -210,7 +211,7 @@ def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop
 
 def run(config, workdir, devices=None) -> dict:
     """Trains the reward model in `workdir`; returns the last logged metrics."""
-    return loop.run(config, workdir, devices, build_stage=build_stage)
+    return loop.run(config, workdir, devices, build_stage=build_stage, validate=validate)
 
 
 class ModelReward:

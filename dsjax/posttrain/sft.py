@@ -39,8 +39,9 @@ def cold_start_conversations(problems, system: str = '') -> list[list[dict]]:
     return [conversation(p, tasks.worked_solution(p), system) for p in problems]
 
 
-def validate(config) -> None:
-    """Raises ConfigError naming the first bad `sft.*` field."""
+def validate(config, num_devices: int) -> None:
+    """Raises ConfigError naming the first bad `sft.*` field (`num_devices`: the stage-check interface's)."""
+    del num_devices
     s = config.sft
     if s.source not in SOURCES:
         config_lib.fail('sft.source', s.source, f'must be one of {SOURCES}')
@@ -52,7 +53,7 @@ def validate(config) -> None:
     if s.source == 'jsonl' and not s.paths:
         config_lib.fail('sft.paths', s.paths, "sft.source='jsonl' needs at least one JSONL file")
     if s.source == 'cold_start':
-        tasks.parse_task_entries(s.tasks, 'sft.tasks')
+        config_lib.parse_task_entries(s.tasks, 'sft.tasks')
         for f in ('examples', 'val_examples'):
             if not (isinstance(s[f], int) and s[f] > 0):
                 config_lib.fail(f'sft.{f}', s[f], 'must be a positive integer')
@@ -129,7 +130,6 @@ def make_loss_fn(model):
 
 def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop.Stage:
     """The loop's Stage for SFT."""
-    validate(config)
     d = config.data
     model = Transformer(model_cfg)
     t = config.sft.template
@@ -145,4 +145,4 @@ def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop
 
 def run(config, workdir, devices=None) -> dict:
     """Runs the SFT stage in `workdir`; returns the last logged metrics."""
-    return loop.run(config, workdir, devices, build_stage=build_stage)
+    return loop.run(config, workdir, devices, build_stage=build_stage, validate=validate)

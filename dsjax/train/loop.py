@@ -148,11 +148,14 @@ def pretrain_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> S
         eval_step=step_lib.make_eval_step(model))
 
 
-def run(config, workdir, devices=None, build_stage=pretrain_stage) -> dict:
+def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None) -> dict:
     """Runs the stage `build_stage` makes of `config` (default pre-training) in `workdir` (on
-    `devices`, default all); returns the last logged metrics."""
+    `devices`, default all); returns the last logged metrics. `validate(config, num_devices)` checks
+    the stage's own section, after the shared ones and before anything is written."""
     devices = jax.devices() if devices is None else devices
     config_lib.validate(config, len(devices))
+    if validate is not None:
+        validate(config, len(devices))
     workdir = pathlib.Path(workdir).resolve()  # Orbax needs absolute paths
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:

@@ -7,52 +7,6 @@ import optax
 
 from dsjax import config as config_lib
 
-SCHEDULES = ('cosine', 'multistep', 'constant')
-MOMENT_DTYPES = ('float32', 'bfloat16')
-
-
-def _fail(field, value, valid):
-    config_lib.fail(f'optim.{field}', value, valid)
-
-
-def validate(optim_cfg) -> None:
-    """Raise ConfigError naming the first bad `optim.*` field, its value and what is valid."""
-    c = optim_cfg
-    if not c.lr > 0:
-        _fail('lr', c.lr, 'the peak learning rate must be > 0')
-    if c.schedule not in SCHEDULES:
-        _fail('schedule', c.schedule, f'must be one of {SCHEDULES}')
-    if c.warmup_steps < 0:
-        _fail('warmup_steps', c.warmup_steps, 'must be >= 0')
-    if not c.decay_steps > 0:
-        _fail('decay_steps', c.decay_steps, 'must be > 0 (total steps of the schedule, usually train.steps)')
-    if c.schedule == 'cosine' and c.decay_steps <= c.warmup_steps:
-        _fail('decay_steps', c.decay_steps,
-              f'a cosine schedule needs decay_steps > warmup_steps={c.warmup_steps} (both count from step 0)')
-    if not 0 <= c.min_lr_ratio <= 1:
-        _fail('min_lr_ratio', c.min_lr_ratio, 'the cosine floor as a fraction of lr must be in [0, 1]')
-    for name in ('b1', 'b2'):
-        if not 0 <= c[name] < 1:
-            _fail(name, c[name], 'Adam betas must be in [0, 1)')
-    if not c.eps > 0:
-        _fail('eps', c.eps, 'must be > 0')
-    if c.weight_decay < 0:
-        _fail('weight_decay', c.weight_decay, 'must be >= 0')
-    if c.moment_dtype not in MOMENT_DTYPES:
-        _fail('moment_dtype', c.moment_dtype, f'must be one of {MOMENT_DTYPES}')
-    if c.clip_norm < 0:
-        _fail('clip_norm', c.clip_norm, 'must be >= 0 (0 turns clipping off)')
-    milestones, factors = tuple(c.milestones), tuple(c.milestone_factors)
-    if any(not 0 < m < 1 for m in milestones) or any(a >= b for a, b in zip(milestones, milestones[1:])):
-        _fail('milestones', milestones, 'must be strictly increasing fractions of decay_steps in (0, 1)')
-    if c.schedule == 'multistep' and not milestones:
-        _fail('milestones', milestones, "schedule='multistep' needs at least one milestone, e.g. (0.8, 0.9)")
-    if len(factors) != len(milestones):
-        _fail('milestone_factors', factors, f'needs one factor per milestone ({len(milestones)}: {milestones})')
-    if any(not 0 < f <= 1 for f in factors):
-        _fail('milestone_factors', factors, 'each lr multiplier must be in (0, 1]')
-
-
 def _decay(c) -> optax.Schedule:
     """The schedule after warmup, as a function of the step counted from step 0."""
     if c.schedule == 'constant':
@@ -76,7 +30,7 @@ def _decay(c) -> optax.Schedule:
 
 def make_schedule(optim_cfg) -> optax.Schedule:
     """Linear warmup 0 -> `lr` over `warmup_steps`, then the named decay (its end value held after)."""
-    validate(optim_cfg)
+    config_lib.validate_optim(optim_cfg)
     c = optim_cfg
     decay = _decay(c)
     if c.warmup_steps == 0:
@@ -89,12 +43,17 @@ def make_schedule(optim_cfg) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for the leaves that get weight decay: every parameter with ndim >= 2."""
-    # Matrices (including the embedding and the output head) are decayed; vectors (RMSNorm
-    # scales, biases) are not, as in Megatron/DeepSeek-style AdamW: shrinking a norm scale or a
-    # bias towards 0 is not a regulariser, it changes the function. Embeddings stay decayed
-    # because they are ordinary weight matrices and the DeepSeek papers name no exception.
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for the leaves that get weight decay: the weight matrices, not the RMSNorm scales (`scale`)
+    nor the attention biases (`*_bias`)."""
+    # Matrices (including the embedding and the output head) are decayed; norm scales and biases are
+    # not, as in Megatron/DeepSeek-style AdamW: shrinking a norm scale or a bias towards 0 is not a
+    # regulariser, it changes the function. Embeddings stay decayed because they are ordinary weight
+    # matrices and the DeepSeek papers name no exception. The rule goes by name, not ndim: a scanned
+    # stack's norm scales are [layers, D].
+    def decayed(path, _):
+        name = str(getattr(path[-1], 'key', path[-1]))
+        return not (name == 'scale' or name.endswith('bias'))
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -140,8 +99,8 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: str = 'float32
 
 
 def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
-    """Global-norm clipping (if `clip_norm` > 0), then AdamW on `make_schedule` with decay on ndim >= 2 params
-    and its moments in `moment_dtype`.
+    """Global-norm clipping (if `clip_norm` > 0), then AdamW on `make_schedule` with decay on the weight
+    matrices (`decay_mask`) and its moments in `moment_dtype`.
 
     Args:
       optim_cfg: the `config.optim` section.

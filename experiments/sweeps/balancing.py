@@ -7,25 +7,20 @@ parameters) without the loss's gradient interfering with language modelling (val
 9.50 vs 9.56).
 
 Run:      python -m dsjax.sweep --config=experiments/sweeps/balancing.py --workdir=runs/sweeps/balancing
-Size:     v3_small at width 128, 4 layers (1 dense + 3 MoE, 32 routed experts top-4, group-limited),
-          MTP off, 150 steps of 8 x 64 tokens, 3 seeds: 9 runs, 29 minutes on 2 CPU cores shared with other
-          jobs (less on an idle machine).
-Expect:   global MaxVio on the validation set: bias < aux loss < none (none sits near 4: a few experts
-          take most tokens, and the capacity dispatch drops the overflow). Validation loss differences at
-          150 steps are about the size of the seed spread; the bias run should not be worse than the
-          aux-loss run.
-Measured: (benchmarks/results/sweeps/balancing/report.md; ~3 minutes per run, 178-205 s, on the 2 cores
-          shared with other jobs at load average 15-24)
+Hardware: 2 CPU cores: 9 runs (3 variants x 3 seeds) of v3_small at width 128, 4 layers (1 dense + 3 MoE,
+          32 routed experts top-4, group-limited), MTP off, 150 steps of 8 x 64 tokens; 29 minutes with the
+          cores shared with other jobs (178-205 s per run, load average 15-24).
+Expect:   (measured; benchmarks/results/sweeps/balancing/report.md)
           | variant                         | val_loss      | maxvio_global |
           | aux-loss-free bias (gamma 1e-2) | 6.191 ± 0.111 | 1.167 ± 0.695 |
           | aux loss (alpha 1e-2)           | 6.237 ± 0.126 | 4.466 ± 0.451 |
           | no balancing                    | 6.196 ± 0.089 | 5.460 ± 0.607 |
-          Agrees with the claim on balance: MaxVio 1.2 with the bias against 4.5 with the loss and 5.5
-          with neither; in training the capacity dispatch drops 8-11% of routed tokens with the bias,
-          22-25% with the loss, 45-51% with neither. On loss it agrees in direction only: the bias run is
-          lower than the aux-loss run on every seed (by 0.04, 0.01, 0.08 nats, same data order per
-          seed) but within one seed spread, and ties with no balancing: 150 steps (77K tokens) are far
-          from the 100-200B tokens behind the paper's perplexity gap.
+          Agrees with the claim on balance: in training the capacity dispatch drops 8-11% of routed
+          tokens with the bias, 22-25% with the loss, 45-51% with neither. On loss it agrees in direction
+          only: the bias run is lower than the aux-loss run on every seed (by 0.04, 0.01, 0.08 nats, same
+          data order per seed) but within one seed spread, and ties with no balancing: 150 steps (77K
+          tokens) are far from the 100-200B tokens behind the paper's perplexity gap.
+Variants: the three below; `--print` emits one command per run.
 """
 
 

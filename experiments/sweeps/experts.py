@@ -6,13 +6,15 @@ far more expert combinations possible (C(64, 8) vs C(8, 1)), so experts speciali
 model reaches a lower loss.
 
 Run:      python -m dsjax.sweep --config=experiments/sweeps/experts.py --workdir=runs/sweeps/experts
-Size:     v3_small at width 128, 4 layers (1 dense + 3 MoE), MTP off, no shared expert (its width would
-          change with the granularity), 150 steps of 8 x 64 tokens, 3 seeds: 12 runs, ~40 minutes on 2
-          shared CPU cores (estimated from the balancing sweep's ~3 minutes per run). Every variant has 2,048 routed-expert units per layer of which 256 are activated per
-          token: `activated_params` differ only by the router's 128 x E weights (+1.7% at 64 experts).
-Expect:   validation loss falls with granularity (8 x 256 top-1 highest, 64 x 32 top-8 lowest), by a
-          margin that at 150 steps may be comparable to the seed spread; the routing bias keeps MaxVio
-          low in every variant. Not yet run here.
+Hardware: 2 CPU cores: 12 runs (4 variants x 3 seeds) of v3_small at width 128, 4 layers (1 dense + 3 MoE),
+          MTP off, no shared expert (its width would change with the granularity), 150 steps of 8 x 64
+          tokens; ~40 minutes (estimated from the balancing sweep's ~3 minutes per run).
+Expect:   not yet run here. Validation loss should fall with granularity (8 x 256 top-1 highest, 64 x 32
+          top-8 lowest), by a margin that at 150 steps may be comparable to the seed spread; the routing
+          bias keeps MaxVio low in every variant.
+Variants: 8 x 256 top-1, 16 x 128 top-2, 32 x 64 top-4, 64 x 32 top-8: every variant has 2,048
+          routed-expert units per layer of which 256 are activated per token (`activated_params` differ
+          only by the router's 128 x E weights, +1.7% at 64 experts).
 """
 
 

@@ -5,13 +5,14 @@ then 0.1) densifies the training signal and improves the main model on most benc
 inference cost, the module being dropped (or kept for speculative decoding) after training.
 
 Run:      python -m dsjax.sweep --config=experiments/sweeps/mtp.py --workdir=runs/sweeps/mtp
-Size:     v3_small at width 128, 4 layers (1 dense + 3 MoE), 150 steps of 8 x 64 tokens, 3 seeds: 6 runs,
-          ~20 minutes on 2 shared CPU cores (estimated from the balancing sweep's ~3 minutes per run;
-          the MTP runs cost more per step).
-Expect:   at this scale the main head's validation loss with MTP is about equal to, or slightly worse
-          than, without it: the extra objective competes for a 4-million-parameter model's capacity,
-          and DeepSeek's gains were measured on downstream benchmarks at 16B-671B parameters, not on
-          the loss of a model this small. Not yet run here.
+Hardware: 2 CPU cores: 6 runs (2 variants x 3 seeds) of v3_small at width 128, 4 layers (1 dense + 3 MoE),
+          150 steps of 8 x 64 tokens; ~20 minutes (estimated from the balancing sweep's ~3 minutes per
+          run; the MTP runs cost more per step).
+Expect:   not yet run here. At this scale the main head's validation loss with MTP should be about equal
+          to, or slightly worse than, without it: the extra objective competes for a 4-million-parameter
+          model's capacity, and DeepSeek's gains were measured on downstream benchmarks at 16B-671B
+          parameters, not on the loss of a model this small.
+Variants: MTP depth 1 (lambda 0.3, then 0.1) and no MTP.
 """
 
 

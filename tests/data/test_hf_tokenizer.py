@@ -1,6 +1,9 @@
 """Tests for dsjax/data/hf_tokenizer.py: a tiny byte-level BPE built here, laid out as DeepSeek ships one."""
 import json
+import pathlib
 import pickle
+
+import numpy as np
 
 import pytest
 import tokenizers
@@ -8,7 +11,7 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsjax import config as config_lib
-from dsjax.data import hf_tokenizer
+from dsjax.data import chat, corpus, hf_tokenizer
 from dsjax.data import tokenizer as tokenizer_lib
 
 BOS, EOS = '<｜begin▁of▁sentence｜>', '<｜end▁of▁sentence｜>'
@@ -126,3 +129,46 @@ def test_errors_name_the_file(tok_dir, tmp_path):
     (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'bos_token': BOS, 'eos_token': EOS}))
     with pytest.raises(ValueError, match='has no chat_template'):
         hf_tokenizer.HFTokenizer(tmp_path).apply_chat_template([{'role': 'user', 'content': 'x'}])
+
+
+# The chat template the six R1-Distill checkpoints ship (tokenizer_config.json of deepseek-ai/DeepSeek-R1-Distill-*,
+# e.g. huggingface.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-32B): DeepSeek's format with '<think>\\n' opening every
+# reply, and earlier replies rendered without their reasoning.
+R1_DISTILL_TEMPLATE = pathlib.Path(__file__).with_name('r1_distill_chat_template.jinja').read_text().rstrip('\n')
+
+
+@pytest.fixture(scope='module')
+def r1_tok_dir(tok_dir, tmp_path_factory):
+    """The tokenizer above with an R1-Distill tokenizer_config.json (bos, eos = pad, the R1 template)."""
+    directory = tmp_path_factory.mktemp('r1_tok')
+    (directory / 'tokenizer.json').write_bytes((tok_dir / 'tokenizer.json').read_bytes())
+    config = {'add_bos_token': True, 'add_eos_token': False, 'bos_token': added_token(BOS),
+              'eos_token': added_token(EOS), 'pad_token': added_token(EOS), 'unk_token': None,
+              'model_max_length': 16384, 'tokenizer_class': 'PreTrainedTokenizerFast',
+              'chat_template': R1_DISTILL_TEMPLATE}
+    (directory / 'tokenizer_config.json').write_text(json.dumps(config, ensure_ascii=False))
+    return directory
+
+
+def test_r1_distill_template_matches_transformers_and_masks_the_reply(r1_tok_dir):
+    tok = hf_tokenizer.HFTokenizer(r1_tok_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(r1_tok_dir)
+    reply = '<think>\n2 plus 2 is 4.\n</think>\n\nThe answer is 4.'
+    conversation = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': '2+2?'},
+                    {'role': 'assistant', 'content': reply}, {'role': 'user', 'content': 'and 3+3?'}]
+    for prompt in (False, True):
+        ours = tok.apply_chat_template(conversation, add_generation_prompt=prompt)
+        assert ours == theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=prompt)
+    # Inference: the prompt ends in the forced '<think>\\n'; history keeps only the text after '</think>'.
+    assert ours == f'{BOS}Be brief.{USER}2+2?{ASSISTANT}\n\nThe answer is 4.{EOS}{USER}and 3+3?{ASSISTANT}<think>\n'
+    assert chat.prompt_tokens(tok, conversation) == tok.encode(ours)
+
+    # Training: the reply (reasoning included) continues the generation prompt, then eos; only it is masked in.
+    ids, mask = chat.tokenize_conversation(tok, conversation[1:3])
+    prompt = tok.encode(f'{BOS}{USER}2+2?{ASSISTANT}<think>\n')
+    completion = tok.encode('2 plus 2 is 4.\n</think>\n\nThe answer is 4.') + [tok.eos_id]
+    np.testing.assert_array_equal(ids, prompt + completion)
+    np.testing.assert_array_equal(mask, [0] * len(prompt) + [1] * len(completion))
+    # A second reply cannot follow a reasoning one: the template rewrites the first.
+    with pytest.raises(corpus.DataError, match='one assistant turn per conversation'):
+        chat.tokenize_conversation(tok, conversation[1:] + [{'role': 'assistant', 'content': '6'}])

@@ -3,11 +3,12 @@ import jax
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.infer import cache as cache_lib
 
 
 def _preset(name, **overrides):
-    c = config_lib.apply_preset(config_lib.base_config(), name).model
+    c = presets.apply_preset(config_lib.base_config(), name).model
     c.update(**overrides)
     return config_lib.freeze_model(c)
 

@@ -1,7 +1,7 @@
 """HF checkpoint files in and out (dsjax/interop/hf.py, safetensors_io.py, orbax_io.py, dsjax/convert.py).
 
-Tiny random DeepSeek-LLM (Llama, GQA), DeepSeek-V2 and DeepSeek-V3 (with a DeepSeek-style MTP layer)
-checkpoints written by transformers: round trips are bit-exact, transformers loads our exports with
+Tiny random DeepSeek-LLM (Llama, GQA), R1-Distill layouts (Qwen2; Llama-3 RoPE scaling), DeepSeek-V2 and
+DeepSeek-V3 (with a DeepSeek-style MTP layer) checkpoints written by transformers: round trips are bit-exact, transformers loads our exports with
 the same logits, FP8 block scales dequantise exactly, and bad files fail naming the file and tensor.
 """
 import json
@@ -39,6 +39,12 @@ _MLA = dict(_COMMON, moe_intermediate_size=16, num_hidden_layers=3, first_k_dens
 FAMILIES = {
     # DeepSeek-LLM 67B's layout: Llama with grouped-query attention.
     'llm': ('llama', dict(_COMMON, num_hidden_layers=2, num_key_value_heads=2)),
+    # R1-Distill-Qwen's layout (q/k/v biases, GQA), here with the tied embeddings of the small Qwen2.5 models.
+    'qwen2': ('qwen2', dict(_COMMON, num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=True)),
+    # R1-Distill-Llama's layout: Llama-3.1's RoPE scaling.
+    'llama3': ('llama', dict(_COMMON, num_hidden_layers=2, num_key_value_heads=2, rope_parameters=dict(
+        rope_type='llama3', rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
     # V2-Lite's layout (no q compression), group-limited routing as in V2.
     'v2': ('deepseek_v2', dict(_MLA, q_lora_rank=None, n_shared_experts=2, num_experts_per_tok=3,
                                topk_method='group_limited_greedy', n_group=4, topk_group=2, routed_scaling_factor=2.0)),
@@ -188,7 +194,7 @@ def test_round_trip_is_bit_exact(checkpoints, tmp_path, family):
     model, variables = hf.load(src)
     assert model.cfg.param_dtype == 'bfloat16'
     assert model.cfg.num_nextn_predict_layers == (1 if family == 'v3' else 0)
-    if family != 'llm':
+    if family in ('v2', 'v3'):
         assert variables['moe_bias']['moe_layers']['layers']['mlp']['bias'].dtype == jnp.float32
     hf.save(model, variables, tmp_path / 'bf16')
     assert_same_files(tmp_path / 'bf16', src)
@@ -328,8 +334,8 @@ def test_bad_checkpoints_fail_naming_file_and_tensor(checkpoints, tmp_path):
         hf.load(with_config('shape', intermediate_size=40))
     with pytest.raises(ValueError, match=r"config.json: architectures=\['MixtralForCausalLM'\] is not supported"):
         hf.load(with_config('arch', architectures=['MixtralForCausalLM']))
-    with pytest.raises(ValueError, match=r"config.json: HF model_type='qwen2' is not supported"):
-        hf.load(with_config('model_type', architectures=None, model_type='qwen2'))
+    with pytest.raises(ValueError, match=r"config.json: HF model_type='mixtral' is not supported"):
+        hf.load(with_config('model_type', architectures=None, model_type='mixtral'))
 
     pickled = tmp_path / 'pickled'
     pickled.mkdir()

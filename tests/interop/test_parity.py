@@ -1,5 +1,6 @@
-"""External check of the architectures: tiny random HF Llama / DeepSeek-V2 / DeepSeek-V3 models, mapped
-with dsjax.interop.hf_mapping, give the same float32 logits in dsjax; and the mapping is exactly invertible."""
+"""External check of the architectures: tiny random HF Llama (Llama-3 RoPE scaling too) / Qwen2 / DeepSeek-V2 /
+DeepSeek-V3 models, mapped with dsjax.interop.hf_mapping, give the same float32 logits and greedy generations in
+dsjax; and the mapping is exactly invertible."""
 import dataclasses
 
 import flax.linen as nn
@@ -13,6 +14,7 @@ import transformers
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
 from dsjax.config import base_config, freeze_model
+from dsjax.infer import decode
 from dsjax.interop import hf_mapping
 from dsjax.model import rope
 from dsjax.model.transformer import Transformer
@@ -23,6 +25,14 @@ TOL = 1e-4
 _LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               rms_norm_eps=1e-5, max_position_embeddings=64,
               rope_parameters=dict(rope_type='default', rope_theta=500.0))
+# Llama-3.1's scaling over a head of 8 (4 pairs): with theta 500 the wavelengths are 6, 30, 140 and 664
+# tokens, so against an original context of 64 (low/high factors 1 and 4: bounds 64 and 16) one pair is
+# kept, one blended and two divided by the factor.
+_LLAMA3 = dict(rope_type='llama3', rope_theta=500.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+               original_max_position_embeddings=64)
+# Qwen2: q/k/v biases (o_proj has none), GQA.
+_QWEN2 = dict(_LLAMA, num_key_value_heads=2, rms_norm_eps=1e-6,
+              rope_parameters=dict(rope_type='default', rope_theta=10000.0))
 # rope_theta=100 with a rope width of 8 puts YaRN's ramp across all four pairs (0, 1/3, 2/3, 1) instead
 # of leaving every pair on one side of it; max_position_embeddings = factor x original as in the hub configs.
 _YARN = dict(rope_type='yarn', rope_theta=100.0, factor=4.0, original_max_position_embeddings=64, beta_fast=32,
@@ -39,6 +49,9 @@ _V3 = dict(_MLA, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_grou
 CASES = {
     'llama_mha_tied': ('llama', dict(_LLAMA, num_key_value_heads=4, tie_word_embeddings=True)),
     'llama_gqa': ('llama', dict(_LLAMA, num_key_value_heads=2, head_dim=12)),
+    'llama3_rope_scaling': ('llama', dict(_LLAMA, num_key_value_heads=2, rope_parameters=_LLAMA3)),
+    'qwen2_gqa_tied': ('qwen2', dict(_QWEN2, tie_word_embeddings=True)),
+    'qwen2_gqa_untied': ('qwen2', dict(_QWEN2, tie_word_embeddings=False)),
     'v2_qlora_greedy': ('deepseek_v2', dict(_V2, q_lora_rank=16, topk_method='greedy')),
     # 3 experts from 2 of 4 groups: with k <= topk_group the group limit could never bind.
     'v2_noqlora_group_limited': ('deepseek_v2', dict(_V2, q_lora_rank=None, topk_method='group_limited_greedy',
@@ -151,7 +164,8 @@ def test_mla_softmax_scale_matches_installed_hf():
 # ---------------------------------------------------------------- exact round trips
 
 
-@pytest.mark.parametrize('case', ['llama_mha_tied', 'llama_gqa', 'v2_noqlora_group_limited', 'v3_qlora'])
+@pytest.mark.parametrize('case', ['llama_mha_tied', 'llama_gqa', 'qwen2_gqa_tied', 'v2_noqlora_group_limited',
+                                  'v3_qlora'])
 def test_state_round_trip_is_exact(case):
     model = hf_model(case)
     fused = state_of(model)
@@ -299,10 +313,14 @@ def test_old_style_rope_scaling_config():
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="model_type='mixtral'"):
         hf_mapping.model_fields_from_hf({'model_type': 'mixtral'})
-    llama3 = dict(CASES['llama_gqa'][1], model_type='llama',
-                  rope_parameters=dict(rope_type='llama3', rope_theta=500.0, factor=8.0))
-    with pytest.raises(ValueError, match="'llama3'"):
-        hf_mapping.model_fields_from_hf(llama3)
+    dynamic = dict(CASES['llama_gqa'][1], model_type='llama',
+                   rope_parameters=dict(rope_type='dynamic', rope_theta=500.0, factor=8.0))
+    with pytest.raises(ValueError, match="'dynamic'"):
+        hf_mapping.model_fields_from_hf(dynamic)
+    with pytest.raises(ValueError, match='use_sliding_window'):
+        hf_mapping.model_fields_from_hf(dict(CASES['qwen2_gqa_tied'][1], model_type='qwen2', use_sliding_window=True))
+    with pytest.raises(ValueError, match='attention_bias'):  # Llama's bias includes o_proj's
+        hf_mapping.model_fields_from_hf(dict(CASES['llama_gqa'][1], model_type='llama', attention_bias=True))
 
     model = hf_model('v2_noqlora_group_limited')
     state = state_of(model)
@@ -316,3 +334,22 @@ def test_errors_name_the_problem():
         hf_mapping.params_from_hf(bad, cfg)
     with pytest.raises(ValueError, match='no place'):
         hf_mapping.params_from_hf(dict(state, **{'model.layers.0.self_attn.q_proj.bias': state[name]}), cfg)
+
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize('case', ['qwen2_gqa_untied', 'llama3_rope_scaling'])
+def test_greedy_generation_matches_hf_generate(case):
+    """dsjax's cached greedy decoding continues two prompts with exactly the tokens HF's generate picks."""
+    model = hf_model(case)
+    cfg = our_config(model.config.to_dict())
+    params, _ = hf_mapping.params_from_hf(state_of(model), cfg)
+    prompts = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 5))
+    new = 12
+    with torch.no_grad():
+        want = model.generate(torch.from_numpy(prompts).long(), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                              max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                              pad_token_id=0).numpy()[:, prompts.shape[1]:]
+    got = decode.generate(cfg, {'params': params}, [list(p) for p in prompts], max_new_tokens=new)
+    np.testing.assert_array_equal(np.asarray(got.tokens), want)

@@ -15,7 +15,7 @@ from dsjax.model.transformer import Transformer
 
 ROUTING = config_lib.ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_hidden_layers=1,
                                  num_attention_heads=1, num_key_value_heads=1, n_routed_experts=8)
-STRATEGIES = ('ragged', 'capacity', 'grouped', 'expert_parallel')
+STRATEGIES = ('ragged', 'capacity', 'grouped', 'gather', 'expert_parallel')
 
 
 def _route(scores, bias=None, **fields):
@@ -198,13 +198,14 @@ def test_dispatch_equals_dense_when_nothing_is_dropped(strategy, e, k):
         assert float(dropped) == 0.0
 
 
-@pytest.mark.parametrize('block', [None, 8])
-def test_grouped_equals_dense_values_and_grads_under_skewed_routing(block):
-    """Dropless whatever the load: every token on expert 0 except a few, blocks padded per expert."""
+@pytest.mark.parametrize('strategy', ['grouped', 'grouped_block8', 'ragged', 'gather'])
+def test_dropless_equals_dense_values_and_grads_under_skewed_routing(strategy):
+    """Dropless whatever the load: every token on expert 0 except a few, several experts empty (grouped
+    blocks padded per expert; ragged_dot's groups of size 0)."""
     x, weights, _, gate, up, down = _dispatch_inputs(3, tokens=40, e=8, k=2)
     idx = jnp.zeros((40, 2), jnp.int32).at[:, 1].set(jnp.arange(40) % 3 + 1)
-    grouped = _sum_sq(lambda *a: moe.dispatch_grouped(*a, block=block), None)
-    got = jax.jit(jax.value_and_grad(grouped, argnums=(0, 1, 2, 3, 4)))(x, weights, gate, up, down, idx)
+    dispatch = (lambda *a: moe.dispatch_grouped(*a, block=8)) if strategy == 'grouped_block8' else moe.DISPATCH[strategy]
+    got = jax.jit(jax.value_and_grad(_sum_sq(dispatch, None), argnums=(0, 1, 2, 3, 4)))(x, weights, gate, up, down, idx)
     want = jax.value_and_grad(_sum_sq(moe.dispatch_dense, None), argnums=(0, 1, 2, 3, 4))(
         x, weights, gate, up, down, idx)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -221,9 +222,37 @@ def test_grouped_block_size_bounds_the_padding(assignments, experts):
 def test_auto_dispatch_picks_capacity_for_drops_and_grouped_or_ragged_for_dropless():
     assert moe.resolve_dispatch('auto', 1.25, 'cpu') == 'capacity'
     assert moe.resolve_dispatch('auto', 0.0, 'cpu') == 'grouped'
-    assert moe.resolve_dispatch('auto', 0.0, 'gpu') == 'grouped'
+    assert moe.resolve_dispatch('auto', 0.0, 'gpu') == 'ragged'
     assert moe.resolve_dispatch('auto', 0.0, 'tpu') == 'ragged'
     assert moe.resolve_dispatch('dense', 1.25, 'cpu') == 'dense'
+
+
+def test_inference_dispatch_gathers_few_assignments_and_never_uses_capacity_buffers():
+    # Decoding 4 rows of a top-2 model with 8 experts: 8 assignments, the selected experts' weights only.
+    assert moe.inference_dispatch('capacity', 8, 8, 'cpu') == 'gather'
+    assert moe.inference_dispatch('grouped', 8, 8, 'cpu') == 'gather'
+    # More assignments than experts: capacity's buffers would hold every token for every expert.
+    assert moe.inference_dispatch('capacity', 64, 8, 'cpu') == 'grouped'
+    assert moe.inference_dispatch('expert_parallel', 64, 8, 'gpu') == 'ragged'
+    assert moe.inference_dispatch('grouped', 64, 8, 'gpu') == 'grouped'
+    assert moe.inference_dispatch('dense', 8, 8, 'cpu') == 'dense'
+    with jax.set_mesh(_mesh(4)):
+        assert moe.inference_dispatch('expert_parallel', 8, 8, 'cpu') == 'expert_parallel'
+
+
+def test_moe_layer_decoding_a_few_tokens_equals_the_training_forward():
+    """At 3 x 1 tokens (6 assignments <= 8 experts) evaluation takes the gather path; training (capacity
+    with room for everything) and the dense reference give the same output and load."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 1, 32))
+    mask = jnp.ones((3, 1))
+    train = moe.MoE(_tiny_moe_config('capacity', capacity_factor=8.0))
+    variables = _random_variables(train, x, mask)
+    want, want_aux = jax.jit(lambda x: train.apply(variables, x, mask, deterministic=False))(x)
+    assert abs(float(want_aux['dropped'])) < 1e-6
+    for dispatch in ('capacity', 'dense'):
+        got, aux = jax.jit(moe.MoE(_tiny_moe_config(dispatch)).apply)(variables, x, mask)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        np.testing.assert_array_equal(aux['load'], want_aux['load'])
 
 
 def _np_capacity_reference(x, weights, idx, gate, up, down, capacity):
@@ -431,3 +460,33 @@ def test_padding_never_takes_a_real_tokens_capacity(dispatch):
         noise = 3 * jax.random.normal(jax.random.PRNGKey(seed), x.shape)
         y2, _ = apply(jnp.where(mask[..., None] > 0, x, noise))
         np.testing.assert_allclose(y2[mask > 0], y[mask > 0], atol=1e-6)
+
+
+# ---------------------------------------------------------------- the grouped GEMM kernels on a TPU topology
+
+def test_ragged_dispatch_compiles_to_grouped_kernels_for_a_tpu():
+    """Compiled for a TPU (libtpu, no TPU needed), dispatch_ragged's forward and backward are tokamax's
+    megablox kernels (2 forward, 4 backward) with no dot left in the optimized HLO, and the compiler counts
+    the routed rows' FLOPs only: 3 GEMMs x (forward + 2 backward) x 2 T K D F, not E / K times that."""
+    import os
+    import re
+    from jax.experimental import topologies
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # other test processes may hold libtpu
+    device = topologies.get_topology_desc(topology_name='v5e:1x1', platform='tpu', chips_per_host_bounds=(1, 1, 1),
+                                          num_slices=1, wrap=(False, False, False)).devices[0]
+    t, k, e, d, f = 384, 2, 16, 256, 128  # the megablox kernel takes widths >= 128
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+
+    def loss(x, weights, gate, up, down, idx):
+        return jnp.sum(moe.dispatch_ragged(x, weights, idx, gate, up, down, None)[0].astype(jnp.float32) ** 2)
+
+    with jax.default_device(device), jax.set_mesh(jax.sharding.Mesh([device], ('data',))):
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).lower(
+            spec(t, d), spec(t, k), spec(e, d, f), spec(e, d, f), spec(e, f, d), spec(t, k, dtype=jnp.int32)).compile()
+    hlo = compiled.as_text()
+    assert len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)) == 6
+    assert len(re.findall(r'%t?gmm_megablox', hlo)) >= 6
+    assert not re.search(r' (dot|convolution)\(', hlo)
+    routed = 3 * 3 * 2 * t * k * d * f
+    assert routed <= compiled.cost_analysis()['flops'] <= 1.05 * routed

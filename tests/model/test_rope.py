@@ -88,3 +88,36 @@ def test_yarn_matches_hf_rope_utils(scaling):
     inv_hf, attention_factor = ROPE_INIT_FUNCTIONS['yarn'](hf)
     np.testing.assert_allclose(rope.inv_frequencies(64, 10000.0, scaling), inv_hf.numpy(), rtol=1e-6)
     assert abs(rope.cos_sin_scale(scaling) - attention_factor) < 1e-7
+
+
+LLAMA31 = RopeScaling(type='llama3', factor=8.0, original_max_position_embeddings=8192, low_freq_factor=1.0,
+                      high_freq_factor=4.0)
+
+
+def test_llama3_scaling_by_hand():
+    """Llama-3.1 (theta 5e5, 128-wide heads): wavelengths under 8192/4 = 2048 tokens keep their frequency,
+    those over 8192 are divided by 8, and pair j in between is blended by s = (8192 / wavelength - 1) / 3."""
+    inv = rope.inv_frequencies(128, 500000.0, LLAMA31)
+    base = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
+    wavelength = 2 * math.pi / base
+    short, long_ = wavelength < 2048, wavelength > 8192
+    assert short.sum() and long_.sum() and (~short & ~long_).sum()  # all three regimes are present
+    np.testing.assert_allclose(inv[short], base[short], rtol=1e-6)
+    np.testing.assert_allclose(inv[long_], base[long_] / 8, rtol=1e-6)
+    j = int(np.flatnonzero(~short & ~long_)[0])
+    s = (8192 / wavelength[j] - 1) / 3
+    assert inv[j] == pytest.approx(base[j] * ((1 - s) / 8 + s), rel=1e-6)
+    assert rope.cos_sin_scale(LLAMA31) == 1.0 and rope.softmax_scale(128, LLAMA31) == 128 ** -0.5
+
+
+def test_llama3_matches_hf_rope_utils():
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
+              'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
+    hf = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=params,
+                                  max_position_embeddings=131072)
+    inv_hf, attention_factor = ROPE_INIT_FUNCTIONS['llama3'](hf)
+    np.testing.assert_allclose(rope.inv_frequencies(128, 500000.0, LLAMA31), inv_hf.numpy(), rtol=1e-6)
+    assert attention_factor == rope.cos_sin_scale(LLAMA31)

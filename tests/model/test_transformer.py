@@ -72,21 +72,47 @@ def test_gqa_with_all_kv_heads_is_plain_mha(tiny_model):
     np.testing.assert_allclose(np.asarray(got)[0, :, :, 0], np.einsum('nls,snk->lnk', probs, v[0]), atol=1e-5)
 
 
-@pytest.mark.parametrize('q_per_kv,v_dim', [(2, 8), (1, 5)], ids=['gqa', 'mla_narrow_values'])
-def test_fused_attention_equals_xla_einsums(q_per_kv, v_dim):
-    """The jax.nn.dot_product_attention path (the one cudnn takes on GPU; 'xla' here) on a packed mask,
-    grouped heads and values narrower than the keys (MLA, zero-padded) equals our einsum attention."""
+@pytest.mark.parametrize('causal', [False, True])
+def test_fused_attention_equals_xla_einsums(causal):
+    """The jax.nn.dot_product_attention path (the one cudnn takes on GPU; 'xla' here) on a packed mask
+    and grouped heads equals our einsum attention, told the mask is causal or not."""
     from dsjax.model import attention
 
     rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.normal(size=(2, 6, 3, q_per_kv, 8)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(2, 6, 3, v_dim)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(2, 6, 3, 2, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32) for _ in range(2))
     mask = attention.attention_mask(jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]]))
     want = attention.dot_product_attention(q, k, v, mask, 0.35)
-    got = attention.fused_attention(q, k, v, mask, 0.35, implementation='xla')
-    assert got.shape == want.shape == (2, 6, 3, q_per_kv, v_dim)
+    got = attention.fused_attention(q, k, v, mask, 0.35, implementation='xla', causal=causal)
+    assert got.shape == want.shape == (2, 6, 3, 2, 8)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_fused_attention_hands_mla_values_to_cudnn_unpadded(monkeypatch):
+    """MLA's values (narrower than the keys) reach cuDNN's binding as they are, with the packed mask and
+    the causal mask type; with a stand-in kernel (einsums; cuDNN needs a GPU) the output is our einsum
+    attention's."""
+    from dsjax.model import attention
+
+    calls = []
+
+    def kernel(q, k, v, mask, scale, mask_type):
+        calls.append((v.shape, mask_type))
+        logits = jnp.einsum('BLNK,BSNK->BNLS', q, k) * scale
+        return jnp.einsum('BNLS,BSNU->BLNU', jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1), v)
+
+    monkeypatch.setattr(attention.cudnn_attention, 'dot_product_attention', kernel)
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(2, 6, 3, 1, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 6, 3, 5)), jnp.float32)
+    segments = jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]])
+    got = attention.self_attention(q, k, v, segments, 0.35, impl='cudnn')
+    want = attention.dot_product_attention(q, k, v, attention.attention_mask(segments), 0.35)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert calls == [((2, 6, 3, 5), attention.cudnn_attention.MaskType.CAUSAL)]
+    with pytest.raises(ValueError, match='equal key and value widths'):
+        attention.fused_attention(q, k, v, attention.attention_mask(segments), 0.35, implementation='xla')
 
 
 def test_attention_impl_auto_picks_cudnn_and_splash_only_where_they_apply():
@@ -100,11 +126,15 @@ def test_attention_impl_auto_picks_cudnn_and_splash_only_where_they_apply():
     assert attention.resolve_impl(cfg(dtype='bfloat16'), 128, 128) == 'blocked'  # this backend is the CPU
     assert attention.resolve_impl(cfg(dtype='bfloat16'), 128, 128, backend='gpu') == 'cudnn'
     assert attention.resolve_impl(cfg(dtype='float32'), 128, 128, backend='gpu') == 'xla'
-    assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='gpu') == 'xla'  # MLA widths
+    assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='gpu') == 'xla'  # MLA, no Hopper here
     assert attention.resolve_impl(cfg(dtype='bfloat16', attention_impl='xla'), 64, 64, backend='gpu') == 'xla'
     assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='tpu') == 'xla'  # length unknown
     assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='tpu', length=4096) == 'splash'
     assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='tpu', length=100) == 'xla'
+    assert attention.cudnn_takes(192, 128, compute_capability='9.0')  # MLA from Hopper on
+    assert not attention.cudnn_takes(192, 128, compute_capability='8.0')
+    assert attention.cudnn_takes(128, 128, compute_capability='8.0')
+    assert not attention.cudnn_takes(320, 128, compute_capability='10.0')
 
 
 def test_remat_auto_saves_attention_on_cpu_only():

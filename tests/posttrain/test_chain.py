@@ -5,6 +5,7 @@ import ml_collections
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax import stages
 from dsjax.posttrain import chain
 
@@ -26,7 +27,7 @@ def test_references_name_earlier_stage_directories():
 
 
 def _sft_stage(steps=2):
-    c = config_lib.load_experiment(REPO_FILE, 'llm_small', 'smoke')
+    c = presets.load_experiment(REPO_FILE, 'llm_small', 'smoke')
     c.stage = 'sft'
     c.sft.update(source='cold_start', tasks=('arithmetic:1',), examples=16, val_examples=8)
     c.data.seq_len = 64
@@ -53,6 +54,15 @@ def test_unknown_reference_is_a_config_error_naming_the_stage(tmp_path):
     c.stages.second.sft.update(source='jsonl', paths=('{nope}/samples.jsonl',))
     with pytest.raises(config_lib.ConfigError, match="stage 'second'.*'nope'"):
         stages.chain_configs(c, tmp_path)
+
+
+def test_a_bad_field_of_a_later_stage_fails_before_the_first_stage_runs(tmp_path):
+    c = _chain()
+    c.stages.second.stage = 'grpo'
+    c.stages.second.grpo.update(batch_size=12, group_size=8)
+    with pytest.raises(config_lib.ConfigError, match="stage 'second'.*config.grpo.batch_size=12"):
+        stages.run(c, tmp_path / 'chain')
+    assert not (tmp_path / 'chain').exists()
 
 
 def test_chain_runs_evaluates_and_resumes(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.posttrain import distill, losses, sft
 from dsjax.train import logger
 
@@ -58,7 +59,7 @@ def test_distill_loss_is_masked_to_completion_tokens():
 
 
 def _sft_config(experiment):
-    c = config_lib.load_experiment(REPO_FILE, experiment, 'smoke')
+    c = presets.load_experiment(REPO_FILE, experiment, 'smoke')
     c.stage = 'sft'
     c.sft.update(source='cold_start', tasks=('arithmetic:1',), examples=32, val_examples=8)
     c.data.seq_len = 64

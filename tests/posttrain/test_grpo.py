@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.data import tasks
 from dsjax.posttrain import grpo, losses
 from dsjax.train import logger
@@ -82,7 +83,7 @@ def test_evaluate_counts_samples_first_answers_and_tasks(monkeypatch):
 def tiny_config(tmp_path, **grpo_fields):
     c = config_lib.base_config()
     c.stage = 'grpo'
-    config_lib.smoke(c)
+    presets.smoke(c)
     c.model.vocab_size = 320
     c.model.max_position_embeddings = 512
     c.data.update(source='tasks', tasks=('arithmetic:1',), task_documents=300, cache_dir=str(tmp_path / 'cache'))

@@ -5,6 +5,7 @@ import jax
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.data import chat, tasks
 from dsjax.posttrain import rejection, sft
 
@@ -37,23 +38,23 @@ def test_bad_fields_are_named():
     c.init.checkpoint = 'somewhere'
     c.rejection.samples = 0
     with pytest.raises(config_lib.ConfigError, match='rejection.samples'):
-        rejection.validate(c)
+        rejection.validate(c, 1)
     c.rejection.samples = 2
     c.rejection.template = 'fancy'
     with pytest.raises(config_lib.ConfigError, match='rejection.template'):
-        rejection.validate(c)
+        rejection.validate(c, 1)
     c.rejection.template = 'chat'
     c.rejection.keep = 'some'
     with pytest.raises(config_lib.ConfigError, match='rejection.keep'):
-        rejection.validate(c)
+        rejection.validate(c, 1)
     c.rejection.keep = 'correct'
     c.init.checkpoint = ''
     with pytest.raises(config_lib.ConfigError, match='init.checkpoint'):
-        rejection.validate(c)
+        rejection.validate(c, 1)
 
 
 def test_stage_writes_an_sft_set_and_statistics(tmp_path):
-    c = config_lib.load_experiment(__file__.replace('tests/posttrain/test_rejection.py', 'experiments/x.py'),
+    c = presets.load_experiment(__file__.replace('tests/posttrain/test_rejection.py', 'experiments/x.py'),
                                    'llm_small', 'smoke')
     c.stage = 'sft'
     c.sft.update(source='cold_start', tasks=('arithmetic:1',), examples=16, val_examples=8)

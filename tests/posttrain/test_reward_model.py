@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.data import tasks
 from dsjax.posttrain import losses, reward_model, rewards
 from dsjax.train import logger
@@ -52,7 +53,7 @@ def test_preference_pairs_differ_in_correctness():
 
 
 def test_reward_stage_trains_and_serves_as_a_grpo_reward(tmp_path):
-    c = config_lib.load_experiment(__file__.replace('tests/posttrain/test_reward_model.py', 'experiments/x.py'),
+    c = presets.load_experiment(__file__.replace('tests/posttrain/test_reward_model.py', 'experiments/x.py'),
                                    'llm_small', 'smoke')
     c.stage = 'reward'
     c.reward.update(tasks=('arithmetic:1',), pairs=64, val_pairs=16)

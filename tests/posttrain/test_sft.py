@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.posttrain import losses, sft
 from dsjax.model.transformer import Transformer
 from dsjax.train import logger
@@ -81,26 +82,26 @@ def test_bad_fields_are_named():
     c = config_lib.base_config()
     c.stage = 'sft'
     with pytest.raises(config_lib.ConfigError, match='sft.paths'):
-        sft.validate(c)
+        sft.validate(c, 1)
     c.sft.source = 'cold_start'
     c.sft.tasks = ('arithmetic:9',)
     with pytest.raises(config_lib.ConfigError, match='sft.tasks'):
-        sft.validate(c)
+        sft.validate(c, 1)
     c.sft.tasks = ('countdown:3',)
     c.sft.micro_batches = 3
     with pytest.raises(config_lib.ConfigError, match='sft.micro_batches'):
-        sft.validate(c)
+        sft.validate(c, 1)
     c.sft.micro_batches = 1
     c.sft.template = 'r1'
     with pytest.raises(config_lib.ConfigError, match="sft.template='r1'.*'zero', 'chat'"):
-        sft.validate(c)
+        sft.validate(c, 1)
     c.sft.template, c.sft.system = 'zero', 'Be brief.'
     with pytest.raises(config_lib.ConfigError, match='sft.system.*R1-Zero template has no system prompt'):
-        sft.validate(c)
+        sft.validate(c, 1)
 
 
 def test_cold_start_sft_stage_lowers_the_assistant_loss(tmp_path):
-    c = config_lib.load_experiment(__file__.replace('tests/posttrain/test_sft.py', 'experiments/x.py'),
+    c = presets.load_experiment(__file__.replace('tests/posttrain/test_sft.py', 'experiments/x.py'),
                                    'llm_small', 'smoke')
     c.stage = 'sft'
     c.sft.update(source='cold_start', tasks=('arithmetic:1',), examples=64, val_examples=16, micro_batches=2)

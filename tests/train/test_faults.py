@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.data import pipeline
 from dsjax.train import checkpoint, logger, loop
 from dsjax.train.state import TrainState
@@ -26,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config(steps, experiment='llm_small', **train):
-    c = config_lib.load_experiment(str(REPO / 'experiments' / 'any.py'), experiment, 'smoke')
+    c = presets.load_experiment(str(REPO / 'experiments' / 'any.py'), experiment, 'smoke')
     c.train.update(steps=steps, async_checkpoint=False, eval_every=100, peak_flops=1e12, **train)
     c.optim.decay_steps = 8
     c.mesh.data = 1

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.train import checkpoint, logger, loop
 
 LAYOUTS = {
@@ -15,7 +16,7 @@ LAYOUTS = {
 
 def _config(steps=4, **mesh):
     c = config_lib.base_config()
-    config_lib.smoke(c)
+    presets.smoke(c)
     c.train.steps = steps
     c.train.async_checkpoint = False
     c.optim.decay_steps = 8
@@ -94,7 +95,7 @@ def test_init_checkpoint_carries_params_and_routing_bias(tmp_path):
     from dsjax.model.transformer import Transformer
     from dsjax.train import optim
 
-    c = config_lib.load_experiment(__file__.replace('tests/train/test_loop.py', 'experiments/x.py'), 'v3_small',
+    c = presets.load_experiment(__file__.replace('tests/train/test_loop.py', 'experiments/x.py'), 'v3_small',
                                    'smoke')
     c.mesh.data = 1
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])

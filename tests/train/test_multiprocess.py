@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dsjax import config as config_lib
+from dsjax import presets
 from dsjax.data import pipeline
 from dsjax.train import logger, loop
 
@@ -67,7 +67,7 @@ def one_process_run(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, 'make_train_iterator', all_hosts)
-        c = config_lib.load_experiment(str(REPO / 'experiments' / 'any.py'), 'llm_small', 'smoke')
+        c = presets.load_experiment(str(REPO / 'experiments' / 'any.py'), 'llm_small', 'smoke')
         c.train.update(**OVERRIDES)
         loop.run(c, workdir)
     return workdir

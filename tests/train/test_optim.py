@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from dsjax import config as config_lib
 from dsjax.train import optim
 
 
@@ -55,14 +56,16 @@ def test_constant_and_no_warmup():
 
 def test_weight_decay_only_on_matrices():
     cfg = _cfg(schedule='constant', warmup_steps=0, weight_decay=0.5, clip_norm=0.0)
-    params = {'w': jnp.full((2, 3), 2.0), 'scale': jnp.full((3,), 2.0)}
-    grads = {'w': jnp.full((2, 3), 0.3), 'scale': jnp.full((3,), 0.3)}
+    # A scanned stack's norm scales and q biases are 2-D ([layers, D], [layers, N, K]) and still not decayed.
+    params = {'w': jnp.full((2, 3), 2.0), 'scale': jnp.full((4, 3), 2.0), 'q_bias': jnp.full((4, 2, 3), 2.0)}
+    grads = {'w': jnp.full((2, 3), 0.3), 'scale': jnp.full((4, 3), 0.3), 'q_bias': jnp.full((4, 2, 3), 0.3)}
     tx = optim.make_optimizer(cfg)
     updates, _ = tx.update(grads, tx.init(params), params)
     # First AdamW step by hand: m_hat = g, v_hat = g^2, so the Adam direction is g / (|g| + eps).
     adam = 0.3 / (0.3 + cfg.eps)
     np.testing.assert_allclose(updates['w'], -cfg.lr * (adam + 0.5 * 2.0), rtol=1e-6)
     np.testing.assert_allclose(updates['scale'], -cfg.lr * adam, rtol=1e-6)
+    np.testing.assert_allclose(updates['q_bias'], -cfg.lr * adam, rtol=1e-6)
     # A mask fixed up front from abstract params gives the same update.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     tx2 = optim.make_optimizer(cfg, abstract)
@@ -112,7 +115,7 @@ def test_clip_matches_optax(max_norm):
 ])
 def test_validation_names_field(field, value):
     with pytest.raises(ValueError, match=rf'optim\.{field}='):
-        optim.validate(_cfg(**{field: value}))
+        config_lib.validate_optim(_cfg(**{field: value}))
 
 
 @pytest.mark.parametrize('milestones, factors, field', [
@@ -126,12 +129,12 @@ def test_validation_names_field(field, value):
 def test_validation_multistep(milestones, factors, field):
     cfg = _cfg(schedule='multistep', milestones=milestones, milestone_factors=factors)
     with pytest.raises(ValueError, match=rf'optim\.{field}='):
-        optim.validate(cfg)
+        config_lib.validate_optim(cfg)
 
 
 def test_valid_configs_pass():
-    optim.validate(_cfg())
-    optim.validate(_cfg(schedule='multistep', milestones=(0.8, 0.9), milestone_factors=(0.316, 0.1)))
+    config_lib.validate_optim(_cfg())
+    config_lib.validate_optim(_cfg(schedule='multistep', milestones=(0.8, 0.9), milestone_factors=(0.316, 0.1)))
 
 
 def test_bfloat16_moments_track_float32_adam():

@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 from dsjax import sharding
 from dsjax.data import pipeline
 from dsjax.data import tokenizer as tokenizer_lib
@@ -21,7 +22,7 @@ DATA_TENSOR_4 = dict(data=2, fsdp=1, expert=1, tensor=2)
 
 def _config(steps, mesh):
     c = config_lib.base_config()
-    config_lib.smoke(c)
+    presets.smoke(c)
     c.train.update(steps=steps, async_checkpoint=False, peak_flops=1e12, keep_checkpoints=5)
     c.optim.decay_steps = 8
     c.mesh.update(**mesh)
