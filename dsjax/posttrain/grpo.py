@@ -259,10 +259,9 @@ def run(config, workdir, devices=None, extra_rewards=None) -> dict:
         init, abstract_state, state_shardings = loop.build_state_fns(model, optimizer, mesh, 8)
 
         def initial_state():
-            state = init(jax.random.PRNGKey(tcfg.seed))
-            if config.init.checkpoint:
-                state = loop.start_from(config.init.checkpoint, model_cfg, abstract_state, state)
-            return state
+            weights = (loop.start_from(config.init.checkpoint, model_cfg, abstract_state)
+                       if config.init.checkpoint else ())
+            return init(jax.random.PRNGKey(tcfg.seed), *weights)
 
         restored = ckpt.restore_latest(abstract_state)
         state = restored[1] if restored is not None else initial_state()

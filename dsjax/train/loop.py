@@ -36,7 +36,8 @@ class NonFiniteError(FloatingPointError):
 
 
 def build_state_fns(model, optimizer, mesh, seq_len: int):
-    """Jitted init placed by the logical rules, plus the abstract (sharded) state for restores."""
+    """Jitted init(rng[, params, buffers]) placed by the logical rules (see init_state), plus the abstract
+    (sharded) state for restores and its shardings."""
 
     def init_boxed(rng):
         params_rng, state_rng = jax.random.split(rng)
@@ -45,10 +46,21 @@ def build_state_fns(model, optimizer, mesh, seq_len: int):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                           rng=state_rng, buffers=dict(variables), nonfinite_skips=jnp.zeros((), jnp.int32))
 
+    def init_state(rng, params=None, buffers=None):
+        """A fresh state; with a checkpoint's `params` (the whole tree, or some of its top-level entries:
+        the rest keep their initialisation) and `buffers`, the optimizer starts from those, and the random
+        parameters they replace are never drawn (unused, XLA drops them): one copy of the weights in memory."""
+        state = nn.unbox(init_boxed(rng))
+        if params is None:
+            return state
+        params = {**state.params, **params}
+        return state.replace(params=params, opt_state=optimizer.init(params),
+                             buffers=state.buffers if buffers is None else buffers)
+
     rng_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     boxed = jax.eval_shape(init_boxed, rng_shape)
     shardings = sharding.logical_sharding(boxed, mesh)
-    init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)
+    init = jax.jit(init_state, out_shardings=shardings, donate_argnums=(1, 2))
     unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
                            boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
@@ -121,7 +133,8 @@ class Stage:
     train_step: pure (state, batch) -> (state, metrics); metrics hold at least `loss` and `grad_norm`.
     eval_step: pure (state, batch) -> sums `evaluate` accumulates.
     evaluate: (jitted eval_step, state, eval_batches, mesh) -> metrics.
-    start_from: (init.checkpoint path, model_cfg, abstract_state, state) -> state.
+    start_from: (init.checkpoint path, model_cfg, abstract_state) -> (params, buffers or None), which
+      `init(rng, params, buffers)` builds the first state around (params may be a subset of the top level).
     """
     model: Any
     train_iter: Iterator[dict]
@@ -184,9 +197,9 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
             logging.info('Resuming from %s step %d', ckpt.directory, restored[0])
             state = restored[1]
         else:
-            state = init(jax.random.PRNGKey(tcfg.seed))
-            if config.init.checkpoint:
-                state = stage.start_from(config.init.checkpoint, model_cfg, abstract_state, state)
+            weights = (stage.start_from(config.init.checkpoint, model_cfg, abstract_state)
+                       if config.init.checkpoint else ())
+            state = init(jax.random.PRNGKey(tcfg.seed), *weights)
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         logging.info('Model: %s parameters, %s activated matmul parameters per token', f'{n_params:,}',
                      f'{flops.activated_matmul_params(model_cfg):,}')
@@ -277,19 +290,18 @@ def close_stage(stop: _StopSignal, ckpt, metrics_log) -> None:
     metrics_log.close()
 
 
-def start_from(path: str, model_cfg, abstract_state, state):
-    """`state` with the weights of `init.checkpoint`: a HF directory or a previous stage's Orbax
-    checkpoint; both give params and, where they hold it, the MoE routing bias (each device reads
-    only its slice)."""
+def start_from(path: str, model_cfg, abstract_state):
+    """The weights of `init.checkpoint`, a HF directory or a previous stage's Orbax checkpoint, placed as
+    `abstract_state` places them (each device reads only its slice): (params, buffers), buffers None where
+    the checkpoint holds no MoE routing bias. `init(rng, params, buffers)` builds the state around them."""
     if hf.is_hf_checkpoint(path):
         logging.info('Starting from the HF checkpoint %s', path)
-        params, buffers = hf.load_into(path, model_cfg, abstract_state.params, abstract_state.buffers)
-        return state.replace(params=params, buffers=buffers)
+        return hf.load_into(path, model_cfg, abstract_state.params, abstract_state.buffers)
     restored = checkpoint.restore_subtrees(_checkpoint_dir(path), {'params': abstract_state.params,
                                                                    'buffers': abstract_state.buffers})
-    if state.buffers and 'buffers' not in restored:
+    if abstract_state.buffers and 'buffers' not in restored:
         logging.warning('init.checkpoint=%s holds no routing bias: it starts at zero', path)
-    return state.replace(params=restored['params'], buffers=restored.get('buffers', state.buffers))
+    return restored['params'], restored.get('buffers')
 
 
 def _checkpoint_dir(path: str) -> pathlib.Path:
