@@ -200,7 +200,8 @@ def causal_block_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, s
 def splash_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: float, interpret: bool = False):
     """self_attention through Pallas' TPU splash kernel (flash attention over causal blocks: the [L, L]
     scores never exist, the blocks above the diagonal are skipped), per device under shard_map: rows
-    over the batch axes, kv heads over `tensor`. `interpret` runs the kernel on the CPU (tests)."""
+    over the batch axes (or, for fewer rows, kv heads over them), kv heads over `tensor`. `interpret` runs
+    the kernel on the CPU (tests)."""
     b, length, g, nq, kd = q_BxLxGxQxK.shape
     q_BxNxLxK = jnp.moveaxis(q_BxLxGxQxK * jnp.asarray(scale, q_BxLxGxQxK.dtype), 1, 3).reshape(b, g * nq, length, kd)
     k_BxGxLxK, v_BxGxLxU = jnp.moveaxis(k_BxLxGxK, 1, 2), jnp.moveaxis(v_BxLxGxU, 1, 2)
@@ -219,11 +220,15 @@ def splash_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: 
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
         batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-        # Rows that do not split over the batch axes (the init's one row, batch-1 serving) stay whole.
-        batch = batch if b % math.prod(mesh.shape[a] for a in batch) == 0 else None
-        heads = P(batch, 'tensor' if 'tensor' in mesh.axis_names else None)
+        tensor = ('tensor',) if 'tensor' in mesh.axis_names else ()
+        ways = lambda axes: math.prod(mesh.shape[a] for a in axes)
+        rows, head_axes = (batch, tensor) if b % ways(batch) == 0 else (None, batch + tensor)
+        # Rows that do not split over the batch axes (batch-1 serving, the init's one row) split their kv
+        # heads over those axes too, where the heads divide.
+        head_axes = head_axes if g % ways(head_axes) == 0 else tensor
+        spec = P(rows, head_axes or None)
         # The kernel's outputs carry no varying-axes annotation, so shard_map cannot check them.
-        local = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, P(batch)), out_specs=heads,
+        local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(rows)), out_specs=spec,
                               check_vma=False)
     out_BxNxLxU = local(q_BxNxLxK, k_BxGxLxK, v_BxGxLxU, segment_ids_BxL)
     return jnp.moveaxis(out_BxNxLxU.reshape(b, g, nq, length, -1), 3, 1)
@@ -253,8 +258,9 @@ def fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float,
 
 class MHA(nn.Module):
     """Multi-head attention with optional grouped kv heads (GQA) and q/k/v biases (Qwen2's
-    `qkv_bias`); RoPE over the whole head."""
+    `qkv_bias`); RoPE over the whole head. `fresh_cache`: see MLA."""
     cfg: ModelConfig
+    fresh_cache: bool = False
 
     def project(self, x_BxLxD, name: str, heads: int, axis: str):
         """x @ W_name [D, heads, K] (+ the bias [heads, K] with qkv_bias): [B, L, heads, K]."""
@@ -284,14 +290,15 @@ class MHA(nn.Module):
         v_BxSxGxK = v_BxLxGxK
         q_BxLxGxQxK = q_BxLxNxK.reshape(b, length, g, n // g, k)
         scale = rope.softmax_scale(k, cfg.rope_scaling)
-        if cache is None:
+        if cache is None or self.fresh_cache:
             impl = resolve_impl(cfg, k, k, length=length)
             out = self_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL, scale, impl)
-        else:
+        if cache is not None:
             cache = {'k': write_cache(cache['k'], k_BxSxGxK, positions_BxL),
                      'v': write_cache(cache['v'], v_BxSxGxK, positions_BxL)}
-            out = dot_product_attention(q_BxLxGxQxK, cache['k'], cache['v'],
-                                        cache_mask(positions_BxL, cache['k'].shape[1]), scale)
+            if not self.fresh_cache:
+                out = dot_product_attention(q_BxLxGxQxK, cache['k'], cache['v'],
+                                            cache_mask(positions_BxL, cache['k'].shape[1]), scale)
         out_BxLxNxK = out.reshape(b, length, n, k)
         o_NxKxD = weight(self, 'o', (n, k, d), ('heads', 'head_dim', 'embed'), cfg)
         out_BxLxD = dense(out_BxLxNxK, o_NxKxD, contract=2)
@@ -303,10 +310,14 @@ class MLA(nn.Module):
 
     The rope slices use the checkpoint's pair convention (`rope_interleave`), so HF weights load
     unpermuted. Training uses the naive path (keys and values expanded from the latent per head);
-    cached decoding defaults to the absorbed path (`absorb`), which never expands them.
+    cached decoding defaults to the absorbed path (`absorb`), which never expands them. With
+    `fresh_cache` (a prompt prefilled from position 0: no earlier entries) a cached call attends over its
+    own tokens with the training kernels (`self_attention`: flash on GPU and TPU, no [L, S] scores) and
+    only writes the cache.
     """
     cfg: ModelConfig
     absorb: bool = True
+    fresh_cache: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -385,15 +396,16 @@ class MLA(nn.Module):
         q_nope, q_rope = self.queries(x_BxLxD, cos, sin)
         c_BxSxR, k_rope_BxSxP = self.latent(x_BxLxD, cos, sin)
         cfg = self.cfg
-        if cache is None:
+        if cache is None or self.fresh_cache:
             impl = resolve_impl(cfg, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim,
                                 length=x_BxLxD.shape[1])
             out_BxLxNxU = self.expanded_attention(
                 q_nope, q_rope, c_BxSxR, k_rope_BxSxP,
                 lambda q, k, v, scale: self_attention(q, k, v, segment_ids_BxL, scale, impl))
-        else:
+        if cache is not None:
             cache = {'latent': write_cache(cache['latent'], c_BxSxR, positions_BxL),
                      'rope_key': write_cache(cache['rope_key'], k_rope_BxSxP, positions_BxL)}
+        if cache is not None and not self.fresh_cache:
             c_BxSxR, k_rope_BxSxP = cache['latent'], cache['rope_key']
             mask_BxLxS = cache_mask(positions_BxL, c_BxSxR.shape[1])
             if self.absorb:

@@ -304,18 +304,20 @@ def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, 
     its t local tokens into N per-destination buffers of S rows and each expert keeps C of the rows it
     receives (`expert_parallel_buffers`). Both stages drop the lowest gates first, as `dispatch_capacity`
     does, and `dropped` counts both. A dropless `capacity` (every token) sizes them for the worst case,
-    N x the routed rows at V3's layout; without a mesh this is `dispatch_capacity`.
+    N x the routed rows at V3's layout. Without a mesh, or with fewer tokens than batch shards (decoding
+    a row or a few), this is `dispatch_capacity`, whose [E, C, D] buffers split over `expert` as the
+    weights do.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or 'expert' not in mesh.axis_names:
-        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
     tokens, k = idx_TxK.shape
     e, d = gate_ExDxF.shape[:2]
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    n, shards = mesh.shape['expert'], math.prod(mesh.shape[a] for a in batch_axes)
-    if e % n or tokens % shards:
-        raise ValueError(f'expert_parallel needs mesh.expert={n} to divide the {e} experts and the '
-                         f'{shards} batch shards {batch_axes} to divide the {tokens} tokens')
+    shards = 0 if mesh.empty else math.prod(mesh.shape[a] for a in batch_axes)
+    if mesh.empty or 'expert' not in mesh.axis_names or tokens % shards:
+        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
+    n = mesh.shape['expert']
+    if e % n:
+        raise ValueError(f'expert_parallel needs mesh.expert={n} to divide the {e} experts')
     t, e_local = tokens // shards, e // n
     rows, slots = expert_parallel_buffers(capacity, tokens, t, n, e_local, k)
 

@@ -214,26 +214,30 @@ def test_blocked_attention_equals_full(length):
 
 
 def test_splash_attention_equals_full_on_a_sharded_mesh():
-    """The TPU splash kernel (run by the Pallas interpreter) under shard_map, rows over data and kv heads
-    over tensor: the full attention's output on packed and padded rows, grouped heads and MLA's narrower
-    values included."""
+    """The TPU splash kernel (run by the Pallas interpreter) under shard_map on a data x tensor mesh: rows
+    over data and kv heads over tensor, or one row with its heads over both; the full attention's output
+    on packed and padded rows, with MLA's narrower values."""
     import flax.linen as nn
     from dsjax import sharding
     from dsjax.model import attention
 
     length = 256  # two kernel blocks: the one above the diagonal is skipped
     rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.normal(size=(2, length, 2, 2, 64)).astype(np.float32))
-    k = jnp.asarray(rng.normal(size=(2, length, 2, 64)).astype(np.float32))
-    v = jnp.asarray(rng.normal(size=(2, length, 2, 32)).astype(np.float32))
+    q = jnp.asarray(rng.normal(size=(2, length, 4, 1, 64)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(2, length, 4, 64)).astype(np.float32))
+    v = jnp.asarray(rng.normal(size=(2, length, 4, 32)).astype(np.float32))
     segments = np.ones((2, length), np.int32)
     segments[0, 100:] = 2
     segments[1, length - 7:] = 0  # padding
-    want = attention.self_attention(q, k, v, jnp.asarray(segments), 0.3, 'xla')
+    segments = jnp.asarray(segments)
+    want = attention.self_attention(q, k, v, segments, 0.3, 'xla')
     mesh = sharding.make_mesh(dict(data=2, fsdp=1, expert=1, tensor=2), jax.devices()[:4])
+    splash = jax.jit(lambda *a: attention.splash_attention(*a, 0.3, interpret=True))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        got = jax.jit(lambda *a: attention.splash_attention(*a, 0.3, interpret=True))(q, k, v, jnp.asarray(segments))
+        got = splash(q, k, v, segments)
+        one_row = splash(q[1:], k[1:], v[1:], segments[1:])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(one_row), np.asarray(want[1:]), atol=1e-5)
 
 
 @pytest.mark.parametrize('case', CASES)
