@@ -11,10 +11,10 @@ jitted by loop.jit_train_step); 'prefill' and 'decode' are dsjax.infer.decode's 
 of `context` tokens and one decode step over a cache of `context` slots.
 
 Per device it reports the bytes of the parameters, optimizer state, temporaries and their total
-against the chip's HBM, FLOPs per step (the compiler's cost analysis next to dsjax.model.flops),
-projected tokens/s at a stated MFU, and the collectives by kind with their bytes per step (from the
-compiled HLO, loop bodies counted once per iteration). A program that does not fit ends in one line
-naming the topology and the bytes.
+against the chip's HBM, FLOPs per step (the compiled matmuls next to dsjax.model.flops; XLA's cost
+analysis too, which counts a scanned layer once), projected tokens/s at a stated MFU, and the
+collectives by kind with their bytes per step (from the compiled HLO, loop bodies counted once per
+iteration). A program that does not fit ends in one line naming the topology and the bytes.
 
 Topologies: v5p-<TensorCores> (2 per chip, as Google names the slices), v5e-<chips>, v6e-<chips>,
 powers of two; cpu:<N> for N simulated CPU devices (argument bytes are exact, temporaries are the CPU
@@ -31,7 +31,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsjax import config as config_lib
 from dsjax import sharding
@@ -208,14 +207,40 @@ def _shape_bytes(text: str) -> int:
     return sum(math.prod(int(d) for d in dims.split(',') if d) * _BITS[t] // 8 for t, dims in _SHAPE.findall(text))
 
 
-def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """{kind: (executions, bytes)} per step and device: each collective's result bytes, counted once per
-    execution. A loop body counts once per iteration: the loop's known trip count, else the bound its
-    condition compares the counter with (a scan's `i < n`). Asynchronous collectives count at '-done',
-    or where the collective sits inside the computation the async op calls."""
-    own = collections.defaultdict(collections.Counter)  # computation -> {kind: bytes, kind#: count}
+def _dims(text: str) -> tuple[int, ...]:
+    """The dimensions of the first array shape in `text`."""
+    m = _SHAPE.search(text)
+    return tuple(int(d) for d in m.group(2).split(',') if d) if m else ()
+
+
+def _matmul_flops(opcode: str, result: str, rest: str, shapes: dict) -> int:
+    """2 x output x contraction of a dot, or of a convolution (how TPU HLO writes most matmuls): its
+    kernel's input-feature dimension ('i' in dim_labels)."""
+    operands = re.findall(r'%([\w.\-]+)', rest.split(')')[0])
+    out = math.prod(_dims(result))
+    if opcode == 'dot':
+        lhs = shapes.get(operands[0], ())
+        contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
+        return 2 * out * math.prod(lhs[int(i)] for i in contracting.group(1).split(',') if i) if lhs else 0
+    rhs = shapes.get(operands[1], ()) if len(operands) > 1 else ()
+    labels = re.search(r'dim_labels=\w+_(\w+)->', rest)
+    if not rhs or not labels or 'i' not in labels.group(1):
+        return 0
+    # The kernel's spatial taps are not counted: a matmul's are 1, and XLA writes batched matmuls as
+    # dilated windows of which one tap reaches each output.
+    return 2 * out * rhs[labels.group(1).index('i')]
+
+
+def hlo_totals(hlo_text: str) -> collections.Counter:
+    """Per step and device, from a compiled module's text: 'flops' (dots and convolutions), and for each
+    collective kind its result bytes and (key kind#) its executions. A loop body counts once per
+    iteration: the loop's known trip count, else the bound its condition compares the counter with (a
+    scan's `i < n`); XLA's own cost analysis counts a loop body once. Asynchronous collectives count at
+    '-done', or where the collective sits inside the computation the async op calls."""
+    own = collections.defaultdict(collections.Counter)  # computation -> counts
     calls = collections.defaultdict(list)  # computation -> [(callee, trip count or None, condition)]
     bounds = collections.defaultdict(list)  # computation -> its s32[] constants
+    shapes = {}  # instruction -> dims (names are unique within a module)
     current, entry = None, None
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
@@ -229,10 +254,14 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
         if constant := _SCALAR_CONSTANT.search(line):
             bounds[current].append(int(constant.group(1)))
         result, opcode, rest = inst.groups()
+        name = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)', line).group(1)
+        shapes[name] = _dims(result)
         kind = opcode[:-5] if opcode.endswith('-done') else opcode
         if kind in _COLLECTIVES and not opcode.endswith('-start'):
             own[current][kind + '#'] += 1
             own[current][kind] += _shape_bytes(result)
+        if opcode in ('dot', 'convolution'):
+            own[current]['flops'] += _matmul_flops(opcode, result, rest, shapes)
         called = {attr: re.findall(r'[\w.\-]+', names) for attr, names in _CALLS.findall(rest)}
         trips = int(m.group(1)) if (m := _TRIP_COUNT.search(rest)) else None
         for attr, names in called.items():
@@ -255,8 +284,12 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
             memo[name] = out
         return memo[name]
 
-    counts = total(entry)
-    return {k: (counts[k + '#'], counts[k]) for k in _COLLECTIVES if counts[k + '#']}
+    return total(entry)
+
+
+def collectives(totals: collections.Counter) -> dict[str, tuple[int, int]]:
+    """{kind: (executions, bytes)} of `hlo_totals`."""
+    return {k: (totals[k + '#'], totals[k]) for k in _COLLECTIVES if totals[k + '#']}
 
 
 def _device_bytes(tree) -> int:
@@ -278,7 +311,8 @@ class Report:
     params_bytes: int
     opt_state_bytes: int
     memory: object  # CompiledMemoryStats
-    flops: float  # the compiler's, per device
+    flops: float  # XLA's cost analysis, per device (a loop body counted once)
+    hlo_flops: float  # dots and convolutions of the compiled module, per device, loop bodies per iteration
     model_flops: float  # dsjax.model.flops', per device
     tokens: int
     collectives: dict
@@ -314,13 +348,15 @@ class Report:
         mesh = ' x '.join(f'{a} {n}' for a, n in self.mesh.items() if n > 1) or 'one device'
         out = [
             f'{self.program} {self.config} on {t.name}: {len(t.devices)} devices, mesh {mesh}, '
-            f'batch {self.batch} x {self.seq}, remat {self.remat}, attention {self.attention_impl}, compiled in {self.compile_seconds:.0f} s',
+            f'batch {self.batch} x {self.seq}, remat {self.remat}, attention {self.attention_impl}, '
+            f'compiled in {self.compile_seconds:.0f} s',
             f'per device: parameters {gib(self.params_bytes)}, optimizer state {gib(self.opt_state_bytes)}, '
             f'arguments {gib(m.argument_size_in_bytes)}, outputs {gib(m.output_size_in_bytes)} '
             f'({gib(m.alias_size_in_bytes)} aliased), temporaries {gib(m.temp_size_in_bytes)}; '
             f'total {gib(self.total_bytes)} of {gib(t.hbm_bytes)} HBM: {"fits" if self.fits else "DOES NOT FIT"}',
-            f'FLOPs per device per step: compiled {self.flops:.3e}, model {self.model_flops:.3e} '
-            f'(ratio {self.flops / max(self.model_flops, 1):.2f})',
+            f'FLOPs per device per step: model {self.model_flops:.3e}; compiled matmuls {self.hlo_flops:.3e} '
+            f'({self.hlo_flops / max(self.model_flops, 1):.2f}x; Pallas kernels not counted); XLA cost '
+            f'analysis {self.flops:.3e} (scanned layers once)',
         ]
         if t.chip is not None:
             out.append(f'projected {self.tokens_per_second(mfu):,.0f} tokens/s at {mfu:.0%} MFU of '
@@ -369,15 +405,18 @@ def compile_program(name: str, config, topology_: Topology, program: str = 'trai
         if 'RESOURCE_EXHAUSTED' not in str(e):
             raise
         raise DoesNotFit(f'{where} does not fit: {str(e).splitlines()[0]}') from None
+    seconds = time.perf_counter() - start
+    totals = hlo_totals(compiled.as_text())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n = len(devices)
     report = Report(
         program=program, config=name, topology=topology_, mesh=dict(mesh.shape), batch=batch, seq=seq,
-        remat=config.model.remat_policy, attention_impl=config.model.attention_impl, params_bytes=_device_bytes(built.params),
-        opt_state_bytes=_device_bytes(built.opt_state), memory=compiled.memory_analysis(),
-        flops=float(cost.get('flops', 0.0)), model_flops=built.model_flops / n, tokens=built.tokens,
-        collectives=collectives(compiled.as_text()), compile_seconds=time.perf_counter() - start)
+        remat=config.model.remat_policy, attention_impl=config.model.attention_impl,
+        params_bytes=_device_bytes(built.params), opt_state_bytes=_device_bytes(built.opt_state),
+        memory=compiled.memory_analysis(),
+        flops=float(cost.get('flops', 0.0)), hlo_flops=float(totals['flops']), model_flops=built.model_flops / n,
+        tokens=built.tokens, collectives=collectives(totals), compile_seconds=seconds)
     return report
 
 

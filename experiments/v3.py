@@ -19,6 +19,9 @@ def get_config(arg=None):
     m = c.model
     m.remat_policy = 'full'
     m.moe_dispatch = 'expert_parallel'
+    # Expert-parallel buffers of 2x the balanced load (moe.expert_parallel_buffers): 1.8% of assignments
+    # dropped at a trained v3_small's routing, 12% at 1.25 (benchmarks/results/aot.md).
+    m.capacity_factor = 2.0
     c.optim.lr = 2.2e-4
     c.optim.warmup_steps = 2000
     c.optim.min_lr_ratio = 0.1
