@@ -1,5 +1,7 @@
-"""What the benchmarks share: dsjax's train step built as the loop builds it, random batches, and
-side-by-side timing (rounds alternating between runners, medians). No flags, so any script can import it."""
+"""What the benchmarks share: dsjax's train step built as the loop builds it, random batches,
+side-by-side timing (rounds alternating between runners, medians) and profiler op times. No flags, so
+any script can import it."""
+import collections
 import dataclasses
 import pathlib
 import statistics
@@ -58,7 +60,8 @@ def build_ours(c, host_batch) -> Ours:
         init, _, shardings = loop.build_state_fns(model, optimizer, mesh, c.data.seq_len)
         state = init(jax.random.PRNGKey(0))
         batch = sharding.global_batch(host_batch, mesh)
-        step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, c.train),
+        apply_gradients = step_lib.make_apply_gradients(optimizer, schedule, c.train)
+        step = jax.jit(step_lib.make_train_step(model, apply_gradients, c.train),
                        in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None),
                        donate_argnums=(0,))
         compiled = step.lower(state, batch).compile()
@@ -66,10 +69,12 @@ def build_ours(c, host_batch) -> Ours:
 
 
 def hf_weights(c):
-    """Our freshly initialised params as numpy (the same init both sides start from)."""
+    """Our freshly initialised params as numpy (the same init both sides start from), made on the CPU: on an
+    accelerator, memory jax once held stays in its pool, out of PyTorch's reach."""
     cfg = config_lib.freeze_model(c.model)
-    variables = jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-    return cfg, jax.tree.map(np.asarray, nn.meta.unbox(variables))
+    with jax.default_device(jax.devices('cpu')[0]):
+        variables = jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+        return cfg, jax.tree.map(np.asarray, nn.meta.unbox(variables))
 
 
 class Torch:
@@ -85,7 +90,8 @@ class Torch:
         config = transformers.CONFIG_MAPPING[hf_mapping.hf_config_from_model(cfg)['model_type']](
             **hf_mapping.hf_config_from_model(cfg))
         kwargs = {} if experts_implementation is None else {'experts_implementation': experts_implementation}
-        model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+        with torch.device(device):  # HF's own random init, overwritten below, is fast there
+            model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
         fused = any(n.endswith('mlp.experts.gate_up_proj') for n, _ in model.named_parameters())
         state = hf_mapping.hf_from_params(variables['params'], variables.get('moe_bias'), cfg, fused_experts=fused)
         missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
@@ -149,3 +155,37 @@ def side_by_side(runners: dict, repeats: int, steps: int) -> dict:
         for k, r in runners.items():
             times[k].append(r.run(steps))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def op_times(trace_dir) -> tuple[collections.Counter, int, int]:
+    """({XLA op name: summed duration in ns}, busy ns, lanes) from a `jax.profiler.trace` directory.
+
+    On a GPU: the device's kernels, each counted for the HLO op it runs (its 'hlo_op' stat; a kernel
+    without one under its own name), busy = the union of their spans per stream, lanes = streams. On the
+    CPU: the ops on XLA's worker threads, busy counting a thread busy inside an op or a parallel region,
+    lanes = threads.
+    """
+    path = next(pathlib.Path(trace_dir).rglob('*.xplane.pb'))
+    ops, busy, lanes = collections.Counter(), 0, 0
+    for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
+        gpu = plane.name.startswith('/device:GPU')
+        for line in plane.lines:
+            if not (gpu and line.name.startswith('Stream')) and 'XLAEigen' not in line.name:
+                continue
+            lanes += 1
+            spans, region = [], None
+            for event in sorted(line.events, key=lambda e: e.start_ns):
+                if event.name == 'ThreadpoolListener::StartRegion':
+                    region = event.start_ns
+                elif event.name == 'ThreadpoolListener::StopRegion' and region is not None:
+                    spans.append((region, event.start_ns))
+                    region = None
+                elif not event.name.startswith(('ThunkExecutor', 'ThreadpoolListener', 'end:')):
+                    op = dict(event.stats).get('hlo_op', event.name) if gpu else event.name
+                    ops[str(op)] += event.duration_ns
+                    spans.append((event.start_ns, event.start_ns + event.duration_ns))
+            end = 0
+            for a, b in sorted(spans):  # the union of the lane's busy spans
+                busy += max(0, b - max(a, end))
+                end = max(end, b)
+    return ops, busy, lanes

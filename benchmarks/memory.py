@@ -77,7 +77,8 @@ def compiled_step(c, compile: bool = True):
              for k in ('inputs', 'targets', 'segment_ids', 'positions', 'weights')}
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         _, abstract, shardings = loop.build_state_fns(model, optimizer, mesh, length)
-        step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, c.train),
+        apply_gradients = step_lib.make_apply_gradients(optimizer, schedule, c.train)
+        step = jax.jit(step_lib.make_train_step(model, apply_gradients, c.train),
                        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=(0,))
         compiled = step.lower(abstract, batch).compile() if compile else None
     return compiled, abstract, batch, model

@@ -23,39 +23,12 @@ import jax
 
 from dsjax import presets
 
-from harness import build_ours, random_batch  # benchmarks/harness.py
+from harness import build_ours, op_times, random_batch  # benchmarks/harness.py
 
 _SHAPE = flags.DEFINE_string('shape', 'llm_small', 'Experiment file whose model and batch to profile.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Profiled steps (after two warm-up steps).')
 _TOP = flags.DEFINE_integer('top', 12, 'Op kinds and single ops listed.')
 PARTS = (('/attn/', 'attention'), ('/mlp/', 'MLP / MoE'), ('norm', 'RMSNorm'), ('jvp()/while', 'head + loss'))
-
-
-def op_times(trace_dir) -> tuple[collections.Counter, int, int]:
-    """({op name: summed duration in ns} over XLA's CPU worker threads, busy ns summed over the threads,
-    the number of threads)."""
-    path = next(pathlib.Path(trace_dir).rglob('*.xplane.pb'))
-    ops, busy, threads = collections.Counter(), 0, 0
-    for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
-        for line in plane.lines:
-            if 'XLAEigen' not in line.name:
-                continue
-            threads += 1
-            spans, region = [], None
-            for event in sorted(line.events, key=lambda e: e.start_ns):
-                if event.name == 'ThreadpoolListener::StartRegion':
-                    region = event.start_ns
-                elif event.name == 'ThreadpoolListener::StopRegion' and region is not None:
-                    spans.append((region, event.start_ns))
-                    region = None
-                elif not event.name.startswith(('ThunkExecutor', 'ThreadpoolListener', 'end:')):
-                    ops[event.name] += event.duration_ns
-                    spans.append((event.start_ns, event.start_ns + event.duration_ns))
-            end = 0
-            for a, b in sorted(spans):  # the union of the thread's busy spans
-                busy += max(0, b - max(a, end))
-                end = max(end, b)
-    return ops, busy, threads
 
 
 def model_part(hlo_text: str) -> dict:

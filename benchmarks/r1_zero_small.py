@@ -38,7 +38,7 @@ def wall_minutes(workdir: pathlib.Path) -> float:
 def r1_protocol(stage_dir: pathlib.Path, g: dict, k: int) -> dict:
     """The checkpoint in `stage_dir` on the GRPO stage's held-out problems, k samples at T=0.6, top-p 0.95."""
     e = ml_collections.ConfigDict(dict(tasks=g['tasks'], problems=g['eval_problems'], template=g['template'],
-                                       max_new_tokens=g['max_new_tokens'], val_loss=False))
+                                       max_new_tokens=g['max_completion_length'], val_loss=False))
     return chain.evaluate_run(stage_dir, e, samples=k, temperature=0.6, top_p=0.95)
 
 
@@ -54,9 +54,9 @@ def main(argv):
         '# r1_zero_small: GRPO from a small worksheet-pretrained base (R1-Zero template, accuracy + format rewards)',
         '',
         f"{g['eval_problems']} held-out (test-split) problems per task of {', '.join(g['tasks'])}, greedy decoding, "
-        f"at most {g['max_new_tokens']} new tokens. GRPO: {before['step']} -> {after['step']} steps of "
-        f"{g['batch_size'] // g['group_size']} prompts x G={g['group_size']}, T={g['temperature']}, "
-        f"beta={g['beta']}, lr={config['optim']['lr']}, {g['aggregation']}.",
+        f"at most {g['max_completion_length']} new tokens. GRPO: {before['step']} -> {after['step']} steps of "
+        f"{g['batch_size'] // g['num_generations']} prompts x G={g['num_generations']}, T={g['temperature']}, "
+        f"beta={g['beta']}, lr={config['optim']['lr']}, {g['loss_type']}.",
         '',
         '| | accuracy | accuracy of the first answer | format rate | completion tokens |',
         '|---|---|---|---|---|',

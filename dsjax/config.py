@@ -3,8 +3,10 @@ field, and the frozen model config. The bottom of dsjax: it imports no other dsj
 import dataclasses
 import math
 
+from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
@@ -16,11 +18,12 @@ FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn att
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn', 'llama3')
 STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill', 'grpo')
-SOURCES = ('stdlib', 'text', 'jsonl', 'tasks')
+SOURCES = ('stdlib', 'text', 'jsonl', 'tasks', 'array_record')
 TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 NONFINITE_POLICIES = ('stop', 'skip')
-SCHEDULES = ('cosine', 'multistep', 'constant')
+SCHEDULES = ('cosine', 'multistep', 'constant', 'phases')
+PHASE_SHAPES = ('constant', 'cosine')
 MOMENT_DTYPES = ('float32', 'bfloat16')
 # Verifiable tasks (dsjax/data/tasks.py) and their difficulty levels: arithmetic level L joins an L-digit
 # and an (L-1)-digit operand (level 1: two 1-digit ones), or an L-digit and a one-digit factor (as
@@ -94,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
     # fused flash kernel (GPU, bf16/fp16 compute; MLA's unequal widths from Hopper on); 'auto': cudnn where
     # it applies on a GPU, blocked on the CPU, else xla. See attention.resolve_impl.
     m.attention_impl = 'auto'
+    # FP8 training as DeepSeek-V3 (dsjax/model/fp8.py): every linear GEMM in the blocks (attention and MLA
+    # projections, dense MLP, shared and routed experts) and its two backward GEMMs on E4M3 operands,
+    # activations per 1 x 128 tile, weights per 128 x 128 block; embedding, head, router, norms, attention
+    # core and the MTP projection stay in the compute dtype.
+    m.fp8 = False
 
     c.data = d = ml_collections.ConfigDict()
     d.source = 'stdlib'
@@ -102,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.val_fraction = 0.02
     d.seq_len = 256
     d.batch_size = 16
+    d.fim_rate = 0.0  # share of training documents rearranged for fill-in-the-middle, PSM order (V3: 0.1)
+    # True: packed documents never attend to each other (segment ids); False: a row is one sequence, as V3 packed.
+    d.document_mask = True
     d.tokenizer = 'sentencepiece'  # or 'hf': a checkpoint's tokenizer.json (DeepSeek's byte-level BPE)
     d.tokenizer_path = ''  # sentencepiece: '' trains one on the corpus; hf: tokenizer.json or its directory
     d.vocab_size = m.get_ref('vocab_size')
@@ -120,9 +131,13 @@ def base_config() -> ml_collections.ConfigDict:
     o.schedule = 'cosine'
     o.warmup_steps = 100
     o.min_lr_ratio = 0.1
-    o.decay_steps = 1000
     o.milestones = (0.8, 0.9)
     o.milestone_factors = (0.316, 0.1)
+    # schedule 'phases' (V3): phase i runs until phase_ends[i] tokens trained, 'constant' at lr x phase_factors[i]
+    # or 'cosine' down to it (optim._phases).
+    o.phase_ends = ()
+    o.phase_shapes = ()
+    o.phase_factors = ()
     o.b1 = 0.9
     o.b2 = 0.95
     o.eps = 1e-8
@@ -132,6 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
+    # The schedule's length follows train.steps (an override of either moves both) until set itself.
+    o.decay_steps = t.get_ref('steps') + 0
     t.seed = 0
     t.log_every = 10
     t.eval_every = 200
@@ -191,25 +208,34 @@ def base_config() -> ml_collections.ConfigDict:
     ds.temperature = 1.0
     ds.ce_weight = 0.0  # plus this times the cross-entropy on the data's own completions
 
+    # Field names follow TRL's GRPOConfig where one exists (README: GRPO fields and TRL's).
     c.grpo = g = ml_collections.ConfigDict()
-    g.tasks = ('arithmetic:2',)  # prompts from the train split, evaluation on the test split
-    g.template = 'zero'  # 'zero': the R1-Zero template (dsjax/data/tasks.py)
-    g.batch_size = 512  # completions per step: prompts per step x group_size
-    g.group_size = 16  # G
-    g.max_new_tokens = 48
+    g.source = 'tasks'  # or 'jsonl': the prompt rows of grpo.paths
+    g.tasks = ('arithmetic:2',)  # source 'tasks': prompts from the train split, evaluation on the test split
+    # Source 'jsonl': one row per line, {"prompt": "..."} or {"messages": [...]} (ending on a user turn), plus
+    # any fields a reward function reads; rows are held out for evaluation by a hash, as data.val_fraction says.
+    g.paths = ()
+    g.template = 'zero'  # 'zero': the R1-Zero template (dsjax/data/tasks.py); 'chat': the SFT chat template
+    g.batch_size = 512  # completions per batch: prompts per batch x num_generations
+    g.num_generations = 16  # G
+    g.max_completion_length = 48  # tokens, EOS included
     g.temperature = 1.0  # sampling, and the T of log_softmax(logits / T) in the loss
     g.top_p = 1.0
-    g.updates_per_batch = 1  # mu; above 1 the ratio uses the log-probs stored at rollout
+    g.num_iterations = 1  # mu, optimizer steps per batch; above 1 the ratio uses the log-probs stored at rollout
     g.beta = 0.001  # k3 KL to the frozen initial policy; 0 skips the reference forward pass
-    g.eps_low = 0.2
-    g.eps_high = 0.28
-    g.eps_std = 1e-4
-    g.aggregation = 'seq-mean-token-mean'  # or 'token-mean', 'seq-mean-token-sum-norm'
-    g.reward_names = ('accuracy', 'format')  # dsjax/posttrain/rewards.py
+    g.epsilon = 0.2  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    g.epsilon_high = 0.28
+    g.eps_std = 1e-4  # advantages: (r - mean) / (std + eps_std) within each group
+    # 'grpo': mean over sequences of each one's token mean; 'dapo': mean over all completion tokens;
+    # 'dr_grpo': sum over tokens / (completions x max_completion_length).
+    g.loss_type = 'grpo'
+    # Rule rewards of dsjax/posttrain/rewards.py by name, or any function by import path, 'module:function'
+    # or 'path/to/file.py:function', called as f(prompts, completions, **fields of the rows) -> floats.
+    g.reward_funcs = ('accuracy', 'format')
     g.reward_weights = (1.0, 1.0)
     g.reward_model = ''  # reward 'reward_model': a reward-model run directory (stage 'reward')
     g.overlong_buffer = 8  # reward 'length': its penalty ramps over the last this many tokens
-    g.eval_problems = 512  # held-out (test-split) problems per task entry
+    g.eval_problems = 512  # held-out problems per task entry (source 'jsonl': at most this many held-out rows)
     g.eval_temperature = 0.0  # 0: greedy; the R1 paper's protocol is 0.6 with top-p 0.95 and k samples
     g.eval_top_p = 1.0
     g.eval_samples = 1  # k completions per held-out problem: accuracy is their mean (pass@1), plus pass@k
@@ -258,6 +284,26 @@ def _type_name(default) -> str:
     if isinstance(default, int):
         return 'an int'
     return {float: 'a number', str: 'a string', tuple: 'a tuple'}[type(default)]
+
+
+# Fields renamed to TRL's GRPOConfig names: a config that still sets the old name is told the new one.
+RENAMED = {'grpo.group_size': 'grpo.num_generations', 'grpo.max_new_tokens': 'grpo.max_completion_length',
+           'grpo.updates_per_batch': 'grpo.num_iterations', 'grpo.eps_low': 'grpo.epsilon',
+           'grpo.eps_high': 'grpo.epsilon_high', 'grpo.aggregation': 'grpo.loss_type',
+           'grpo.reward_names': 'grpo.reward_funcs'}
+
+
+def _check_known(c, defaults) -> None:
+    """Every field of every section is one base_config knows: a misspelt or renamed field set in an
+    experiment file would otherwise be silently ignored."""
+    for section in defaults.keys():
+        if not isinstance(defaults[section], ml_collections.ConfigDict) or section not in c:
+            continue
+        for key in c[section].keys():
+            field = f'{section}.{key}'
+            if key not in defaults[section]:
+                fail(field, c[section][key], f'renamed to config.{RENAMED[field]}' if field in RENAMED else
+                     f'unknown field; the fields of config.{section} are {sorted(defaults[section].keys())}')
 
 
 def _check_types(section, defaults, prefix: str) -> None:
@@ -414,6 +460,15 @@ def validate_optim(o) -> None:
            f'needs one factor per milestone ({len(milestones)}: {milestones})')
     _check(all(0 < f <= 1 for f in factors), 'optim.milestone_factors', factors,
            'each lr multiplier must be in (0, 1]')
+    ends, shapes, phase_factors = tuple(o.phase_ends), tuple(o.phase_shapes), tuple(o.phase_factors)
+    _check(o.schedule != 'phases' or bool(ends), 'optim.phase_ends', ends,
+           "schedule='phases' needs at least one phase end (tokens), e.g. (1e9,)")
+    _check(all(_real(e) and e > 0 for e in ends) and all(a < b for a, b in zip(ends, ends[1:])), 'optim.phase_ends',
+           ends, 'must be strictly increasing token counts > 0')
+    _check(len(shapes) == len(ends) and all(x in PHASE_SHAPES for x in shapes), 'optim.phase_shapes', shapes,
+           f'needs one of {PHASE_SHAPES} per phase ({len(ends)}: {ends})')
+    _check(len(phase_factors) == len(ends) and all(_real(f) and 0 < f <= 1 for f in phase_factors),
+           'optim.phase_factors', phase_factors, f'needs one lr multiplier in (0, 1] per phase ({len(ends)})')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict:
@@ -437,7 +492,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Checks the sections every stage reads (model, data, optim, train, mesh) before anything compiles;
     raises ConfigError naming the field. A stage's own section is its module's `validate`'s
     (dsjax/stages.py runs both)."""
-    _check_types(c, base_config(), '')
+    defaults = base_config()
+    _check_known(c, defaults)
+    _check_types(c, defaults, '')
     _choice(c.stage, 'stage', STAGES)
     m = c.model
     validate_model(m)
@@ -449,6 +506,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(0 <= d.worked_fraction <= 1, 'data.worked_fraction', d.worked_fraction, 'must be in [0, 1]')
     elif d.source != 'stdlib':
         _check(len(d.paths) > 0, 'data.paths', d.paths, f'data.source={d.source!r} needs at least one path')
+    if d.source == 'array_record':
+        _check(bool(d.tokenizer_path), 'data.tokenizer_path', d.tokenizer_path,
+               "data.source='array_record' needs the tokenizer the shards were written with (the dataset "
+               'directory holds a copy: give the directory)')
     _check(all(isinstance(p, str) and p for p in d.paths), 'data.paths', d.paths,
            'every entry must be a non-empty file path or glob string')
     _choice(d.tokenizer, 'data.tokenizer', TOKENIZERS)
@@ -458,6 +519,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for f in ('seq_len', 'batch_size', 'max_doc_chars', 'shuffle_window'):
         _positive_int(c, f'data.{f}')
     _check(0 <= d.shuffle_seed < 2**32, 'data.shuffle_seed', d.shuffle_seed, 'must be in [0, 2**32)')
+    _check(0 <= d.fim_rate <= 1, 'data.fim_rate', d.fim_rate, 'a share of the documents must be in [0, 1]')
     _check(d.vocab_size == m.vocab_size, 'data.vocab_size', d.vocab_size,
            f'must equal model.vocab_size={m.vocab_size}')
     _check(m.rope_scaling.type == 'yarn' or d.seq_len <= m.max_position_embeddings, 'data.seq_len',
@@ -475,6 +537,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(t.mtp_loss_weight == 0 or m.num_nextn_predict_layers > 0, 'train.mtp_loss_weight',
            t.mtp_loss_weight, 'needs model.num_nextn_predict_layers > 0')
     validate_optim(c.optim)
+    if c.optim.schedule != 'constant' and c.optim.decay_steps < t.steps:
+        logging.warning('config.optim.decay_steps=%d < train.steps=%d: the learning rate stays at its floor for the '
+                        'last %d steps (leave decay_steps unset to follow train.steps)', c.optim.decay_steps, t.steps,
+                        t.steps - c.optim.decay_steps)
     sizes = mesh_shape(c.mesh, num_devices)
     batch_axes = sizes['data'] * sizes['fsdp'] * sizes['expert']
     _check(d.batch_size % batch_axes == 0, 'data.batch_size', d.batch_size,
@@ -566,6 +632,7 @@ class ModelConfig:
     param_dtype: str
     remat_policy: str
     attention_impl: str
+    fp8: bool
 
     @property
     def attn_head_dim(self) -> int:
@@ -590,6 +657,19 @@ class ModelConfig:
         return self.rope_scaling.type == 'yarn'
 
 
+def dtype_name(dtype, what: str = 'dtype') -> str:
+    """'float32', 'bfloat16' or 'float16' for a dtype given by name, as a numpy dtype or as a jnp/np type
+    (jnp.bfloat16, np.float32); `what` names the argument in the error."""
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f'{what}={dtype!r} is not a supported dtype: give one of {DTYPES}, by name or as '
+                         'jnp.float32 / jnp.bfloat16 / np.float16')
+    return name
+
+
 def freeze_model(m) -> ModelConfig:
     """ConfigDict model section -> ModelConfig, validated."""
     validate_model(m)
@@ -601,25 +681,3 @@ def freeze_model(m) -> ModelConfig:
     values['rope_scaling'] = RopeScaling(**m.rope_scaling.to_dict())
     return ModelConfig(**values)
 
-
-def from_saved(saved: dict) -> ml_collections.ConfigDict:
-    """base_config() with the values of a config saved with a run (its JSON dict): the one reader of
-    saved configs. Fields this version does not know are left out (older runs' settings), except in the
-    model section, where one would change the architecture: there it is an error."""
-    c = base_config()
-
-    def merge(section, values, prefix):
-        for key, value in values.items():
-            if prefix.startswith('model.') and key not in section:
-                fail(f'{prefix}{key}', value, 'unknown model field in a saved config (written by another '
-                     f'version of dsjax?); valid fields: {sorted(section.keys())}')
-            # data.vocab_size refers to model.vocab_size: setting it would set the model's too.
-            if key not in section or f'{prefix}{key}' == 'data.vocab_size':
-                continue
-            if isinstance(section[key], ml_collections.ConfigDict):
-                merge(section[key], value, f'{prefix}{key}.')
-            else:
-                section[key] = tuple(value) if isinstance(value, list) else value
-
-    merge(c, saved, '')
-    return c

@@ -1,6 +1,7 @@
 """Convert checkpoints between a HF directory (safetensors, FP8 included) and an Orbax checkpoint.
 
     python -m dsjax.convert --to=orbax --hf_dir=/ckpt/DeepSeek-V3 --orbax_dir=/ckpt/v3_orbax
+    python -m dsjax.convert --to=orbax --hf_dir=deepseek-ai/DeepSeek-V2-Lite --orbax_dir=/ckpt/v2_lite_orbax
     python -m dsjax.convert --to=hf --orbax_dir=runs/v3_small --hf_dir=/out/v3_small_hf [--step=N]
 
 Both directions stream: one HF tensor (and its block of our arrays) is in host memory at a time.
@@ -8,16 +9,18 @@ The Orbax side is what `--config.init.checkpoint=DIR` starts a run from (a HF di
 too, without converting). `--to=hf` exports a training run's checkpoint or a converted one.
 """
 import ctypes
+import pathlib
 import re
 import shutil
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from dsjax.interop import hf_mapping, orbax_io
+from dsjax import cli
+from dsjax.interop import hf_files, hf_mapping, hub, orbax_io
 
 _TO = flags.DEFINE_enum('to', None, ['orbax', 'hf'], 'Direction: HF -> Orbax, or Orbax -> HF.')
-_HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory (read for --to=orbax, written for --to=hf).')
+_HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory (read for --to=orbax, where a Hub id '
+                              'owner/name[@revision] works too; written for --to=hf).')
 _ORBAX_DIR = flags.DEFINE_string('orbax_dir', None, 'Orbax checkpoint directory or run workdir.')
 _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
                            'Stored dtype of the weights (default: the source\'s; FP8 sources give bfloat16).')
@@ -27,10 +30,8 @@ _FUSED = flags.DEFINE_bool('fused_experts', False, '--to=hf: transformers v5 fus
 _FP8 = flags.DEFINE_bool('fp8', False, '--to=hf: DeepSeek\'s FP8 layout (e4m3 projections with 128x128 '
                          'weight_scale_inv blocks).')
 _MAX_SHARD = flags.DEFINE_string('max_shard_size', '5GB', '--to=hf: largest safetensors file, e.g. 5GB, 500MB.')
-_TOKENIZER_FROM = flags.DEFINE_string('tokenizer_from', None, '--to=hf: copy tokenizer files from this HF '
-                                      'directory into the export.')
-
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json')
+_TOKENIZER_FROM = flags.DEFINE_string('tokenizer_from', None, '--to=hf: copy the tokenizer files and '
+                                      'generation_config.json of this HF directory into the export.')
 _UNITS = {'': 1, 'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30}
 
 
@@ -52,12 +53,13 @@ def convert() -> None:
                                fused_experts=_FUSED.value, fp8=_FP8.value,
                                max_shard_bytes=parse_size(_MAX_SHARD.value))
     if _TOKENIZER_FROM.value:
-        for name in TOKENIZER_FILES:
-            src = f'{_TOKENIZER_FROM.value}/{name}'
-            try:
-                shutil.copy(src, _HF_DIR.value)
-            except FileNotFoundError:
-                logging.info('No %s to copy', src)
+        source = pathlib.Path(hub.resolve(_TOKENIZER_FROM.value, '--tokenizer_from'))
+        names = (*hf_files.TOKENIZER_FILES, hf_files.SENTENCEPIECE_FILE, hf_files.GENERATION_CONFIG)
+        copied = [n for n in names if (source / n).is_file()]
+        for name in copied:
+            shutil.copyfile(source / name, pathlib.Path(_HF_DIR.value) / name)
+        if not copied:
+            logging.warning('--tokenizer_from=%s holds none of %s', source, names)
     logging.info('Wrote %s: %s', _HF_DIR.value, _describe(cfg))
 
 
@@ -81,17 +83,11 @@ def _return_freed_buffers_to_the_os() -> None:
     libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments {argv[1:]}')
+def main():
     _return_freed_buffers_to_the_os()
-    try:
-        convert()
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        logging.error('%s', e)
-        sys.exit(f'error: {e}')
+    convert()
 
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['to', 'hf_dir', 'orbax_dir'])
-    app.run(main)
+    cli.run(main, errors=cli.USER_ERRORS + (KeyError,))

@@ -3,19 +3,24 @@
 Runs the stage the config names (`config.stage`, see dsjax/stages.py), or a whole chain of stages.
 
 On several hosts add --distributed (one process per host; see the README's "Long runs" section).
+Exit status: 0 when finished, 75 when SIGTERM stopped it after saving (preempted: rerun the same command to
+resume), 130 for Ctrl-C, 1 for an error.
 """
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 from ml_collections import config_flags
 
+from dsjax import cli
 from dsjax import config as config_lib
 from dsjax import stages
 from dsjax.data import corpus
+from dsjax.interop import hub
 from dsjax.posttrain import rewards
-from dsjax.train import loop
+from dsjax.train import loop, preemption
+from dsjax.train import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. experiments/v3_small.py[:smoke].',
                                           lock_config=True)
@@ -35,17 +40,7 @@ def default_workdir(config_arg: str) -> str:
     return str(pathlib.Path('runs') / name)
 
 
-class _QuietLibraries(logging.logging.Filter):
-    """Drops INFO chatter of Orbax, grain and XLA so the run's own progress stays readable."""
-
-    def filter(self, record):
-        noisy = any(part in record.pathname for part in ('/orbax/', '/grain/', '/jax/_src/'))
-        return record.levelno >= logging.logging.WARNING or not noisy
-
-
-def main(argv):
-    del argv
-    logging.get_absl_logger().addFilter(_QuietLibraries())
+def main():
     if _DISTRIBUTED.value:
         # Before anything touches a device: every process must join before the backends start.
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
@@ -54,13 +49,12 @@ def main(argv):
                      jax.process_count(), jax.local_device_count(), jax.device_count())
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS['config'].config_filename)
     logging.info('Workdir: %s', workdir)
-    try:
-        stages.run(_CONFIG.value, workdir)
-    except (config_lib.ConfigError, corpus.DataError, loop.NonFiniteError, rewards.RewardError) as e:
-        logging.error('%s', e)
-        sys.exit(f'error: {e}')
+    reason = stages.stopped_by(stages.run(_CONFIG.value, workdir))
+    if reason:  # saved: tell the scheduler the run was preempted, not finished (rerunning resumes)
+        sys.exit(preemption.exit_status(reason))
 
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config'])
-    app.run(main)
+    cli.run(main, errors=(config_lib.ConfigError, corpus.DataError, loop.NonFiniteError, rewards.RewardError,
+                          hub.HubError, workdir_lib.WorkdirError))

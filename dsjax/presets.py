@@ -41,6 +41,41 @@ MODEL_PRESETS = {
                         seq_aux=True, num_nextn_predict_layers=1, rope_scaling=_V3_YARN),
 }
 
+# DeepSeekMoE 16B (DeepSeekMoE paper; deepseek-ai/deepseek-moe-16b-base config.json): MHA, 2 shared + 64 routed
+# experts (top-6), the first layer dense; init std 0.006 and expert-level balance 0.001 as the paper trained it.
+MODEL_PRESETS['deepseek_moe_16b'] = dict(
+    vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0,
+    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1408,
+    first_k_dense_replace=1, scoring_func='softmax', topk_method='greedy', norm_topk_prob=False,
+    routed_scaling_factor=1.0, aux_loss_alpha=0.001, initializer_range=0.006)
+
+# The R1-Distill checkpoints as released (their config.json on the Hub, deepseek-ai/DeepSeek-R1-Distill-*): Qwen2.5
+# bases carry q/k/v biases, Llama-3.x bases llama3 RoPE scaling. All six untie the head, 131,072 positions.
+_QWEN2 = dict(qkv_bias=True, tie_word_embeddings=False, max_position_embeddings=131072)
+_LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, tie_word_embeddings=False, max_position_embeddings=131072,
+               rms_norm_eps=1e-5, rope_theta=500000.0,
+               rope_scaling=dict(type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192))
+MODEL_PRESETS.update({
+    'r1_distill_qwen_1_5b': dict(_QWEN2, vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                 num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                 rms_norm_eps=1e-6, rope_theta=10000.0),
+    'r1_distill_qwen_7b': dict(_QWEN2, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                               num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                               rms_norm_eps=1e-6, rope_theta=10000.0),
+    'r1_distill_qwen_14b': dict(_QWEN2, vocab_size=152064, hidden_size=5120, intermediate_size=13824,
+                                num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                                rms_norm_eps=1e-5, rope_theta=1000000.0),
+    'r1_distill_qwen_32b': dict(_QWEN2, vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                                num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                                rms_norm_eps=1e-5, rope_theta=1000000.0),
+    'r1_distill_llama_8b': dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32),
+    'r1_distill_llama_70b': dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                 num_attention_heads=64),
+})
+
 
 def apply_preset(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """Sets `c.model` (and data.vocab_size through its reference) to a full-size architecture."""
@@ -60,8 +95,39 @@ def full_size_pretraining(preset: str, *, batch: int, tokens: int, mesh: dict) -
     c.data.seq_len = 4096
     c.data.batch_size = batch
     c.train.steps = tokens // (batch * c.data.seq_len)
+    c.mesh.update(**mesh)
+    return c
+
+
+# R1's distillation data: ~800K samples (600K reasoning, 200K other) of R1-era models, never released; the paper
+# gives no epochs or learning rate for the students, so these follow V3's SFT (paper 5.1): 2 epochs, cosine
+# 5e-6 -> 1e-6, packed with sample masking.
+R1_SAMPLES, R1_EPOCHS = 800_000, 2
+
+
+def r1_distill_sft(preset: str, *, base: str, tokenizer: str, batch: int, mesh: dict, arg=None
+                   ) -> ml_collections.ConfigDict:
+    """R1's distillation of `preset` at true size (R1 paper 2.4: SFT only, no RL): the student architecture as
+    released, started from its base checkpoint `base` (a Hub id or a directory), trained on the teacher's
+    samples in the released tokenizer's chat template (`tokenizer`: the R1-Distill repository, whose
+    tokenizer_config.json holds DeepSeek's template and special tokens) at 32K context. `:smoke` is a tiny
+    Qwen2/Llama-shaped student on the built-in cold-start set, from scratch, with no download."""
+    c = apply_preset(config_lib.base_config(), preset)
+    c.stage = 'sft'
+    c.init.checkpoint = base
+    c.data.update(tokenizer='hf', tokenizer_path=tokenizer, seq_len=32768, batch_size=batch)
+    c.sft.source = 'cold_start'  # R1's samples were not released: pass yours with sft.source=jsonl, sft.paths
+    c.model.update(dtype='bfloat16', remat_policy='full')
+    c.optim.update(lr=5e-6, schedule='cosine', min_lr_ratio=0.2, warmup_steps=100, weight_decay=0.1)
+    c.train.steps = R1_EPOCHS * R1_SAMPLES // batch
     c.optim.decay_steps = c.train.steps
     c.mesh.update(**mesh)
+    if arg == 'smoke':
+        variant(c, arg)
+        c.init.checkpoint = ''
+        c.data.update(tokenizer='sentencepiece', tokenizer_path='', seq_len=512)
+        c.model.max_position_embeddings = 512
+        c.sft.update(examples=16, val_examples=8)
     return c
 
 
@@ -107,7 +173,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 2
     c.train.progress_bar = False
     c.optim.warmup_steps = 1
-    c.optim.decay_steps = c.train.steps
+    c.optim.decay_steps = c.train.get_ref('steps') + 0
     return c
 
 

@@ -4,14 +4,14 @@ Panels: train and validation loss, learning rate, gradient norm, tokens/s and MF
 global), and for MoE runs the validation expert load per layer at the last evaluation (a heatmap of
 load / mean load: 1.0 is perfect balance) and MaxVio per layer over evaluations.
 """
-import pathlib
-
 # Figures are made with the object API (no pyplot): importing this module never changes the
 # backend of a notebook or program that imports it.
 from matplotlib.figure import Figure
 import numpy as np
-from absl import app, flags
+from absl import flags
+from etils import epath
 
+from dsjax import cli
 from dsjax.train import logger
 
 
@@ -23,13 +23,17 @@ def series(records, key):
 
 def expert_loads(workdir) -> list[tuple[int, np.ndarray]]:
     """(step, load [layers, experts]) of every saved evaluation, by step."""
-    files = sorted((pathlib.Path(workdir) / 'expert_load').glob('step_*.npy'))
-    return [(int(f.stem.split('_')[1]), np.load(f)) for f in files]
+    files = sorted((epath.Path(workdir) / 'expert_load').glob('step_*.npy'))
+    loads = []
+    for f in files:
+        with f.open('rb') as fh:
+            loads.append((int(f.stem.split('_')[1]), np.load(fh)))
+    return loads
 
 
-def render(workdir, out=None) -> pathlib.Path:
+def render(workdir, out=None) -> epath.Path:
     """Draws the dashboard PNG and returns its path."""
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     records = logger.read_metrics(workdir)
     loads = expert_loads(workdir)
     rows = 3 if loads else 2
@@ -80,18 +84,22 @@ def render(workdir, out=None) -> pathlib.Path:
         axes[2, 2].legend(fontsize=8)
     fig.suptitle(str(workdir))
     fig.tight_layout()
-    out = pathlib.Path(out) if out else workdir / 'report.png'
-    fig.savefig(out, dpi=90)
+    out = epath.Path(out) if out else workdir / 'report.png'
+    with out.open('wb') as f:  # a local or remote (gs://, s3://) workdir alike
+        fig.savefig(f, dpi=90, format='png')
     return out
 
 
-def main(argv):
-    del argv
-    print(render(flags.FLAGS.workdir, flags.FLAGS.out))
+def main():
+    workdir = epath.Path(flags.FLAGS.workdir)
+    if not (workdir / logger.METRICS_FILE).is_file():
+        raise FileNotFoundError(f'--workdir={str(workdir)!r} holds no {logger.METRICS_FILE}: give a run directory '
+                                'that dsjax.main wrote')
+    print(render(workdir, flags.FLAGS.out))
 
 
 if __name__ == '__main__':
     # Defined here, not at import: the sweep runner and notebooks import this module beside other CLIs.
     flags.DEFINE_string('workdir', None, 'Run directory holding metrics.jsonl.', required=True)
     flags.DEFINE_string('out', None, 'PNG path (default: WORKDIR/report.png).')
-    app.run(main)
+    cli.run(main)

@@ -44,6 +44,14 @@ def validate(config, num_devices: int) -> None:
         CHECKS[config.stage](config, num_devices)
 
 
+def stopped_by(result: dict) -> str | None:
+    """Why `run` stopped early (a signal, see train/preemption.py), or None: a stage's metrics or a chain's
+    {stage: metrics}."""
+    if loop.STOPPED in result:
+        return result[loop.STOPPED]
+    return next((r[loop.STOPPED] for r in result.values() if isinstance(r, dict) and loop.STOPPED in r), None)
+
+
 def run(config, workdir) -> dict:
     """Runs the stage `config.stage` names (or the chain) in `workdir`; returns its last metrics."""
     if config.stage == 'chain':

@@ -40,8 +40,9 @@ import matplotlib
 from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from dsjax import cli
 from dsjax import config as config_lib
 from dsjax import presets
 from dsjax import report as report_lib
@@ -103,7 +104,7 @@ class Run:
 
     def finished_step(self) -> int | None:
         """The newest complete checkpoint step in the run directory (None: never checkpointed)."""
-        return max(checkpoint.complete_steps(self.workdir / 'checkpoints'), default=None)
+        return max(checkpoint.complete_steps(checkpoint.checkpoint_dir(self.workdir)), default=None)
 
     @property
     def finished(self) -> bool:
@@ -445,23 +446,18 @@ def _plot_expert_load(by_variant: dict, out: pathlib.Path, title: str) -> bool:
     return True
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments {argv[1:]}')
+def main():
     config, workdir = flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir)
-    try:
-        sweep = load_sweep(config)
-        runs = plan(sweep, workdir)
-        if flags.FLAGS['print'].value:
-            for run in runs:
-                print(shlex.join(run.command(sweep['base'])))
-            return
-        workdir.mkdir(parents=True, exist_ok=True)
-        print(f'{len(runs)} runs of {config} in {workdir}', flush=True)
-        execute(runs, sweep['base'])
-        out = write_report(runs, sweep, workdir, pathlib.Path(config).stem)
-    except SweepError as e:
-        sys.exit(f'error: {e}')
+    sweep = load_sweep(config)
+    runs = plan(sweep, workdir)
+    if flags.FLAGS['print'].value:
+        for run in runs:
+            print(shlex.join(run.command(sweep['base'])))
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f'{len(runs)} runs of {config} in {workdir}', flush=True)
+    execute(runs, sweep['base'])
+    out = write_report(runs, sweep, workdir, pathlib.Path(config).stem)
     print(out.read_text())
     print(f'Report: {out} (plots beside it)')
 
@@ -471,4 +467,4 @@ if __name__ == '__main__':
     flags.DEFINE_string('config', None, 'Sweep file, e.g. experiments/sweeps/balancing.py.', required=True)
     flags.DEFINE_string('workdir', None, 'Sweep directory: one subdirectory per run, and the report.', required=True)
     flags.DEFINE_bool('print', False, 'Print one shell command per run instead of running them.')
-    app.run(main)
+    cli.run(main, errors=(SweepError,))

@@ -22,7 +22,9 @@ format rate, task validation loss (CE of the worked solutions) and the share of 
 between student_alone and the teacher each closes -> WORKDIR/table.md.
 
 Run:      python -m dsjax.main --config=experiments/distill_small.py --workdir=runs/distill_small
-          (re-running resumes; finished stages are skipped). `:smoke` is a seconds-long chain.
+          (re-running resumes; finished stages are skipped). `:smoke` is a seconds-long chain; `:qwen2` shapes
+          the student as R1's Qwen2.5 students (q/k/v biases, 2 kv heads, tied head, RoPE theta 1e6; not yet
+          measured), `:qwen2,smoke` both.
 Hardware: 2 CPU cores, mostly idle: 35 min for the chain command, measured: teacher_base 17.5 min (the
           MoE step is ~1.5x the dense one), teacher 6.6, teacher_samples 1.4, student_base 4.3,
           student_alone 1.9, student_seq 0.6, student_logit 1.2, evaluations 1.1.
@@ -76,6 +78,9 @@ TEACHER = dict(
     capacity_factor=2.0)
 STUDENT = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=4)
+# Variant `qwen2`: the student shaped as R1's Qwen2.5 students are (q/k/v biases, grouped kv heads, a head tied
+# to the embedding as in the small Qwen2.5 models, RoPE theta 1e6), at the same size.
+QWEN2_STUDENT = dict(STUDENT, qkv_bias=True, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)
 
 
 def _teacher(c):
@@ -84,8 +89,8 @@ def _teacher(c):
     return c
 
 
-def _student(c):
-    c.model.update(**STUDENT)
+def _student(c, shape):
+    c.model.update(**shape)
     return c
 
 
@@ -100,8 +105,10 @@ def _on_samples(c, stage: str, steps: int):
 
 
 def get_config(arg=None):
-    smoke = arg == 'smoke'
-    r1_zero = presets.load_experiment(__file__, 'r1_zero_small', arg)
+    options = set((arg or '').split(','))  # 'smoke', 'qwen2', or both: 'qwen2,smoke'
+    smoke = 'smoke' in options
+    student = QWEN2_STUDENT if 'qwen2' in options else STUDENT
+    r1_zero = presets.load_experiment(__file__, 'r1_zero_small', 'smoke' if smoke else None)
     base, grpo = r1_zero.stages.base, r1_zero.stages.grpo
     tasks = tuple(grpo.grpo.tasks)
     c = ml_collections.ConfigDict()
@@ -116,16 +123,16 @@ def get_config(arg=None):
     s.teacher_samples.init.checkpoint = '{teacher}'
     s.teacher_samples.rejection.update(tasks=tasks, prompts=3000, samples=2, temperature=1.0, max_new_tokens=48,
                                        max_tokens=48, batch=128, template='zero', keep='correct')
-    s.student_base = _student(base.copy_and_resolve_references())
+    s.student_base = _student(base.copy_and_resolve_references(), student)
     s.student_base.init.checkpoint = 'scratch'
-    s.student_alone = _student(grpo.copy_and_resolve_references())
+    s.student_alone = _student(grpo.copy_and_resolve_references(), student)
     s.student_alone.init.checkpoint = '{student_base}'
-    s.student_seq = _on_samples(_student(base.copy_and_resolve_references()), 'sft', 300)
-    s.student_logit = _on_samples(_student(base.copy_and_resolve_references()), 'distill', 300)
+    s.student_seq = _on_samples(_student(base.copy_and_resolve_references(), student), 'sft', 300)
+    s.student_logit = _on_samples(_student(base.copy_and_resolve_references(), student), 'distill', 300)
     s.student_logit.distill.update(teacher='{teacher}', beta=0.5, temperature=1.0, ce_weight=1.0)
     c.evaluation = presets.chain_evaluation(('teacher_base', 'teacher', 'student_base', 'student_alone',
                                                 'student_seq', 'student_logit'), tasks)
-    c.evaluation.update(template='zero', max_new_tokens=grpo.grpo.max_new_tokens, gap=('student_alone', 'teacher'))
+    c.evaluation.update(template='zero', max_new_tokens=grpo.grpo.max_completion_length, gap=('student_alone', 'teacher'))
     if smoke:
         for name in ('student_seq', 'student_logit'):
             s[name].train.update(steps=2, eval_every=2, checkpoint_every=2)

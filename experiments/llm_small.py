@@ -31,7 +31,6 @@ def get_config(arg=None):
     c.train.checkpoint_every = 100
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 30
-    c.optim.decay_steps = c.train.steps
     if arg == 'smoke':
         presets.smoke(c)
     return c

@@ -21,6 +21,5 @@ def get_config(arg=None):
     c.optim.schedule = 'constant'
     c.optim.warmup_steps = 0
     c.train.steps = 1000
-    c.optim.decay_steps = c.train.steps
     c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, -1, 64
     return presets.variant(c, arg)

@@ -79,11 +79,11 @@ def _grpo(base, steps: int):
     g.tasks = base.data.tasks
     g.template = 'chat'  # the SFT stages' template (dsjax/data/chat.py)
     g.batch_size = 128  # 16 prompts x G = 8
-    g.group_size = 8
-    g.max_new_tokens = 64  # a worked solution is ~50 tokens with EOS
+    g.num_generations = 8
+    g.max_completion_length = 64  # a worked solution is ~50 tokens with EOS
     g.temperature = 0.7
     g.beta = 0.001
-    g.reward_names = ('accuracy', 'format')
+    g.reward_funcs = ('accuracy', 'format')
     g.reward_weights = (1.0, 1.0)
     g.eval_problems = 64  # its own quick check; the chain's evaluation uses 512
     return c
@@ -119,7 +119,7 @@ def get_config(arg=None):
         # An untrained model answers nothing correctly: the smoke chain's rs_sft re-reads the cold start.
         s.rs_sft.sft.update(source='cold_start', tasks=tasks, examples=16, val_examples=8)
         for name in ('grpo1', 'grpo2'):
-            s[name].grpo.update(batch_size=16, group_size=4, max_new_tokens=8, eval_problems=8)
+            s[name].grpo.update(batch_size=16, num_generations=4, max_completion_length=8, eval_problems=8)
             s[name].train.update(steps=1, eval_every=1, checkpoint_every=1)
             s[name].optim.decay_steps = 1
         s.rs.rejection.update(prompts=4, samples=2, max_new_tokens=8, max_tokens=8, batch=4)

@@ -58,7 +58,7 @@ def base_stage(arg=None):
     c.data.tasks = TASKS
     c.data.worked_fraction = 0.3  # most pages give the product at once, as most of the web does
     if arg != 'smoke':
-        c.train.steps = c.optim.decay_steps = 2500
+        c.train.steps = 2500
     return c
 
 
@@ -69,12 +69,12 @@ def grpo_stage(arg=None):
     g.tasks = TASKS
     g.template = 'zero'
     g.batch_size = 64
-    g.group_size = 8
-    g.max_new_tokens = 48  # a product with its one-line thought takes ~31 tokens; room to stop after it
+    g.num_generations = 8
+    g.max_completion_length = 48  # a product with its one-line thought takes ~31 tokens; room to stop after it
     g.temperature = 1.0
     g.beta = 0.04  # at the spec's 0.001 the format reward alone drove an arithmetic:2 policy into one canned answer
-    g.aggregation = 'seq-mean-token-mean'
-    g.reward_names = ('accuracy', 'format')
+    g.loss_type = 'grpo'
+    g.reward_funcs = ('accuracy', 'format')
     g.reward_weights = (1.0, 1.0)
     g.eval_problems = 512
     c.train.steps = 80
@@ -85,9 +85,8 @@ def grpo_stage(arg=None):
     c.optim.schedule = 'constant'
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.0
-    c.optim.decay_steps = c.train.steps
     if arg == 'smoke':
-        g.batch_size, g.group_size, g.max_new_tokens, g.eval_problems = 16, 4, 8, 16
+        g.batch_size, g.num_generations, g.max_completion_length, g.eval_problems = 16, 4, 8, 16
         c.train.steps, c.train.eval_every, c.train.checkpoint_every = 2, 2, 1
     return c
 

@@ -43,7 +43,6 @@ def get_config(arg=None):
     c.train.checkpoint_every = 500
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 30
-    c.optim.decay_steps = c.train.steps
     if arg == 'smoke':
         presets.smoke(c)
         c.model.vocab_size = 384

@@ -4,9 +4,10 @@ sigmoid gating with node-limited routing (8 groups, 4 kept), auxiliary-loss-free
 (lambda 0.3 then 0.1).
 
 Builds abstractly here (tests/test_experiments.py); trains on a pod with expert parallelism.
-Recipe (V3 paper 4.2): AdamW (0.9, 0.95), wd 0.1, clip 1.0; lr 2.2e-4 after 2K warmup, cosine to
-2.2e-5; 14.8T tokens at 4K context; AdamW's moments kept in bfloat16 (paper 3.3). Long context follows
-as a separate stage (YaRN, 32K then 128K).
+Recipe (V3 paper 4.1-4.2): AdamW (0.9, 0.95), wd 0.1, clip 1.0; lr warmed up over 2K steps to 2.2e-4, held
+until 10T tokens, cosine to 2.2e-5 over 4.3T, 2.2e-5 for 333B, 7.3e-6 for the last 167B (optim schedule
+'phases'); 14.8T tokens at 4K context, packed without a cross-document mask, FIM (PSM) on 10% of documents;
+AdamW's moments kept in bfloat16 (paper 3.3). Long context follows as a separate stage (YaRN, 32K then 128K).
 """
 from dsjax import presets
 
@@ -22,10 +23,10 @@ def get_config(arg=None):
     # Expert-parallel buffers of 2x the balanced load (moe.expert_parallel_buffers): 1.8% of assignments
     # dropped at a trained v3_small's routing, 12% at 1.25 (benchmarks/results/aot.md).
     m.capacity_factor = 2.0
-    c.optim.lr = 2.2e-4
-    c.optim.warmup_steps = 2000
-    c.optim.min_lr_ratio = 0.1
-    c.optim.moment_dtype = 'bfloat16'
+    c.optim.update(lr=2.2e-4, schedule='phases', warmup_steps=2000, phase_ends=(10e12, 14.3e12, 14.633e12, 14.8e12),
+                   phase_shapes=('constant', 'cosine', 'constant', 'constant'),
+                   phase_factors=(1.0, 0.1, 0.1, 7.3e-6 / 2.2e-4), moment_dtype='bfloat16')
+    c.data.update(fim_rate=0.1, document_mask=False)
     c.train.bias_update_rate = 0.001
     c.train.bias_update_until = 14.3 / 14.8
     c.train.mtp_loss_weight = 0.3

@@ -33,5 +33,4 @@ def get_config(arg=None):
     c.train.steps = 40 if arg != 'smoke' else 2
     c.train.eval_every = 20 if arg != 'smoke' else 2
     c.train.checkpoint_every = c.train.steps
-    c.optim.decay_steps = c.train.steps
     return c

@@ -51,7 +51,7 @@ def get_config(arg=None):
     m.capacity_factor = 2.0
     m.num_nextn_predict_layers = 1
     c.data.batch_size = 8
-    c.train.steps = c.optim.decay_steps = 300
+    c.train.steps = 300
     c.optim.lr = 2e-3
     # V3 used gamma 1e-3 over ~10^6 steps. A 300-step run at lr 2e-3 sees its routers collapse in
     # the first 20 steps (MaxVio ~5); the bias moves at most gamma per step, so it needs 1e-2 to
@@ -70,7 +70,7 @@ def get_config(arg=None):
         # The ablation sweeps' size (experiments/sweeps/): about 3 minutes per run on 2 CPU cores.
         m.hidden_size, m.intermediate_size, m.moe_intermediate_size, m.num_hidden_layers = 128, 344, 64, 4
         c.data.seq_len = 64
-        c.train.steps = c.optim.decay_steps = 150
+        c.train.steps = 150
         c.optim.warmup_steps = 15
         c.train.eval_every, c.train.checkpoint_every = 50, 150
     if 'smoke' in variants:

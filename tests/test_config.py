@@ -2,6 +2,7 @@
 import pytest
 
 from dsjax import config as config_lib
+from dsjax import presets
 
 
 def _v3_like():
@@ -88,3 +89,44 @@ def test_unknown_model_field_is_named():
     c.model.num_layers = 3
     with pytest.raises(config_lib.ConfigError, match='config.model.num_layers='):
         config_lib.freeze_model(c.model)
+
+
+@pytest.mark.parametrize('old,new', [('group_size', 'num_generations'), ('max_new_tokens', 'max_completion_length'),
+                                     ('updates_per_batch', 'num_iterations'), ('eps_low', 'epsilon'),
+                                     ('aggregation', 'loss_type'), ('reward_names', 'reward_funcs')])
+def test_a_renamed_grpo_field_points_to_its_new_name(old, new):
+    c = config_lib.base_config()
+    c.grpo[old] = 8
+    with pytest.raises(config_lib.ConfigError, match=f'config.grpo.{old}=8 is invalid: renamed to config.grpo.{new}'):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_an_unknown_field_of_any_section_is_named():
+    c = config_lib.base_config()
+    c.train.stepz = 10
+    with pytest.raises(config_lib.ConfigError, match=r'config.train.stepz=10 is invalid: unknown field; the fields'):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_decay_steps_follows_train_steps_until_set():
+    """The cosine schedule ends where training ends, whichever of the two a user overrides, unless
+    decay_steps is set itself (then it stays, and train.steps moves alone)."""
+    c = presets.load_experiment(__file__.replace('tests/test_config.py', 'experiments/x.py'), 'v3_small')
+    assert c.optim.decay_steps == c.train.steps == 300
+    c.train.steps = 1000  # what --config.train.steps=1000 does
+    assert c.optim.decay_steps == 1000
+    c.optim.decay_steps = 500
+    c.train.steps = 2000
+    assert (c.optim.decay_steps, c.train.steps) == (500, 2000)
+    smoke = presets.load_experiment(__file__.replace('tests/test_config.py', 'experiments/x.py'), 'v3_small',
+                                       'smoke')
+    assert smoke.optim.decay_steps == smoke.train.steps == 4
+    assert config_lib.base_config().copy_and_resolve_references().optim.decay_steps == 1000
+
+
+def test_a_schedule_shorter_than_training_is_reported(caplog):
+    c = config_lib.base_config()
+    c.optim.decay_steps = 300
+    with caplog.at_level('WARNING'):
+        config_lib.validate(c, 8)
+    assert 'config.optim.decay_steps=300 < train.steps=1000' in caplog.text and 'last 700 steps' in caplog.text

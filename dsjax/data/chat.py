@@ -17,6 +17,7 @@ each its own segment (positions restart at 0, attention never crosses); a target
 only if it is an assistant token of the same conversation. A conversation longer than a row is
 dropped, and counted.
 """
+import hashlib
 import json
 import pathlib
 from typing import Iterable, Sequence
@@ -135,6 +136,13 @@ def check_conversation(messages, where: str) -> list[dict]:
     if not any(m['role'] == 'assistant' for m in messages):
         raise DataError(f'{where}: the conversation has no assistant message, so nothing to train on')
     return [{'role': m['role'], 'content': m['content']} for m in messages]
+
+
+def held_out(record, fraction: float) -> bool:
+    """Whether a record (a conversation, a prompt row) is held out for validation: a fixed `fraction`
+    of records by the sha256 of their JSON, whatever the file order or seed."""
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).digest()
+    return int.from_bytes(digest[:8], 'big') / 2.0**64 < fraction
 
 
 def read_conversations(path) -> list[list[dict]]:

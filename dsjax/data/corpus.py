@@ -22,7 +22,7 @@ from absl import logging
 from dsjax import config as config_lib
 from dsjax.data import tasks
 
-SOURCES = ("stdlib", "text", "jsonl", "tasks")
+SOURCES = ("stdlib", "text", "jsonl", "tasks")  # data.source="array_record" is read by array_records.py
 # Problems per worksheet page: many single-problem pages, so a page often ends right after its answer.
 _PAGE_SIZES = (1, 1, 1, 2, 3, 5, 8)
 SPLITS = ("train", "validation")
@@ -128,17 +128,49 @@ def _read_source(data_cfg, counts: _Counts) -> Iterator[Document]:
             if text:
                 yield Document(path.relative_to(root).as_posix(), text)
     elif data_cfg.source == "text":
-        for path, name in _match_paths(data_cfg.paths):
+        for path, name in match_paths(data_cfg.paths):
             text = _read_text(path, counts)
             if text:
                 yield Document(name, text)
     elif data_cfg.source == "jsonl":
-        for path, name in _match_paths(data_cfg.paths):
+        for path, name in match_paths(data_cfg.paths):
             yield from _read_jsonl(path, name, data_cfg.jsonl_field, counts)
     elif data_cfg.source == "tasks":
         yield from worksheet_documents(data_cfg.tasks, data_cfg.task_documents, data_cfg.worked_fraction)
     else:
         raise DataError(f"data.source must be one of {SOURCES}, got {data_cfg.source!r}")
+
+
+def read_files(patterns, field: str = "text", what: str = "data.paths") -> Iterator[Document]:
+    """Every document of the files `patterns` match, one at a time, by suffix: a JSONL record or a Parquet
+    row (its `field`) each, any other file whole as text."""
+    counts = _Counts()
+    for path, name in match_paths(patterns, what):
+        if path.suffix == ".jsonl":
+            yield from _read_jsonl(path, name, field, counts)
+        elif path.suffix == ".parquet":
+            yield from _read_parquet(path, name, field)
+        else:
+            text = _read_text(path, counts)
+            if text:
+                yield Document(name, text)
+
+
+def _read_parquet(path: pathlib.Path, name: str, column: str) -> Iterator[Document]:
+    """One document per row of `column`, read a batch of rows at a time."""
+    try:
+        import pyarrow.parquet as pq  # only Parquet inputs need it (the 'data' extra)
+    except ImportError as e:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'dsjax[data]'") from e
+    file = pq.ParquetFile(path)
+    if column not in file.schema_arrow.names:
+        raise DataError(f"{path}: no column {column!r} (columns: {file.schema_arrow.names})")
+    row = 0
+    for batch in file.iter_batches(columns=[column], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text:
+                yield Document(f"{name}:{row}", text)
 
 
 def worksheet_documents(entries, n: int, worked_fraction: float = 1.0) -> Iterator[Document]:
@@ -156,25 +188,25 @@ def worksheet_documents(entries, n: int, worked_fraction: float = 1.0) -> Iterat
         yield Document(f"tasks/{task}{level}/{k:07d}", tasks.worksheet(problems, style, header, shown))
 
 
-def _match_paths(patterns) -> list[tuple[pathlib.Path, str]]:
-    """Expands `data.paths` into sorted, de-duplicated (file, portable name) pairs."""
+def match_paths(patterns, what: str = "data.paths") -> list[tuple[pathlib.Path, str]]:
+    """Expands `data.paths` (or the argument `what`) into sorted, de-duplicated (file, portable name) pairs."""
     if isinstance(patterns, str):
-        raise DataError(f"data.paths must be a tuple of paths or globs, got the string {patterns!r}")
+        raise DataError(f"{what} must be a tuple of paths or globs, got the string {patterns!r}")
     if not patterns:
-        raise DataError("data.paths is empty; give at least one file path or glob pattern")
+        raise DataError(f"{what} is empty; give at least one file path or glob pattern")
     found = {}
     for pattern in patterns:
         pattern = os.path.expanduser(str(pattern))
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
             kind = "glob matches no file" if _GLOB_CHARS.search(pattern) else "file does not exist"
-            raise DataError(f"data.paths: {pattern!r}: {kind}")
+            raise DataError(f"{what}: {pattern!r}: {kind}")
         base = _fixed_dir(pattern)
         for match in matches:
             path = pathlib.Path(match)
             if path.is_dir():
                 if not _GLOB_CHARS.search(pattern):
-                    raise DataError(f"data.paths: {pattern!r} is a directory; give files or a glob such as "
+                    raise DataError(f"{what}: {pattern!r} is a directory; give files or a glob such as "
                                     f"'{pattern.rstrip('/')}/**/*.txt'")
                 continue  # A glob such as 'dir/*' also matches subdirectories; only files are documents.
             found.setdefault(path.resolve(), (path, os.path.relpath(path, base)))

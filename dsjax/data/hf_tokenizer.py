@@ -100,6 +100,10 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1) if int(i) not in drop],
                                 skip_special_tokens=False)
 
+    def token_id(self, token: str) -> int | None:
+        """The id of the vocabulary entry `token` (an added token such as '<｜fim▁begin｜>'), None if absent."""
+        return self._tok.token_to_id(token)
+
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         """The checkpoint's chat template rendered for `messages` ([{'role', 'content'}, ...])."""
         if not self.chat_template:

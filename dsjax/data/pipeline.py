@@ -10,9 +10,16 @@ positions restart at 0. Padding (id 0, segment 0, weight 0) only appears at the
 end of a finite stream, i.e. in evaluation batches.
 
 Per host: training documents are dealt round-robin to hosts (host p reads
-documents p, p + P, ...), so hosts never read the same data. Evaluation
+documents p, p + P, ...: grain's index slicing, so an ArrayRecord corpus is
+read record by record, never whole), and hosts never read the same data. Evaluation
 batches are packed identically on every host and each host keeps its slice of
 the rows, so all hosts agree on the number of batches.
+
+With data.document_mask=False a row is packed the same way but is one
+sequence, as V3 pre-trained: one segment, positions 0..seq_len-1, every token
+attends to the earlier documents of its row, and each next-token pair counts,
+across document boundaries too. With data.fim_rate > 0 that share of the
+training documents is rearranged for fill-in-the-middle first (dsjax/data/fim.py).
 """
 import collections
 import copy
@@ -22,7 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import grain
 import numpy as np
 
-from dsjax.data import corpus
+from dsjax.data import array_records, corpus, fim
 from dsjax.data.tokenizer import Tokenizer
 
 FIELDS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -30,18 +37,19 @@ FIELDS = ("inputs", "targets", "segment_ids", "positions", "weights")
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 
-def pack_documents(token_lists: Iterable[Sequence[int]], seq_len: int) -> Iterator[dict]:
+def pack_documents(token_lists: Iterable[Sequence[int]], seq_len: int, document_mask: bool = True) -> Iterator[dict]:
     """Packs token lists (each already [bos, ..., eos]) into rows; see the module docstring.
 
   Args:
     token_lists: documents as token ids, in packing order.
     seq_len: tokens per row of inputs.
+    document_mask: each document its own segment (True), or the row one sequence (False).
 
   Yields:
     One dict per row with FIELDS as numpy arrays of shape [seq_len]; the last
     row is padded.
   """
-    packer = _RowPacker(seq_len)
+    packer = _RowPacker(seq_len, document_mask=document_mask)
     for tokens in token_lists:
         packer.add(tokens)
         while packer.ready():
@@ -73,15 +81,19 @@ def make_train_iterator(data_cfg,
     rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
     if not 0 <= data_cfg.shuffle_seed < 2**32:
         raise corpus.DataError(f"data.shuffle_seed must be in [0, 2**32), got {data_cfg.shuffle_seed!r}")
-    docs = host_documents(corpus.load_documents(data_cfg, "train"), process_index, process_count)
-    if not docs:
+    docs = token_documents(data_cfg, tokenizer, "train")[process_index::process_count]
+    if not len(docs):
         raise corpus.DataError(
             f"host {process_index} of {process_count} has no training documents; data.paths "
             f"{tuple(data_cfg.paths)} with data.val_fraction={data_cfg.val_fraction} leaves too few")
     # grain's shuffle seeds epoch e with shuffle_seed + e once repeated past one epoch.
-    tokens = (grain.MapDataset.source(docs).shuffle(
-        seed=data_cfg.shuffle_seed).repeat().map(lambda doc: tokenize_document(tokenizer, doc.text)))
-    rows = _PackIterDataset(tokens.to_iter_dataset(_READ_OPTIONS), data_cfg.seq_len)
+    tokens = docs.shuffle(seed=data_cfg.shuffle_seed).repeat()
+    if data_cfg.fim_rate > 0:
+        sentinels, rate = fim.sentinel_ids(tokenizer), data_cfg.fim_rate
+        # The generator is seeded by the element's index, so a resumed run cuts the same documents alike.
+        tokens = tokens.random_map(lambda doc, rng: fim.psm_document(doc, rng, sentinels) if rng.random() < rate
+                                   else doc, seed=data_cfg.shuffle_seed)
+    rows = _PackIterDataset(tokens.to_iter_dataset(_READ_OPTIONS), data_cfg.seq_len, data_cfg.document_mask)
     if data_cfg.shuffle_window > 1:
         # Checkpointable: the state is the packer's state at the window's start plus the position in it.
         rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=data_cfg.shuffle_window,
@@ -104,15 +116,15 @@ def make_eval_batches(data_cfg,
     rows_per_host = _rows_per_host(data_cfg, process_index, process_count)
     if num_batches < 1:
         raise corpus.DataError(f"num_batches must be at least 1, got {num_batches}")
-    docs = corpus.load_documents(data_cfg, "validation")
-    if not docs:
+    docs = token_documents(data_cfg, tokenizer, "validation")
+    if not len(docs):
         raise corpus.DataError(
             f"the validation split is empty: raise data.val_fraction (now {data_cfg.val_fraction}) "
             f"or add documents to data.paths")
     wanted = num_batches * data_cfg.batch_size
     rows = []
-    # Documents are tokenised lazily, so only what the batches need is encoded.
-    for row in pack_documents((tokenize_document(tokenizer, d.text) for d in docs), data_cfg.seq_len):
+    # Documents are read and tokenised lazily, so only what the batches need is touched.
+    for row in pack_documents((docs[i] for i in range(len(docs))), data_cfg.seq_len, data_cfg.document_mask):
         rows.append(row)
         if len(rows) == wanted:
             break
@@ -131,9 +143,14 @@ def tokenize_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], np.int32)
 
 
-def host_documents(docs: list, process_index: int, process_count: int) -> list:
-    """Host `process_index`'s disjoint share of `docs`: every process_count-th one."""
-    return docs[process_index::process_count]
+def token_documents(data_cfg, tokenizer: Tokenizer, split: str) -> grain.MapDataset:
+    """The documents of `split` as token ids ([bos] + tokens + [eos]), read and tokenised on access: an
+    ArrayRecord corpus (data.source='array_record') record by record, the others from their document list."""
+    if data_cfg.source == "array_record":
+        return grain.MapDataset.source(array_records.source(data_cfg.paths, split, tokenizer)).map(
+            array_records.decode)
+    docs = corpus.load_documents(data_cfg, split)
+    return grain.MapDataset.source(docs).map(lambda doc: tokenize_document(tokenizer, doc.text))
 
 
 def _rows_per_host(data_cfg, process_index: int, process_count: int) -> int:
@@ -161,8 +178,9 @@ def _empty_row(seq_len: int) -> dict:
 class _RowPacker:
     """Incremental packer; documents carry an opaque tag (the pipeline's resume point)."""
 
-    def __init__(self, seq_len: int, offset: int = 0):
+    def __init__(self, seq_len: int, offset: int = 0, document_mask: bool = True):
         self.seq_len = seq_len
+        self.document_mask = document_mask
         # (tokens_T, tag) for documents not yet fully consumed; the next row starts
         # at pending[0].tokens[offset].
         self.pending = collections.deque()
@@ -202,8 +220,11 @@ class _RowPacker:
             if filled == width:
                 break
         self._advance(self.seq_len)
+        if not self.document_mask:  # the row is one sequence: one segment, row positions
+            segment = (segment != 0).astype(np.int32)
+            position = np.where(segment != 0, np.arange(width, dtype=np.int32), 0)
         inputs_segment = segment[:-1]
-        # A target counts only if it is the next token of the same document.
+        # A target counts only if it is the next token of the same segment (the same document, or the row).
         weights = (inputs_segment != 0) & (inputs_segment == segment[1:])
         return {
             "inputs": row_tokens[:-1],
@@ -226,12 +247,13 @@ class _RowPacker:
 class _PackIterDataset(grain.IterDataset):
     """Packs a stream of token arrays into rows, resumable from a saved state."""
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, document_mask: bool = True):
         super().__init__(parent)
         self._seq_len = seq_len
+        self._document_mask = document_mask
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _PackIterator(self._parent.__iter__(), self._seq_len)
+        return _PackIterator(self._parent.__iter__(), self._seq_len, self._document_mask)
 
     def __str__(self) -> str:
         return f"_PackIterDataset(seq_len={self._seq_len})"
@@ -240,9 +262,9 @@ class _PackIterDataset(grain.IterDataset):
 class _PackIterator(grain.DatasetIterator):
     """State = the parent's state before the document the next row starts in, plus the offset."""
 
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, document_mask: bool = True):
         super().__init__(parent)
-        self._packer = _RowPacker(seq_len)
+        self._packer = _RowPacker(seq_len, document_mask=document_mask)
 
     def __next__(self) -> dict:
         while not self._packer.ready():
@@ -260,4 +282,4 @@ class _PackIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
-        self._packer = _RowPacker(self._packer.seq_len, offset=state["offset"])
+        self._packer = _RowPacker(self._packer.seq_len, offset=state["offset"], document_mask=self._packer.document_mask)

@@ -35,9 +35,7 @@ R1_ZERO_TEMPLATE = (
     '</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here '
     '</answer>. User: {prompt}. Assistant:')
 
-_ANSWER = re.compile(r'<answer>(.*?)</answer>', re.DOTALL)
-_FORMAT = re.compile(r'\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*', re.DOTALL)
-_TAG = re.compile(r'</?(think|answer)>')
+_TAGS = ('<think>', '</think>', '<answer>', '</answer>')
 _EXPRESSION_CHARS = re.compile(r'[0-9+\-*/() ]+')
 
 
@@ -231,16 +229,32 @@ def worksheet(problems, style: str, header: str = '', shown_steps=None) -> str:
 
 
 def parse_answer(text: str) -> str | None:
-    """The stripped content of the last <answer>...</answer> in `text`, or None."""
-    found = _ANSWER.findall(text)
-    return found[-1].strip() if found else None
+    """The stripped content of the last <answer>...</answer> in `text`, or None: the last match of the
+    lazy `<answer>(.*?)</answer>` scanned left to right, found from the right with five `str.find`s.
+
+    The regex scan itself is quadratic on a flood of unclosed tags (36 s for 20,000 <answer>). Here: E is
+    the last </answer> and A the last <answer> before it. The last match ends at the first </answer>
+    after A; it opens at the first <answer> after the last </answer> before A (B), because a match never
+    holds a </answer>, so after B the scan is looking for an opening."""
+    close = text.rfind('</answer>')
+    last_open = text.rfind('<answer>', 0, close) if close >= 0 else -1
+    if last_open < 0:
+        return None
+    before = text.rfind('</answer>', 0, last_open)
+    start = text.find('<answer>', before + len('</answer>') if before >= 0 else 0)
+    end = text.find('</answer>', last_open + len('<answer>'))
+    return text[start + len('<answer>'):end].strip()
 
 
 def format_ok(text: str) -> bool:
     """True iff `text` is exactly `<think> ... </think> <answer> ... </answer>` (whitespace around
-    allowed), with no stray or nested think/answer tags."""
-    match = _FORMAT.fullmatch(text)
-    return bool(match) and not any(_TAG.search(part) for part in match.groups())
+    allowed), with no stray or nested think/answer tags. Linear time: each tag counted once, then the
+    one arrangement checked."""
+    body = text.strip()
+    if any(body.count(tag) != 1 for tag in _TAGS) or not (body.startswith('<think>') and body.endswith('</answer>')):
+        return False
+    think_end, answer_start = body.index('</think>'), body.index('<answer>')
+    return think_end < answer_start and not body[think_end + len('</think>'):answer_start].strip()
 
 
 def grade(problem: Problem, completion_text: str) -> bool:

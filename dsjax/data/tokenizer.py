@@ -14,7 +14,9 @@ import numpy as np
 import sentencepiece as spm
 
 from dsjax.data import corpus
+from dsjax.data import fim
 from dsjax.data import hf_tokenizer
+from dsjax.interop import hub
 
 # Bump when the training recipe below changes, so cached models are retrained.
 TRAINER_VERSION = 1
@@ -26,6 +28,7 @@ _MAX_CHUNK_CHARS = 8_000
 _META_SPACE = "\u2581"
 # Fixed ids: pad is 0 and never produced by encode; unk is never produced either (byte fallback).
 _PAD_ID, _UNK_ID, _BOS_ID, _EOS_ID = 0, 1, 2, 3
+SENTENCEPIECE_FILE = "tokenizer.model"  # a sentencepiece model's name in a HF-style directory
 
 
 class Tokenizer(Protocol):
@@ -39,6 +42,10 @@ class Tokenizer(Protocol):
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
+        ...
+
+    def token_id(self, token: str) -> int | None:
+        """The id of one whole vocabulary entry (a special or user-defined token), None if absent."""
         ...
 
 
@@ -80,12 +87,22 @@ class SentencePieceTokenizer:
         """Text of `ids`; pad, bos and eos decode to nothing."""
         return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
+    def token_id(self, token: str) -> int | None:
+        """The id of the piece `token` (a user-defined symbol such as a FIM sentinel), None if absent."""
+        token_id = self._sp.piece_to_id(token)
+        return None if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id) else token_id
+
+    def piece(self, token_id: int) -> str:
+        """The piece (token text) of `token_id`, e.g. '<s>'."""
+        return self._sp.id_to_piece(token_id)
+
     def __reduce__(self):
         # Rebuild from the file, so the tokenizer can cross process boundaries (e.g. grain workers).
         return (SentencePieceTokenizer, (self.model_path, ))
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str) -> str:
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str,
+                        user_defined_symbols: Sequence[str] = ()) -> str:
     """Trains a byte-fallback BPE model on a bounded sample of `texts`.
 
   Args:
@@ -94,6 +111,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str) 
     vocab_size: the number of pieces, including pad/unk/bos/eos and the 256
       byte pieces.
     out_prefix: the model is written to `out_prefix + '.model'`, atomically.
+    user_defined_symbols: pieces that always encode as one token (the FIM sentinels).
 
   Returns:
     The path of the written model. The same texts and vocab_size always give a
@@ -125,6 +143,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str) 
             shuffle_input_sentence=False,  # The sample is already fixed; keep training deterministic.
             num_threads=2,
             minloglevel=2,
+            user_defined_symbols=list(user_defined_symbols),
         )
     except RuntimeError as e:
         raise corpus.DataError(f"sentencepiece training failed for vocab_size={vocab_size}: {e}") from e
@@ -133,23 +152,43 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str) 
     return str(path)
 
 
+def from_path(path) -> Tokenizer:
+    """A sentencepiece .model file, a HF tokenizer.json, or a directory holding either (tokenizer.json
+    first, else a sentencepiece tokenizer.model, as hf.save and dsjax.data.prepare write them)."""
+    path = str(path)
+    directory = pathlib.Path(path)
+    if directory.is_dir() and not (directory / hf_tokenizer.TOKENIZER_FILE).exists():
+        if (directory / SENTENCEPIECE_FILE).is_file():
+            path = str(directory / SENTENCEPIECE_FILE)
+    if path.endswith(".model"):
+        if not os.path.isfile(path):
+            raise corpus.DataError(f"tokenizer {path!r} does not exist (a sentencepiece .model file)")
+        return SentencePieceTokenizer(path)
+    return hf_tokenizer.HFTokenizer(path)
+
+
 def get_tokenizer(data_cfg) -> Tokenizer:
     """The tokenizer of `config.data`: loaded from `data.tokenizer_path`, else trained once and cached.
 
-    `data.tokenizer='hf'` reads a HF tokenizer.json (or a checkpoint directory holding one) with its
-    special tokens and chat template. For sentencepiece, the cache key covers the source, paths,
+    `data.tokenizer='hf'` reads a HF tokenizer.json (or a checkpoint directory holding one, or a Hub id: its
+    tokenizer files are downloaded once) with its special tokens and chat template. For sentencepiece, the cache key covers the source, paths,
     vocab size and a fingerprint of the training split's content, so a changed corpus gets a new model.
     """
     if data_cfg.tokenizer == "hf":
-        return hf_tokenizer.HFTokenizer(data_cfg.tokenizer_path)
+        return hf_tokenizer.HFTokenizer(hub.resolve(data_cfg.tokenizer_path, "data.tokenizer_path",
+                                                    hub.TOKENIZER_PATTERNS))
     if data_cfg.tokenizer != "sentencepiece":
         raise corpus.DataError(f"data.tokenizer must be 'sentencepiece' or 'hf', got {data_cfg.tokenizer!r}")
     if data_cfg.tokenizer_path:
-        if not os.path.isfile(data_cfg.tokenizer_path):
+        path = data_cfg.tokenizer_path
+        if os.path.isdir(path):  # a HF-style or dataset directory holding the model
+            path = os.path.join(path, SENTENCEPIECE_FILE)
+        if not os.path.isfile(path):
             raise corpus.DataError(
                 f"data.tokenizer_path={data_cfg.tokenizer_path!r} does not exist; give an existing "
-                "sentencepiece .model file, or '' to train one on the corpus")
-        return SentencePieceTokenizer(data_cfg.tokenizer_path)
+                f"sentencepiece .model file (or a directory holding {SENTENCEPIECE_FILE}), or '' to train one on "
+                "the corpus")
+        return SentencePieceTokenizer(path)
     docs = corpus.load_documents(data_cfg, "train")
     key = _cache_key(data_cfg, docs)
     prefix = os.path.join(cache_dir(data_cfg), "tokenizers", f"spm_{data_cfg.vocab_size}_{key}")
@@ -158,7 +197,7 @@ def get_tokenizer(data_cfg) -> Tokenizer:
                      prefix)
         start = time.perf_counter()
         try:
-            train_sentencepiece((d.text for d in docs), data_cfg.vocab_size, prefix)
+            train_sentencepiece((d.text for d in docs), data_cfg.vocab_size, prefix, _user_symbols(data_cfg))
         except ValueError as e:
             raise corpus.DataError(f"data.vocab_size={data_cfg.vocab_size}: {e}") from e
         logging.info("Trained the tokenizer in %.1f s", time.perf_counter() - start)
@@ -166,10 +205,21 @@ def get_tokenizer(data_cfg) -> Tokenizer:
 
 
 def cache_dir(data_cfg) -> str:
-    """`data.cache_dir`, or $DSJAX_CACHE, or ~/.cache/dsjax."""
+    """`data.cache_dir`, or the user's dsjax cache."""
     if data_cfg.cache_dir:
         return os.path.expanduser(data_cfg.cache_dir)
+    return default_cache_dir()
+
+
+def default_cache_dir() -> str:
+    """$DSJAX_CACHE, or ~/.cache/dsjax."""
     return os.environ.get("DSJAX_CACHE", os.path.expanduser("~/.cache/dsjax"))
+
+
+def _user_symbols(data_cfg) -> tuple[str, ...]:
+    """Pieces the model must hold whole: the FIM sentinels when FIM is on (else none, so models trained
+    without FIM keep their ids)."""
+    return fim.FIM_TOKENS if data_cfg.fim_rate > 0 else ()
 
 
 def _cache_key(data_cfg, docs: list[corpus.Document]) -> str:
@@ -187,6 +237,7 @@ def _cache_key(data_cfg, docs: list[corpus.Document]) -> str:
             "paths": [] if data_cfg.source == "stdlib" else [str(p) for p in data_cfg.paths],
             "vocab_size": data_cfg.vocab_size,
             "corpus": content.hexdigest(),
+            **({"user_symbols": list(_user_symbols(data_cfg))} if _user_symbols(data_cfg) else {}),
         },
         sort_keys=True)
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]

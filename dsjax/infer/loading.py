@@ -4,23 +4,16 @@ import dataclasses
 import pathlib
 
 from absl import flags
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
 from dsjax import config as config_lib
-from dsjax import sharding
 from dsjax.config import ModelConfig
-from dsjax.data import hf_tokenizer
 from dsjax.data import tokenizer as tokenizer_lib
 from dsjax.infer import decode
 from dsjax.infer import speculative as speculative_lib
 from dsjax.infer.sampling import SamplingConfig
-from dsjax.interop import hf, orbax_io
-from dsjax.model.transformer import Transformer
+from dsjax.interop import hf, hf_files, hub
+from dsjax.train import checkpoint
 
 
 @dataclasses.dataclass
@@ -31,64 +24,27 @@ class Loaded:
     tokenizer: tokenizer_lib.Tokenizer
 
 
-def _tokenizer_at(path: str) -> tokenizer_lib.Tokenizer:
-    """A sentencepiece .model file, or a HF tokenizer.json (or a directory holding one)."""
-    if path.endswith('.model'):
-        return tokenizer_lib.SentencePieceTokenizer(path)
-    return hf_tokenizer.HFTokenizer(path)
+def load_orbax(path, *, step: int | None = None, dtype=None, mesh=None, tokenizer: str | None = None,
+               what: str = '--model') -> Loaded:
+    """A dsjax checkpoint (a run's workdir or checkpoint dir, read by checkpoint.read_run): params, the
+    routing bias and the tokenizer of the saved config (or `tokenizer`, a path)."""
+    run = checkpoint.read_run(path, step, what=what, dtype=dtype, mesh=mesh)
+    tok = tokenizer_lib.from_path(tokenizer) if tokenizer else tokenizer_lib.get_tokenizer(run.config.data)
+    return Loaded(run.model_cfg, run.variables, tok)
 
 
-def load_orbax(path, *, step: int | None = None, dtype: str | None = None, mesh=None,
-               tokenizer: str | None = None) -> Loaded:
-    """A dsjax checkpoint (a run's workdir or checkpoint dir): params, the routing bias and the tokenizer
-    of the saved config (or `tokenizer`, a path)."""
-    step_dir = orbax_io._checkpoint_step_dir(path, step)
-    config_dir = step_dir / 'config'
-    if not config_dir.is_dir():
-        raise FileNotFoundError(f'--model={str(path)!r}: {config_dir} does not exist, so the architecture is unknown')
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        saved = checkpointer.restore(epath.Path(config_dir), args=ocp.args.JsonRestore())
-    config = config_lib.base_config()
-    model = dict(saved['model'])
-    config.model.rope_scaling.update(**model.pop('rope_scaling', {}))
-    config.model.update(**model)
-    if dtype:
-        config.model.update(dtype=dtype, param_dtype=dtype)
-    cfg = config_lib.freeze_model(config.model)
-    mesh = mesh or sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
-    boxed = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nn.meta.unbox(boxed), sharding.logical_sharding(boxed, mesh))
-    # A TrainState's params and its non-gradient buffers (the V3 routing bias); nothing else is read.
-    item = {'params': abstract['params']}
-    if 'moe_bias' in abstract:
-        item['buffers'] = {'moe_bias': abstract['moe_bias']}
-    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                  partial_restore=True)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(epath.Path(step_dir / 'state'), args=args)
-    variables = {'params': restored['params']}
-    if 'buffers' in restored:
-        variables['moe_bias'] = restored['buffers']['moe_bias']
-    if tokenizer:
-        tok = _tokenizer_at(tokenizer)
-    else:
-        data = config.data
-        data.update(**{k: v for k, v in saved.get('data', {}).items() if k in data})
-        tok = tokenizer_lib.get_tokenizer(data)
-    return Loaded(cfg, variables, tok)
-
-
-def load(path, *, step: int | None = None, dtype: str | None = None, mesh=None, tokenizer: str | None = None,
-         **model_overrides) -> Loaded:
-    """A HF checkpoint directory (through dsjax.interop.hf) or a dsjax Orbax checkpoint."""
+def load(path, *, step: int | None = None, dtype=None, mesh=None, tokenizer: str | None = None,
+         what: str = '--model', **model_overrides) -> Loaded:
+    """A HF checkpoint directory or Hub id (through dsjax.interop.hf) or a dsjax Orbax checkpoint; `dtype`
+    by name or as a jnp/np dtype; errors name the argument `path` came from (`what`)."""
+    path = hub.resolve(path, what)
     if hf.is_hf_checkpoint(path):
         model, variables = hf.load(path, dtype, mesh=mesh, **model_overrides)
-        return Loaded(model.cfg, variables, _tokenizer_at(tokenizer or str(path)))
+        return Loaded(model.cfg, variables, tokenizer_lib.from_path(tokenizer or str(path)))
     if not pathlib.Path(path).exists():
-        raise FileNotFoundError(f'--model={str(path)!r} does not exist (give a dsjax run directory, its '
-                                'checkpoints/ directory, or a HF checkpoint directory)')
-    loaded = load_orbax(path, step=step, dtype=dtype, mesh=mesh, tokenizer=tokenizer)
+        raise FileNotFoundError(f'{what}={str(path)!r} does not exist (give a dsjax run directory, its '
+                                'checkpoints/ directory, a HF checkpoint directory or a Hub id owner/name)')
+    loaded = load_orbax(path, step=step, dtype=dtype, mesh=mesh, tokenizer=tokenizer, what=what)
     if model_overrides:
         loaded.cfg = dataclasses.replace(loaded.cfg, **model_overrides)
     return loaded
@@ -125,23 +81,41 @@ def complete(loaded: Loaded, texts, *, sampling: SamplingConfig = SamplingConfig
 
 
 def define_flags():
-    """The model, checkpoint and sampling flags of the generation CLIs."""
+    """The model, checkpoint and sampling flags of the generation CLIs (adopt them as key flags, so the
+    CLI's --help lists them). Unset sampling flags take the checkpoint's generation_config.json."""
     return dict(
-        model=flags.DEFINE_string('model', None, 'dsjax run / checkpoint directory, or a HF checkpoint directory.'),
+        model=flags.DEFINE_string('model', None, 'dsjax run / checkpoint directory, HF checkpoint directory, or Hub '
+                                  'id owner/name[@revision].'),
         step=flags.DEFINE_integer('step', None, 'Checkpoint step of a dsjax run (default: the newest).'),
         dtype=flags.DEFINE_enum('dtype', None, list(config_lib.DTYPES), 'Parameter and compute dtype.'),
         tokenizer=flags.DEFINE_string('tokenizer', None, 'Tokenizer (.model or tokenizer.json) to use instead.'),
-        temperature=flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 is greedy.'),
-        top_k=flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all).'),
-        top_p=flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass in (0, 1] (1: all).'),
+        temperature=flags.DEFINE_float('temperature', None, 'Sampling temperature; 0 is greedy (default: the '
+                                       "checkpoint's generation_config.json, else greedy)."),
+        top_k=flags.DEFINE_integer('top_k', None, 'Keep the k most likely tokens; 0 keeps all (default: '
+                                   'generation_config.json).'),
+        top_p=flags.DEFINE_float('top_p', None, 'Nucleus sampling mass in (0, 1]; 1 keeps all (default: '
+                                 'generation_config.json).'),
         seed=flags.DEFINE_integer('seed', 0, 'PRNG seed for sampling.'),
     )
+
+
+def sampling_for(path, temperature=None, top_k=None, top_p=None) -> SamplingConfig:
+    """The sampling of the checkpoint at `path` (its generation_config.json; greedy without one), each
+    field overridden where given."""
+    fields = dict(temperature=0.0, top_k=0, top_p=1.0)
+    if path is not None and pathlib.Path(path).is_dir():
+        fields.update(hf_files.read_sampling(path) or {})
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    fields.update({k: v for k, v in given.items() if v is not None})
+    return SamplingConfig(**fields)
 
 
 def load_from_flags(f) -> tuple[Loaded, SamplingConfig]:
     """The model and sampling settings the flags of `define_flags` name; errors name the flag."""
     if not f['model'].value:
-        raise ValueError('--model is required: a dsjax run / checkpoint directory or a HF checkpoint directory')
-    sampling = SamplingConfig(f['temperature'].value, f['top_k'].value, f['top_p'].value)
-    loaded = load(f['model'].value, step=f['step'].value, dtype=f['dtype'].value, tokenizer=f['tokenizer'].value)
+        raise ValueError('--model is required: a dsjax run / checkpoint directory, a HF checkpoint directory or a '
+                         'Hub id')
+    path = hub.resolve(f['model'].value, '--model')
+    loaded = load(path, step=f['step'].value, dtype=f['dtype'].value, tokenizer=f['tokenizer'].value)
+    sampling = sampling_for(path, f['temperature'].value, f['top_k'].value, f['top_p'].value)
     return loaded, sampling

@@ -26,7 +26,7 @@ from absl import logging
 from dsjax import config as config_lib
 from dsjax import sharding as sharding_lib
 from dsjax.config import ModelConfig
-from dsjax.interop import hf_mapping
+from dsjax.interop import hf_files, hf_mapping, hub
 from dsjax.interop import safetensors_io as st
 from dsjax.model.transformer import Transformer
 
@@ -117,6 +117,8 @@ def check_architecture(hf_config: dict, cfg: ModelConfig, where: str) -> None:
     for field, theirs in hf_mapping.model_fields_from_hf(hf_config).items():
         if field in _FREE_FIELDS or (cfg.attention_type == 'mla' and field in ('num_key_value_heads', 'head_dim')):
             continue
+        if field == 'tie_word_embeddings' and theirs and not cfg.tie_word_embeddings:
+            continue  # untying copies the embedding into the head, as R1-Distill-Qwen-1.5B did to its base
         if getattr(cfg, field) != theirs:
             diffs.append(f'{field}={getattr(cfg, field)!r} (checkpoint: {theirs!r})')
     if diffs:
@@ -137,6 +139,10 @@ class HFSource:
         self.block = fp8_block(hf_config)
         self.fused = any(n.endswith('mlp.experts.gate_up_proj') for n in self.files.tensors)
         self.table = hf_mapping.name_map(cfg, self.fused)
+        # A tied checkpoint loaded into an untied model: the head starts as the embedding ([V, D] both ways).
+        self.aliases = {}
+        if hf_config.get('tie_word_embeddings') and 'lm_head.weight' not in self.files.tensors:
+            self.aliases['lm_head.weight'] = 'model.embed_tokens.weight'
         self._check()
 
     def _check(self):
@@ -150,6 +156,7 @@ class HFSource:
             raise ValueError(f'{where}: tensors with no place in the model its config.json describes: '
                              f'{unexpected[:6]}{" ..." if len(unexpected) > 6 else ""}')
         for name, targets in self.table.items():
+            name = self.aliases.get(name, name)
             if name not in tensors:
                 if all(t.copy for t in targets):
                     continue
@@ -177,7 +184,7 @@ class HFSource:
 
     def read(self, name: str) -> np.ndarray:
         """HF tensor `name`, FP8 weights dequantised to float32."""
-        x = self.files.read(name)
+        x = self.files.read(self.aliases.get(name, name))
         if st.is_fp8(x.dtype):
             x = st.dequantize_fp8(x, self.files.read(st.scale_name(name)), self.block)
         return x
@@ -309,14 +316,15 @@ def _keys(keypath) -> Path:
     return tuple(str(k.key) for k in keypath)
 
 
-def load(path, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None = None,
+def load(path, dtype=None, *, mesh: jax.sharding.Mesh | None = None,
          rules=sharding_lib.DEFAULT_RULES, max_host_bytes: int = DEFAULT_HOST_BYTES, **model_overrides):
     """Loads a HF checkpoint directory (Llama / DeepSeek-LLM, DeepSeek-V2, DeepSeek-V3, FP8 or not).
 
     Args:
-      path: a directory with config.json and model.safetensors (or shards and their index).
-      dtype: 'float32', 'bfloat16' or 'float16' for parameters and compute; None takes config.json's
-        dtype (bfloat16 for FP8 checkpoints). The V3 routing bias stays float32.
+      path: a directory with config.json and model.safetensors (or shards and their index), or a Hub
+        id 'owner/name[@revision]' (downloaded once, see dsjax.interop.hub).
+      dtype: float32, bfloat16 or float16 (a name or jnp/np dtype) for parameters and compute; None takes
+        config.json's dtype (bfloat16 for FP8 checkpoints). The V3 routing bias stays float32.
       mesh: place each leaf on this mesh by `rules` (each device reads only its slice); None puts
         everything on the first device.
       rules: logical-axis rules (dsjax.sharding.DEFAULT_RULES).
@@ -329,6 +337,8 @@ def load(path, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None = Non
       (model, variables): `logits, aux = model.apply(variables, tokens)` for int32 tokens [B, L];
       variables holds 'params' and, for MoE models, 'moe_bias'.
     """
+    path = hub.resolve(path, 'hf.load(path)')
+    dtype = None if dtype is None else config_lib.dtype_name(dtype, 'hf.load(dtype)')
     hf_config = read_hf_config(path)
     files = st.SafetensorsDir(path)
     if 'num_nextn_predict_layers' not in model_overrides and not has_mtp_layer(files, hf_config):
@@ -383,7 +393,7 @@ def fp8_quantised(name: str) -> bool:
 
 
 def write_hf(directory, cfg: ModelConfig, fetch: Callable[[Path, tuple], np.ndarray], leaf_dtypes, *,
-             dtype: str | None = None, fused_experts: bool = False, fp8: bool = False,
+             dtype=None, fused_experts: bool = False, fp8: bool = False,
              max_shard_bytes: int = DEFAULT_SHARD_BYTES, block: tuple[int, int] = (128, 128)) -> None:
     """Writes config.json and safetensors shards, pulling one HF tensor at a time through `fetch`.
 
@@ -391,6 +401,7 @@ def write_hf(directory, cfg: ModelConfig, fetch: Callable[[Path, tuple], np.ndar
     leaf to its dtype (kept unless `dtype` is given; the routing bias stays float32).
     """
     directory = pathlib.Path(directory)
+    dtype = None if dtype is None else config_lib.dtype_name(dtype, 'dtype')
     if directory.exists() and (any(directory.glob('*.safetensors')) or (directory / st.INDEX_FILE).exists()):
         raise FileExistsError(f'{directory} already holds a safetensors checkpoint; write to a new directory')
     table = hf_mapping.name_map(cfg, fused_experts)
@@ -452,19 +463,23 @@ def array_fetcher(flat: Mapping[Path, object]) -> Callable[[Path, tuple], np.nda
     return fetch
 
 
-def save(model: Transformer, variables, path, *, dtype: str | None = None, fused_experts: bool = False,
-         fp8: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+def save(model: Transformer, variables, path, *, dtype=None, fused_experts: bool = False,
+         fp8: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer=None, sampling=None) -> None:
     """Saves `variables` of `model` as a HF checkpoint transformers' `from_pretrained` loads.
 
     Args:
       model: the Transformer (its cfg picks Llama, DeepseekV2 or DeepseekV3).
       variables: {'params': ..., 'moe_bias': ...}, boxed or not, jax or numpy, sharded or not.
       path: a new directory (or one without safetensors in it).
-      dtype: the stored dtype of the weights; None keeps each leaf's. The routing bias stays float32.
+      dtype: the stored dtype of the weights (a name or jnp/np dtype); None keeps each leaf's. The
+        routing bias stays float32.
       fused_experts: transformers v5's `mlp.experts.{gate_up,down}_proj` instead of per-expert tensors.
       fp8: store DeepSeek's FP8 layout: e4m3 projections with 128x128 `weight_scale_inv`
         (scale = block amax / 448), everything else bf16.
       max_shard_bytes: largest safetensors file before a new shard starts.
+      tokenizer: a dsjax tokenizer (or a HF tokenizer directory) to write beside the weights.
+      sampling: a dsjax.infer.sampling.SamplingConfig for generation_config.json (with a tokenizer and
+        no sampling, generation_config.json says greedy).
     """
     trees = {'params': nn.meta.unbox(variables['params']), 'moe_bias': nn.meta.unbox(variables.get('moe_bias', {}))}
     flat = {}
@@ -478,3 +493,7 @@ def save(model: Transformer, variables, path, *, dtype: str | None = None, fused
     dtypes = {p: (ml_dtypes.bfloat16 if fp8 else x.dtype) for p, x in flat.items()}
     write_hf(path, model.cfg, array_fetcher(flat), dtypes, dtype=dtype, fused_experts=fused_experts, fp8=fp8,
              max_shard_bytes=max_shard_bytes)
+    if tokenizer is not None:
+        hf_files.write_tokenizer(path, tokenizer)
+    if tokenizer is not None or sampling is not None:
+        hf_files.write_generation_config(path, tokenizer if hasattr(tokenizer, 'eos_id') else None, sampling)

@@ -25,8 +25,9 @@ from etils import epath
 
 from dsjax import config as config_lib
 from dsjax.config import ModelConfig
-from dsjax.interop import hf, hf_mapping
+from dsjax.interop import hf, hf_mapping, hub
 from dsjax.interop import safetensors_io as st
+from dsjax.train import checkpoint
 
 _COMMIT_FILE = 'commit_success.txt'  # what dsjax.train.checkpoint treats as a complete step
 _CHUNK_BYTES = 256 << 20  # a chunk larger than this (a big embedding) is split along its first axis
@@ -58,19 +59,22 @@ def _resolved_config(cfg: ModelConfig) -> dict:
     return c.to_dict()
 
 
-def hf_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, step: int = 0, **model_overrides) -> ModelConfig:
+def hf_to_orbax(hf_dir, out_dir, *, dtype=None, step: int = 0, **model_overrides) -> ModelConfig:
     """Converts a HF checkpoint directory into an Orbax checkpoint `init.checkpoint` can start from.
 
     Args:
-      hf_dir: HF checkpoint (config.json + safetensors; FP8 is dequantised).
+      hf_dir: HF checkpoint (config.json + safetensors; FP8 is dequantised), or a Hub id owner/name.
       out_dir: the checkpoint directory; `<out_dir>/<step>` must not exist yet.
-      dtype: stored dtype of the params (None: config.json's; restoring casts to the run's param_dtype).
+      dtype: stored dtype of the params, a name or jnp/np dtype (None: config.json's; restoring casts to the
+        run's param_dtype).
       step: the step number to file it under.
       **model_overrides: ModelConfig fields, as for `hf.load`.
 
     Returns:
       The model config the checkpoint holds (also saved in `<out_dir>/<step>/config`).
     """
+    hf_dir = hub.resolve(hf_dir, 'hf_dir')
+    dtype = None if dtype is None else config_lib.dtype_name(dtype, 'dtype')
     hf_config = hf.read_hf_config(hf_dir)
     files = st.SafetensorsDir(hf_dir)
     if 'num_nextn_predict_layers' not in model_overrides and not hf.has_mtp_layer(files, hf_config):
@@ -136,38 +140,7 @@ def hf_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, step: int = 0, **m
     return cfg
 
 
-def _checkpoint_step_dir(directory, step: int | None) -> pathlib.Path:
-    """`<dir>/<step>` of a run's workdir (holding checkpoints/) or checkpoint directory; default newest."""
-    directory = pathlib.Path(directory).resolve()
-    if (directory / 'checkpoints').is_dir():
-        directory = directory / 'checkpoints'
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / _COMMIT_FILE).exists()) \
-        if directory.is_dir() else []
-    if not steps:
-        raise FileNotFoundError(f'{directory}: no complete Orbax checkpoint (<step>/{_COMMIT_FILE})')
-    if step is None:
-        return directory / str(steps[-1])
-    if step not in steps:
-        raise ValueError(f'{directory}: step {step} is not a complete checkpoint; complete steps: {steps}')
-    return directory / str(step)
-
-
-def read_model_config(step_dir) -> ModelConfig:
-    """The model config saved with a checkpoint step (its `config` item)."""
-    config_dir = pathlib.Path(step_dir) / 'config'
-    if not config_dir.is_dir():
-        raise FileNotFoundError(f'{config_dir} does not exist: the checkpoint was saved without its config, '
-                                'so its architecture is unknown')
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        saved = checkpointer.restore(epath.Path(config_dir), args=ocp.args.JsonRestore())
-    m = config_lib.base_config().model
-    model = dict(saved['model'])
-    m.rope_scaling.update(**model.pop('rope_scaling', {}))
-    m.update(**model)
-    return config_lib.freeze_model(m)
-
-
-def orbax_to_hf(checkpoint_dir, out_dir, *, step: int | None = None, dtype: str | None = None,
+def orbax_to_hf(checkpoint_dir, out_dir, *, step: int | None = None, dtype=None,
                 fused_experts: bool = False, fp8: bool = False,
                 max_shard_bytes: int = hf.DEFAULT_SHARD_BYTES) -> ModelConfig:
     """Exports an Orbax checkpoint (a training run's, or `hf_to_orbax`'s) as a HF checkpoint.
@@ -181,8 +154,8 @@ def orbax_to_hf(checkpoint_dir, out_dir, *, step: int | None = None, dtype: str 
     Returns:
       The exported model's config.
     """
-    step_dir = _checkpoint_step_dir(checkpoint_dir, step)
-    cfg = read_model_config(step_dir)
+    step_dir, config = checkpoint.read_config(checkpoint_dir, step, 'checkpoint_dir')
+    cfg = config_lib.freeze_model(config.model)
     state_dir = step_dir / 'state'
     meta = json.loads((state_dir / '_METADATA').read_text())
     use_ocdbt, use_zarr3 = bool(meta.get('use_ocdbt', True)), bool(meta.get('use_zarr3', False))

@@ -266,7 +266,7 @@ class MHA(nn.Module):
         """x @ W_name [D, heads, K] (+ the bias [heads, K] with qkv_bias): [B, L, heads, K]."""
         cfg = self.cfg
         d, k = cfg.hidden_size, cfg.attn_head_dim
-        y_BxLxHxK = dense(x_BxLxD, weight(self, name, (d, heads, k), ('embed', axis, 'head_dim'), cfg))
+        y_BxLxHxK = dense(x_BxLxD, weight(self, name, (d, heads, k), ('embed', axis, 'head_dim'), cfg), fp8=cfg.fp8)
         if cfg.qkv_bias:
             y_BxLxHxK = y_BxLxHxK + weight(self, f'{name}_bias', (heads, k), (axis, 'head_dim'), cfg,
                                            nn.initializers.zeros)
@@ -301,7 +301,7 @@ class MHA(nn.Module):
                                             cache_mask(positions_BxL, cache['k'].shape[1]), scale)
         out_BxLxNxK = out.reshape(b, length, n, k)
         o_NxKxD = weight(self, 'o', (n, k, d), ('heads', 'head_dim', 'embed'), cfg)
-        out_BxLxD = dense(out_BxLxNxK, o_NxKxD, contract=2)
+        out_BxLxD = dense(out_BxLxNxK, o_NxKxD, contract=2, fp8=cfg.fp8)
         return out_BxLxD if cache is None else (out_BxLxD, cache)
 
 
@@ -342,10 +342,10 @@ class MLA(nn.Module):
         """Per-head (nope, roped) query parts: [B, L, N, K-P] and [B, L, N, P]."""
         cfg = self.cfg
         if cfg.q_lora_rank:
-            c_BxLxC = self.q_a_norm(dense(x_BxLxD, self.w(self.q_a)))
-            q_BxLxNxK = dense(c_BxLxC, self.w(self.q_b))
+            c_BxLxC = self.q_a_norm(dense(x_BxLxD, self.w(self.q_a), fp8=cfg.fp8))
+            q_BxLxNxK = dense(c_BxLxC, self.w(self.q_b), fp8=cfg.fp8)
         else:
-            q_BxLxNxK = dense(x_BxLxD, self.w(self.q))
+            q_BxLxNxK = dense(x_BxLxD, self.w(self.q), fp8=cfg.fp8)
         q_BxLxNxK = constrain(q_BxLxNxK, ('batch', 'act_len', 'act_heads', None))
         q_nope, q_rope = jnp.split(q_BxLxNxK, [cfg.qk_nope_head_dim], axis=-1)
         return q_nope, rope.apply_rope(q_rope, cos, sin, cfg.rope_interleave)
@@ -353,7 +353,7 @@ class MLA(nn.Module):
     def latent(self, x_BxLxD, cos, sin):
         """What the MLA cache holds: the normed kv latent [B, L, R] and the roped shared key [B, L, P]."""
         cfg = self.cfg
-        kv_BxLxRP = dense(x_BxLxD, self.w(self.kv_a))
+        kv_BxLxRP = dense(x_BxLxD, self.w(self.kv_a), fp8=cfg.fp8)
         c_BxLxR, k_rope_BxLxP = jnp.split(kv_BxLxRP, [cfg.kv_lora_rank], axis=-1)
         k_rope_BxLxP = rope.apply_rope(k_rope_BxLxP[:, :, None, :], cos, sin, cfg.rope_interleave)[:, :, 0]
         return self.kv_a_norm(c_BxLxR), k_rope_BxLxP
@@ -365,7 +365,7 @@ class MLA(nn.Module):
         """Naive MLA: per-head keys and values expanded from the latent [B, S, R], attended by
         `kernel(q, k, v, scale)` (self_attention or dot_product_attention); returns [B, L, N, U]."""
         cfg = self.cfg
-        kv_BxSxNxK = dense(c_BxSxR, self.w(self.kv_b))
+        kv_BxSxNxK = dense(c_BxSxR, self.w(self.kv_b), fp8=cfg.fp8)
         k_nope, v_BxSxNxU = jnp.split(kv_BxSxNxK, [cfg.qk_nope_head_dim], axis=-1)
         k_rope_BxSxNxP = jnp.broadcast_to(k_rope_BxSxP[:, :, None, :], k_nope.shape[:3] + (cfg.qk_rope_head_dim,))
         q_BxLxNxK = jnp.concatenate([q_nope, q_rope], axis=-1)
@@ -414,5 +414,5 @@ class MLA(nn.Module):
                 out_BxLxNxU = self.expanded_attention(
                     q_nope, q_rope, c_BxSxR, k_rope_BxSxP,
                     lambda q, k, v, scale: dot_product_attention(q, k, v, mask_BxLxS, scale))
-        out_BxLxD = dense(out_BxLxNxU, self.w(self.o), contract=2)
+        out_BxLxD = dense(out_BxLxNxU, self.w(self.o), contract=2, fp8=cfg.fp8)
         return out_BxLxD if cache is None else (out_BxLxD, cache)

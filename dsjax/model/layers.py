@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
+from dsjax.model import fp8 as fp8_lib
 
 
 def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str], cfg: ModelConfig,
@@ -32,14 +33,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(axes))
 
 
-def dense(x, w, contract: int = 1, **dot_kwargs) -> jax.Array:
+def dense(x, w, contract: int = 1, fp8: bool = False, **dot_kwargs) -> jax.Array:
     """x [..., *in] @ w [*in, *out] -> [..., *out] for the `contract` trailing axes of x (w's leading
     ones), as one 2-D matmul over the flattened rows. The same product as an einsum like 'BLD,DF->BLF',
     but its weight gradient is then [T, D]^T @ [T, F] rather than a contraction over both B and L, which
     XLA on the CPU runs only after a transposed copy of the [B, L, F] activation (llm_small's MLP
-    forward + backward: 49 -> 18 ms on 2 cores)."""
+    forward + backward: 49 -> 18 ms on 2 cores). `fp8`: the matmul and its two backward GEMMs in FP8
+    (fp8.fp8_dot; the weight's 128 x 128 blocks tile the flattened [in, out] matrix, as in V3's checkpoints)."""
     lead, inner = x.shape[:x.ndim - contract], math.prod(w.shape[:contract])
-    y = jnp.matmul(x.reshape(-1, inner), w.reshape(inner, -1), **dot_kwargs)
+    x2, w2 = x.reshape(-1, inner), w.reshape(inner, -1)
+    y = fp8_lib.fp8_dot(x2, w2) if fp8 else jnp.matmul(x2, w2, **dot_kwargs)
     return y.reshape(*lead, *w.shape[contract:])
 
 
@@ -91,6 +94,6 @@ class MLP(nn.Module):
         gate_DxF = weight(self, 'gate', (d, f), ('embed', 'mlp'), cfg)
         up_DxF = weight(self, 'up', (d, f), ('embed', 'mlp'), cfg)
         down_FxD = weight(self, 'down', (f, d), ('mlp', 'embed'), cfg)
-        h_BxLxF = swiglu(dense(x_BxLxD, gate_DxF), dense(x_BxLxD, up_DxF))
+        h_BxLxF = swiglu(dense(x_BxLxD, gate_DxF, fp8=cfg.fp8), dense(x_BxLxD, up_DxF, fp8=cfg.fp8))
         h_BxLxF = constrain(h_BxLxF, ('batch', 'act_len', 'act_mlp'))
-        return dense(h_BxLxF, down_FxD)
+        return dense(h_BxLxF, down_FxD, fp8=cfg.fp8)

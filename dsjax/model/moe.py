@@ -11,10 +11,12 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import tokamax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
+import tokamax
 
 from dsjax.config import ModelConfig
+from dsjax.model import fp8 as fp8_lib
 from dsjax.model.layers import MLP, constrain, param, swiglu, weight
 from dsjax.sharding import BATCH_AXES
 
@@ -137,14 +139,22 @@ def sequence_balance_loss(scores_BxLxE, mask_BxL, k: int):
 
 
 # ---------------------------------------------------------------- dispatch strategies
+# Each takes fp8: every expert GEMM (and its two backward GEMMs) in FP8 (dsjax/model/fp8.py).
 
-def dispatch_dense(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+def _per_group(spec: str, x, w, fp8: bool):
+    """einsum(spec, x, w) for a product per group ('ECD,EDF->ECF'): fp8_lib.fp8_dot when `fp8`."""
+    return fp8_lib.fp8_dot(x, w) if fp8 else jnp.einsum(spec, x, w)
+
+
+def dispatch_dense(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
     """Reference: every expert on every token, combined with the (mostly zero) gate matrix."""
     del capacity
     e = gate_ExDxF.shape[0]
     gates_TxE = jnp.einsum('TK,TKE->TE', weights_TxK, jax.nn.one_hot(idx_TxK, e, dtype=weights_TxK.dtype))
-    h_ExTxF = swiglu(jnp.einsum('TD,EDF->ETF', x_TxD, gate_ExDxF), jnp.einsum('TD,EDF->ETF', x_TxD, up_ExDxF))
-    y_ExTxD = jnp.einsum('ETF,EFD->ETD', h_ExTxF, down_ExFxD)
+    # fp8_dot takes one group of rows per expert: all the tokens, broadcast.
+    x, spec = (jnp.broadcast_to(x_TxD, (e,) + x_TxD.shape), 'ETD,EDF->ETF') if fp8 else (x_TxD, 'TD,EDF->ETF')
+    h_ExTxF = swiglu(_per_group(spec, x, gate_ExDxF, fp8), _per_group(spec, x, up_ExDxF, fp8))
+    y_ExTxD = _per_group('ETF,EFD->ETD', h_ExTxF, down_ExFxD, fp8)
     return jnp.einsum('ETD,TE->TD', y_ExTxD, gates_TxE.astype(y_ExTxD.dtype)), jnp.zeros((), jnp.float32)
 
 
@@ -191,20 +201,61 @@ def platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def ragged_dot(x_AxD, w_ExDxF, sizes_E):
-    """x's rows, in groups of `sizes_E` consecutive rows, each times its group's w: `tokamax.ragged_dot`
-    with the backend's kernel (RAGGED_KERNELS), output in x's dtype."""
+# Dimension numbers of ragged_dot, y = x [A, D] . w [E, D, F] over D in x's groups of rows, and of its
+# gradients: dx = dy [A, F] . w over F in the same groups; dw = x . dy over A, one [D, F] per group.
+_Y_DIMS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [1]), ([], [])),
+                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+_DX_DIMS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+_DW_DIMS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+# checkpoint_name() of the routed experts' GEMM outputs: remat policy 'save_dots' keeps them.
+EXPERT_RESIDUALS = ('expert_gemm',)
+
+
+def _tokamax(lhs, rhs, sizes_E, dims, out_dtype):
+    """tokamax.ragged_dot_general with the backend's kernel (RAGGED_KERNELS)."""
     # tokamax reads absl flags, parsing sys.argv for them when no absl app has: under pytest or in a
     # notebook those arguments are not flags, so it gets the defaults instead.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     # The TPU kernel refuses HIGHEST for 16-bit operands, whose products are exact at DEFAULT anyway.
-    precision = jax.lax.Precision.DEFAULT if jnp.dtype(x_AxD.dtype).itemsize == 2 else None
-    return tokamax.ragged_dot(x_AxD, w_ExDxF, sizes_E, precision=precision, preferred_element_type=x_AxD.dtype,
-                              implementation=RAGGED_KERNELS.get(platform(), ('xla',)))
+    precision = jax.lax.Precision.DEFAULT if jnp.dtype(lhs.dtype).itemsize == 2 else None
+    return tokamax.ragged_dot_general(lhs, rhs, sizes_E, dims, precision=precision, preferred_element_type=out_dtype,
+                                      implementation=RAGGED_KERNELS.get(platform(), ('xla',)))
 
 
-def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+def _saved(gemm_out):
+    """A routed-expert GEMM's output, named for the remat policies (EXPERT_RESIDUALS): their einsums have
+    an expert batch axis and tokamax's kernels are custom calls, so 'save_dots' would not keep them."""
+    return checkpoint_name(gemm_out, EXPERT_RESIDUALS[0])
+
+
+@jax.custom_vjp
+def ragged_dot(x_AxD, w_ExDxF, sizes_E):
+    """x's rows, in groups of `sizes_E` consecutive rows, each times its group's w [D, F], in x's dtype.
+
+    tokamax's own VJP keeps the product as its residual, so under a remat policy the forward GEMM ran
+    again in the backward (8 grouped GEMMs per MoE layer instead of 6, counted in the jaxpr); this one
+    keeps only the operands, and `checkpoint_name` lets the policy keep the product.
+    """
+    return _tokamax(x_AxD, w_ExDxF, sizes_E, _Y_DIMS, x_AxD.dtype)
+
+
+def _ragged_dot_fwd(x_AxD, w_ExDxF, sizes_E):
+    return ragged_dot(x_AxD, w_ExDxF, sizes_E), (x_AxD, w_ExDxF, sizes_E)
+
+
+def _ragged_dot_bwd(res, dy_AxF):
+    x_AxD, w_ExDxF, sizes_E = res
+    return (_tokamax(dy_AxF, w_ExDxF, sizes_E, _DX_DIMS, x_AxD.dtype),
+            _tokamax(x_AxD, dy_AxF, sizes_E, _DW_DIMS, w_ExDxF.dtype), None)
+
+
+ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
+
+
+def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
     """Dropless grouped GEMMs (`ragged_dot`) over the assignments sorted by expert: only the routed
     rows are computed (T x K x D x F x 3 multiply-adds), whatever the number of experts.
 
@@ -220,22 +271,33 @@ def dispatch_ragged(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFx
         sizes_E = jnp.bincount(expert_A, length=e).astype(jnp.int32)
         x_AxD = _permute_rows(jnp.repeat(x_TxD, k, axis=0), order_A, inverse_A)
     with jax.named_scope('experts'):
-        gate_up_AxF2 = ragged_dot(x_AxD, jnp.concatenate([gate_ExDxF, up_ExDxF], axis=-1), sizes_E)
-        h_AxF = swiglu(gate_up_AxF2[:, :f], gate_up_AxF2[:, f:])
-        y_AxD = ragged_dot(h_AxF, down_ExFxD, sizes_E)
+        if fp8:  # gate and up keep their own 128 x 128 blocks (concatenated, a block could straddle both)
+            dot = fp8_lib.fp8_ragged_dot
+            h_AxF = swiglu(_saved(dot(x_AxD, gate_ExDxF, sizes_E)), _saved(dot(x_AxD, up_ExDxF, sizes_E)))
+        else:
+            dot = ragged_dot
+            gate_up_AxF2 = _saved(dot(x_AxD, jnp.concatenate([gate_ExDxF, up_ExDxF], axis=-1), sizes_E))
+            h_AxF = swiglu(gate_up_AxF2[:, :f], gate_up_AxF2[:, f:])
+        y_AxD = _saved(dot(h_AxF, down_ExFxD, sizes_E))
     with jax.named_scope('combine'):
         y_TxKxD = _permute_rows(y_AxD, inverse_A, order_A).reshape(t, k, d)
         y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
     return y_TxD, jnp.zeros((), jnp.float32)
 
 
-def dispatch_gather(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+def dispatch_gather(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
     """Each assignment through its own expert's gathered weights ([T, K, D, F]): reads and computes the
     selected experts only, T x K of them, for decoding, where T x K is at most E (`MoE` picks it then)."""
     del capacity
-    h_TxKxF = swiglu(jnp.einsum('TD,TKDF->TKF', x_TxD, gate_ExDxF[idx_TxK]),
-                     jnp.einsum('TD,TKDF->TKF', x_TxD, up_ExDxF[idx_TxK]))
-    y_TxKxD = jnp.einsum('TKF,TKFD->TKD', h_TxKxF, down_ExFxD[idx_TxK])
+    if fp8:  # fp8_dot per assignment: groups of one row, each with its expert's blocks
+        t, k = idx_TxK.shape
+        x_Ax1xD, idx_A = jnp.repeat(x_TxD, k, axis=0)[:, None], idx_TxK.reshape(-1)
+        h_Ax1xF = swiglu(fp8_lib.fp8_dot(x_Ax1xD, gate_ExDxF[idx_A]), fp8_lib.fp8_dot(x_Ax1xD, up_ExDxF[idx_A]))
+        y_TxKxD = fp8_lib.fp8_dot(h_Ax1xF, down_ExFxD[idx_A]).reshape(t, k, -1)
+    else:
+        h_TxKxF = swiglu(jnp.einsum('TD,TKDF->TKF', x_TxD, gate_ExDxF[idx_TxK]),
+                         jnp.einsum('TD,TKDF->TKF', x_TxD, up_ExDxF[idx_TxK]))
+        y_TxKxD = jnp.einsum('TKF,TKFD->TKD', h_TxKxF, down_ExFxD[idx_TxK])
     return jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype)), jnp.zeros((), jnp.float32)
 
 
@@ -247,7 +309,7 @@ def _slots(group_A, priority_A, groups: int):
 
 
 def _capacity_experts(x_AxD, expert_A, priority_A, gate_ExDxF, up_ExDxF, down_ExFxD, capacity: int,
-                      buffer_axes=('act_exp', None, 'act_embed')):
+                      buffer_axes=('act_exp', None, 'act_embed'), fp8=False):
     """Each assignment through its expert in fixed [E, C, D] buffers, filled highest priority first.
 
     Returns y_AxD (zero for an assignment that found no slot) and kept_A.
@@ -263,21 +325,21 @@ def _capacity_experts(x_AxD, expert_A, priority_A, gate_ExDxF, up_ExDxF, down_Ex
         if buffer_axes:
             buf_ExCxD = constrain(buf_ExCxD, buffer_axes)
     with jax.named_scope('experts'):
-        h_ExCxF = swiglu(jnp.einsum('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF),
-                         jnp.einsum('ECD,EDF->ECF', buf_ExCxD, up_ExDxF))
-        y_ExCxD = jnp.einsum('ECF,EFD->ECD', h_ExCxF, down_ExFxD)
+        h_ExCxF = swiglu(_saved(_per_group('ECD,EDF->ECF', buf_ExCxD, gate_ExDxF, fp8)),
+                         _saved(_per_group('ECD,EDF->ECF', buf_ExCxD, up_ExDxF, fp8)))
+        y_ExCxD = _saved(_per_group('ECF,EFD->ECD', h_ExCxF, down_ExFxD, fp8))
     with jax.named_scope('combine'):
         return jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A], kept_A
 
 
-def dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+def dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
     """Fixed per-expert buffers [E, C, D] and batched einsums; overflow (lowest gates) is dropped.
 
     Returns the output and the fraction of assignments dropped.
     """
     t, k = idx_TxK.shape
     y_AxD, kept_A = _capacity_experts(jnp.repeat(x_TxD, k, axis=0), idx_TxK.reshape(-1), weights_TxK.reshape(-1),
-                                      gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
+                                      gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=fp8)
     y_TxD = jnp.einsum('TKD,TK->TD', y_AxD.reshape(t, k, -1), weights_TxK.astype(y_AxD.dtype))
     return y_TxD, 1.0 - kept_A.mean()
 
@@ -297,7 +359,7 @@ def expert_parallel_buffers(capacity: int, tokens: int, t: int, n: int, e_local:
     return rows, min(n * rows, math.ceil(n * share))
 
 
-def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity):
+def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
     """Experts split over the mesh's `expert` axis (N shards); assignments travel by all_to_all.
 
     Uses the mesh set by `jax.set_mesh`; tokens stay split over the batch axes, so each shard routes
@@ -314,7 +376,7 @@ def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, 
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     shards = 0 if mesh.empty else math.prod(mesh.shape[a] for a in batch_axes)
     if mesh.empty or 'expert' not in mesh.axis_names or tokens % shards:
-        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
+        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8)
     n = mesh.shape['expert']
     if e % n:
         raise ValueError(f'expert_parallel needs mesh.expert={n} to divide the {e} experts')
@@ -339,7 +401,7 @@ def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, 
         # Empty rows rank below every real assignment, so they never take a real one's slot.
         priority_R = exchange(priority_A, -jnp.inf)
         y_RxD, kept_R = _capacity_experts(x_RxD, expert_R, priority_R, gate_ExDxF, up_ExDxF, down_ExFxD,
-                                          slots, buffer_axes=None)
+                                          slots, buffer_axes=None, fp8=fp8)
         y_NxSxD = jax.lax.all_to_all(y_RxD.reshape(n, rows, d), 'expert', 0, 0)
         y_TxKxD = jnp.pad(y_NxSxD, ((0, 0), (0, 1), (0, 0)))[dest_A, slot_A].reshape(t, k, d)
         y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
@@ -387,7 +449,8 @@ def _grouped_rows(idx_TxK, num_experts: int, block: int):
     return row_A, src_R, expert_N
 
 
-def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, block=None):
+def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False,
+                     block=None):
     """Dropless grouped matmul from dense ops: assignments sorted by expert into blocks of `block`
     rows, each block padded to one expert's; each block multiplies its own expert's weights (gathered
     per block, [N, D, F]).
@@ -402,16 +465,21 @@ def dispatch_grouped(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExF
     k = idx_TxK.shape[1]
     e = gate_ExDxF.shape[0]
     block = block or grouped_block_size(t * k, e)
-    row_A, src_R, expert_N = _grouped_rows(idx_TxK, e, block)
-    n = expert_N.shape[0]
-    # Padding rows read a zero token (row t).
-    token_R = jnp.where(src_R < t * k, src_R // k, t)
-    x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
-    h_NxBxF = swiglu(jnp.einsum('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N]),
-                     jnp.einsum('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N]))
-    y_RxD = jnp.einsum('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N]).reshape(n * block, d)
-    y_TxKxD = y_RxD[row_A].reshape(t, k, d)
-    return jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype)), jnp.zeros((), jnp.float32)
+    with jax.named_scope('permute'):
+        row_A, src_R, expert_N = _grouped_rows(idx_TxK, e, block)
+        n = expert_N.shape[0]
+        # Padding rows read a zero token (row t).
+        token_R = jnp.where(src_R < t * k, src_R // k, t)
+        x_NxBxD = jnp.concatenate([x_TxD, jnp.zeros((1, d), x_TxD.dtype)])[token_R].reshape(n, block, d)
+    with jax.named_scope('experts'):
+        # With fp8 each block quantises its gathered copy of the expert's weights: the same 128 x 128 blocks.
+        h_NxBxF = swiglu(_saved(_per_group('NBD,NDF->NBF', x_NxBxD, gate_ExDxF[expert_N], fp8)),
+                         _saved(_per_group('NBD,NDF->NBF', x_NxBxD, up_ExDxF[expert_N], fp8)))
+        y_RxD = _saved(_per_group('NBF,NFD->NBD', h_NxBxF, down_ExFxD[expert_N], fp8)).reshape(n * block, d)
+    with jax.named_scope('combine'):
+        y_TxKxD = y_RxD[row_A].reshape(t, k, d)
+        y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
+    return y_TxD, jnp.zeros((), jnp.float32)
 
 
 DISPATCH = {
@@ -499,7 +567,7 @@ class MoE(nn.Module):
         # Padding gets zero gates: capacity is filled highest gate first, so padding can never push a
         # real token out of an expert (its output is unused anyway).
         gates_TxK = (weights_TxK * mask_BxL.reshape(-1, 1)).astype(x_TxD.dtype)
-        y_TxD, dropped = dispatch(x_TxD, gates_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity)
+        y_TxD, dropped = dispatch(x_TxD, gates_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, cfg.fp8)
         y_BxLxD = y_TxD.reshape(b, length, d)
         if cfg.n_shared_experts:
             y_BxLxD = y_BxLxD + MLP(cfg, width=cfg.n_shared_experts * f, name='shared')(x_BxLxD)

@@ -18,11 +18,14 @@ from dsjax.config import ModelConfig
 from dsjax.model import rope
 from dsjax.model.attention import ATTENTION_RESIDUALS, MHA, MLA
 from dsjax.model.layers import MLP, Embed, RMSNorm, constrain, dense, weight
-from dsjax.model.moe import MoE
+from dsjax.model.moe import EXPERT_RESIDUALS, MoE
 
 _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
-    'save_dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Matmul outputs: the dots without batch axes (not attention's [L, S] scores) and the routed experts' GEMMs.
+    'save_dots': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(*EXPERT_RESIDUALS)),
     'save_attention': jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS),
 }
 
@@ -113,6 +116,8 @@ class MTPLayer(nn.Module):
         d = cfg.hidden_size
         # The checkpoint's order is [embedding; hidden] (the paper's eq. 21 writes the reverse).
         both = jnp.concatenate([RMSNorm(cfg, name='enorm')(emb_BxLxD), RMSNorm(cfg, name='hnorm')(h_BxLxD)], -1)
+        # eh_proj stays out of FP8 (model.fp8), as DeepSeek's FP8 checkpoint keeps it in BF16 with the head
+        # and embedding; the MTP block's GEMMs are FP8 like every block's (stored E4M3 with block scales).
         x_BxLxD = dense(both, weight(self, 'eh_proj', (2 * d, d), (None, 'embed'), cfg))
         block = Block(cfg, use_moe=cfg.num_moe_layers > 0, deterministic=self.deterministic, absorb=self.absorb,
                       name='block')

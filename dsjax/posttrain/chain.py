@@ -29,7 +29,7 @@ import numpy as np
 from dsjax.data import tasks
 from dsjax.infer import loading
 from dsjax.model.transformer import Transformer
-from dsjax.posttrain import grpo, sft
+from dsjax.posttrain import rollout, sft
 from dsjax.train import losses as train_losses
 
 EVAL_FILE = 'eval.json'
@@ -87,13 +87,12 @@ def evaluate_run(run_dir, e, samples: int = 1, temperature: float = 0.0, top_p: 
     `run_dir`: greedy by default, or `samples` completions per problem at `temperature` / `top_p`
     (accuracy is then their mean, pass@1, and pass_at_<samples> is added)."""
     t0 = time.perf_counter()
-    loaded = loading.load(str(run_dir))
+    loaded = loading.load(str(run_dir), what='evaluation.stages')
     problems = tasks.task_problems(e.tasks, 'test', e.problems, 0, 'evaluation.tasks')
-    prompts = grpo.encode_prompts(loaded.tokenizer, problems, e.template)
-    g = ml_collections.ConfigDict(dict(eval_temperature=temperature, eval_top_p=top_p, eval_samples=samples,
-                                       max_new_tokens=e.max_new_tokens))
-    metrics = grpo.evaluate(loaded.cfg, loaded.variables, problems, prompts, loaded.tokenizer, g, None,
-                            jax.random.PRNGKey(0), 1)
+    prompts = rollout.encode_prompts(loaded.tokenizer, [p.prompt for p in problems], e.template)
+    metrics = rollout.evaluate(loaded.cfg, loaded.variables, problems, prompts, loaded.tokenizer,
+                               max_new_tokens=e.max_new_tokens, key=jax.random.PRNGKey(0), samples=samples,
+                               temperature=temperature, top_p=top_p)
     out = {'accuracy': metrics['eval_accuracy'], 'format_rate': metrics['eval_format_rate'],
            'first_answer_accuracy': metrics['eval_first_answer_accuracy'],
            'completion_tokens': metrics['eval_completion_len'], 'problems': len(problems)}

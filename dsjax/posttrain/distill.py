@@ -105,19 +105,21 @@ def validate(config, num_devices: int) -> None:
     sft.validate(config, num_devices)
 
 
-def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop.Stage:
+def build_stage(setup: loop.Setup) -> loop.Stage:
     """The loop's Stage for logit-level distillation: SFT data, teacher logits per batch."""
+    config = setup.config
     try:
-        teacher = loading.load(config.distill.teacher)
+        teacher = loading.load(config.distill.teacher, what='distill.teacher')
     except (FileNotFoundError, ValueError) as e:
         config_lib.fail('distill.teacher', config.distill.teacher, f'cannot load the teacher: {e}')
-    check_teacher(teacher, tokenizer, model_cfg, path=config.distill.teacher)
-    base = sft.build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc)
+    check_teacher(teacher, setup.tokenizer, setup.model_cfg, path=config.distill.teacher)
+    base = sft.build_stage(setup)
     d = config.distill
     step = step_lib.make_accumulating_step(make_loss_fn(base.model, float(d.beta), d.temperature, d.ce_weight),
-                                           optimizer, schedule, config.train, config.sft.micro_batches)
-    return loop.Stage(model=base.model, train_iter=WithTeacherLogits(base.train_iter, make_teacher_logits(teacher)),
-                      eval_batches=base.eval_batches, train_step=step, eval_step=base.eval_step)
+                                           setup.apply_gradients, config.sft.micro_batches)
+    return loop.Stage(model=base.model, train_step=step,
+                      train_iter=WithTeacherLogits(base.train_iter, make_teacher_logits(teacher)),
+                      eval_step=base.eval_step, eval_batches=base.eval_batches)
 
 
 def run(config, workdir, devices=None) -> dict:

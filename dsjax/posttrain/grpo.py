@@ -1,59 +1,61 @@
-"""The GRPO stage (R1-Zero, and R1's reasoning RL): rollouts, rule rewards, group advantages, clipped updates.
+"""The GRPO stage (R1-Zero, and R1's reasoning RL), trained by the one loop (dsjax/train/loop.py).
 
-Axis legend: B completions per step (P prompts x G), W prompt width, N completion tokens (max_new_tokens),
-T = W + N, V vocab.
+Axis legend: B completions per batch (P prompts x G), W prompt width, N completion tokens
+(max_completion_length), T = W + N, V vocab.
 
-One step, read top to bottom in `run`:
-1. P training problems, a function of (seed, step) so a resumed run sees the same ones; each prompt G times.
-2. G completions per prompt from the current policy at temperature T, with a fresh PRNG key per step.
+`Rollouts` is the stage's batch source. Each batch, read top to bottom in `Rollouts.__call__`:
+1. P prompt rows (`PromptSet`: generated task problems, or a user's JSONL rows), a function of (seed,
+   batch index) so a resumed run sees the same ones; each G times.
+2. G completions per prompt from the current policy at temperature T, a fresh PRNG key per batch
+   (dsjax/posttrain/rollout.py).
 3. Rewards r = sum_k w_k f_k (dsjax/posttrain/rewards.py) -> group-normalised advantages.
-4. Log-probs of the frozen reference (the initial policy) once, then `updates_per_batch` jitted updates
-   of the clipped objective; above one update the ratio uses the log-probs stored at rollout.
+4. Log-probs of the frozen reference (the step-0 policy, which the loop hands over) once per batch.
+The loop then takes `num_iterations` optimizer steps of the clipped objective on it (above one, the
+ratio uses the log-probs stored at rollout); train.steps counts optimizer steps, as for every stage.
+Field names follow TRL's GRPOConfig (README).
 """
-import pathlib
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from absl import logging
 
 from dsjax import config as config_lib
 from dsjax import sharding
 from dsjax.data import chat, tasks
-from dsjax.data import tokenizer as tokenizer_lib
-from dsjax.infer import decode
+from dsjax.data.corpus import DataError
 from dsjax.infer.sampling import SamplingConfig
 from dsjax.model.transformer import Transformer
-from dsjax.posttrain import losses, rewards
-from dsjax.train import checkpoint, logger, loop, optim
-from dsjax.train import step as step_lib
-
-# name -> Problem -> prompt text: the R1-Zero template, or the chat template SFT stages train with
-# (dsjax/data/chat.py; its [bos] + tokens are exactly those of the one-turn conversation's prompt).
-TEMPLATES = {'zero': tasks.render_zero_prompt, 'chat': lambda p: chat.user_turn(p.prompt)}
-# Prompt widths are padded to a multiple of this, so generation and updates compile for few shapes.
-WIDTH_MULTIPLE = 32
+from dsjax.posttrain import losses, rewards, rollout
+from dsjax.train import loop
 
 
-def validate(config, num_devices: int, extra_rewards=()) -> None:
-    """Raises ConfigError naming the first bad `grpo.*` field; reward names may be rule rewards or names
-    in `extra_rewards`."""
+SOURCES = ('tasks', 'jsonl')
+# grpo.loss_type (TRL's names) -> the aggregation of per-token losses (posttrain/losses.py).
+LOSS_TYPES = {'grpo': 'seq-mean-token-mean', 'dapo': 'token-mean', 'dr_grpo': 'seq-mean-token-sum-norm'}
+
+
+def validate(config, num_devices: int) -> None:
+    """Raises ConfigError naming the first bad `grpo.*` field (or train.* field GRPO constrains)."""
     g = config.grpo
-    config_lib.parse_task_entries(g.tasks, 'grpo.tasks')
-    if g.template not in TEMPLATES:
-        config_lib.fail('grpo.template', g.template, f'must be one of {tuple(TEMPLATES)}')
-    for f in ('batch_size', 'group_size', 'max_new_tokens', 'updates_per_batch', 'eval_problems',
+    if g.source not in SOURCES:
+        config_lib.fail('grpo.source', g.source, f'must be one of {SOURCES}')
+    if g.source == 'tasks':
+        config_lib.parse_task_entries(g.tasks, 'grpo.tasks')
+    elif not g.paths or not all(isinstance(p, str) and p for p in g.paths):
+        config_lib.fail('grpo.paths', g.paths, "grpo.source='jsonl' needs one or more JSONL prompt files")
+    if g.template not in rollout.TEMPLATES:
+        config_lib.fail('grpo.template', g.template, f'must be one of {rollout.TEMPLATES}')
+    for f in ('batch_size', 'num_generations', 'max_completion_length', 'num_iterations', 'eval_problems',
               'eval_samples'):
         if not (isinstance(g[f], int) and g[f] > 0):
             config_lib.fail(f'grpo.{f}', g[f], 'must be a positive integer')
-    if g.batch_size % g.group_size:
-        config_lib.fail('grpo.batch_size', g.batch_size, f'must be divisible by grpo.group_size={g.group_size} '
-                        '(each prompt gets a group of G completions)')
-    if g.group_size < 2:
-        config_lib.fail('grpo.group_size', g.group_size, 'must be >= 2: advantages compare completions in a group')
+    if g.batch_size % g.num_generations:
+        config_lib.fail('grpo.batch_size', g.batch_size, 'must be divisible by grpo.num_generations='
+                        f'{g.num_generations} (each prompt gets a group of G completions)')
+    if g.num_generations < 2:
+        config_lib.fail('grpo.num_generations', g.num_generations,
+                        'must be >= 2: advantages compare completions in a group')
     sizes = config_lib.mesh_shape(config.mesh, num_devices)
     shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
     if g.batch_size % shards:
@@ -68,36 +70,66 @@ def validate(config, num_devices: int, extra_rewards=()) -> None:
     if g.eval_samples > 1 and not g.eval_temperature:
         config_lib.fail('grpo.eval_samples', g.eval_samples, 'must be 1 with greedy evaluation '
                         '(grpo.eval_temperature=0): every sample would be the same')
-    for f in ('beta', 'eps_high', 'overlong_buffer'):
+    for f in ('beta', 'epsilon_high', 'overlong_buffer'):
         if g[f] < 0:
             config_lib.fail(f'grpo.{f}', g[f], 'must be >= 0')
-    if not 0 <= g.eps_low < 1:
-        config_lib.fail('grpo.eps_low', g.eps_low, 'must be in [0, 1)')
+    if not 0 <= g.epsilon < 1:
+        config_lib.fail('grpo.epsilon', g.epsilon, 'must be in [0, 1)')
     if not g.eps_std > 0:
         config_lib.fail('grpo.eps_std', g.eps_std, 'must be > 0')
-    if g.aggregation not in losses.AGGREGATIONS:
-        config_lib.fail('grpo.aggregation', g.aggregation, f'must be one of {losses.AGGREGATIONS}')
-    if not g.reward_names or len(g.reward_names) != len(g.reward_weights):
+    if g.loss_type not in LOSS_TYPES:
+        config_lib.fail('grpo.loss_type', g.loss_type, f'must be one of {tuple(LOSS_TYPES)}')
+    if not g.reward_funcs or len(g.reward_funcs) != len(g.reward_weights):
         config_lib.fail('grpo.reward_weights', g.reward_weights,
-                        f'needs one weight per reward in grpo.reward_names={tuple(g.reward_names)}')
-    known = tuple(rewards.REWARDS) + tuple(extra_rewards)
-    for name in g.reward_names:
-        if name not in known:
-            config_lib.fail('grpo.reward_names', tuple(g.reward_names), f'{name!r} is unknown; valid: {known}')
+                        f'needs one weight per reward in grpo.reward_funcs={tuple(g.reward_funcs)}')
+    for name in g.reward_funcs:
+        if name not in rewards.REWARDS:
+            rewards.import_function(name)  # fails naming grpo.reward_funcs if it cannot
+    for f in ('steps', 'checkpoint_every'):
+        if config.train[f] % g.num_iterations:
+            config_lib.fail(f'train.{f}', config.train[f], f'must be a multiple of grpo.num_iterations='
+                            f'{g.num_iterations}: it counts optimizer steps, and checkpoints fall between batches')
 
 
-def step_problems(entries, n: int, seed: int, step: int) -> list[tasks.Problem]:
-    """The `n` training problems of `step`, dealt over the task:level entries in turn."""
+def batch_problems(entries, n: int, seed: int, index: int) -> list[tasks.Problem]:
+    """The `n` training problems of batch `index`, dealt over the task:level entries in turn."""
     parsed = config_lib.parse_task_entries(entries, 'grpo.tasks')
     counts = [len(range(i, n, len(parsed))) for i in range(len(parsed))]
-    per_entry = [tasks.make_problems(t, 'train', c, level=lv, seed=seed * 1_000_003 + step)
+    per_entry = [tasks.make_problems(t, 'train', c, level=lv, seed=seed * 1_000_003 + index)
                  for (t, lv), c in zip(parsed, counts)]
     return [per_entry[i % len(parsed)][i // len(parsed)] for i in range(n)]
 
 
-def encode_prompts(tokenizer, problems, template: str) -> list[list[int]]:
-    """[bos] + the tokens of each problem in the prompt template."""
-    return [[tokenizer.bos_id] + tokenizer.encode(TEMPLATES[template](p)) for p in problems]
+class PromptSet:
+    """The prompt rows GRPO trains and evaluates on: generated task problems (train split to train, test
+    split to evaluate), or the rows of a user's JSONL files (held out by a hash, as data.val_fraction says)."""
+
+    def __init__(self, config):
+        g, self.seed = config.grpo, config.train.seed
+        self.source, self.tasks = g.source, g.tasks
+        if g.source == 'tasks':
+            self.eval = rollout.task_rows(tasks.task_problems(g.tasks, 'test', g.eval_problems, 0, 'grpo.tasks'))
+            return
+        rows = [row for path in g.paths for row in rollout.read_prompt_rows(path)]
+        held_out = [chat.held_out(row, config.data.val_fraction) for row in rows]
+        self.train = [row for row, h in zip(rows, held_out) if not h]
+        self.eval = [row for row, h in zip(rows, held_out) if h][:g.eval_problems]
+        if not self.train or not self.eval:
+            raise DataError(f'grpo.paths: of {len(rows)} prompt rows, {len(self.train)} are for training and '
+                            f'{len(self.eval)} held out (data.val_fraction={config.data.val_fraction}); each '
+                            'needs at least one')
+
+    def batch(self, index: int, n: int) -> list[dict]:
+        """The `n` prompt rows of batch `index`: fresh problems, or the JSONL rows in an order reshuffled
+        every epoch; a function of (seed, index), so a resumed run sees the same ones."""
+        if self.source == 'tasks':
+            return rollout.task_rows(batch_problems(self.tasks, n, self.seed, index))
+        rows = []
+        for position in range(index * n, (index + 1) * n):
+            epoch, offset = divmod(position, len(self.train))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+            rows.append(self.train[order[offset]])
+        return rows
 
 
 def sequences(prompt_BxW, lengths_B, tokens_BxN, mask_BxN, pad_id: int) -> dict:
@@ -130,24 +162,25 @@ def completion_logits(logits_BxTxV, lengths_B, n: int):
 
 
 def make_logprob_fn(model, n: int, temperature: float):
-    """(params, buffers, batch) -> log pi(completion tokens) [B, N] at temperature T (the reference pass)."""
+    """(variables, batch) -> log pi(completion tokens) [B, N] at temperature T (the reference pass)."""
 
-    def logprobs(params, buffers, batch):
-        logits, _ = model.apply({'params': params, **buffers}, batch['inputs'], batch['positions'],
-                                batch['segment_ids'])
+    def logprobs(variables, batch):
+        logits, _ = model.apply(variables, batch['inputs'], batch['positions'], batch['segment_ids'])
         return losses.token_logprobs(completion_logits(logits, batch['lengths'], n), batch['completions'],
                                      temperature)
 
     return logprobs
 
 
-def make_update_step(model, optimizer, schedule, g, nonfinite_policy: str):
-    """Returns update(state, batch) -> (state, metrics): one optimizer step on the GRPO objective.
+def make_update_step(model, apply_gradients, g):
+    """Returns update(state, batch) -> (state, metrics): one optimizer step on the GRPO objective (plus
+    the policy's MoE balance loss), ending in the loop's `apply_gradients` (clip, AdamW, routing bias,
+    non-finite policy).
 
     batch: inputs, positions, segment_ids [B, T]; lengths, advantages [B]; completions, mask [B, N];
-    ref_logprobs [B, N] when beta > 0; old_logprobs [B, N] when updates_per_batch > 1.
+    ref_logprobs [B, N] when beta > 0; old_logprobs [B, N] when num_iterations > 1.
     """
-    n = g.max_new_tokens
+    n = g.max_completion_length
 
     def update(state, batch):
         def loss_fn(params):
@@ -155,68 +188,19 @@ def make_update_step(model, optimizer, schedule, g, nonfinite_policy: str):
                                       batch['segment_ids'])
             logits_BxNxV = completion_logits(logits, batch['lengths'], n)
             logp_BxN = losses.token_logprobs(logits_BxNxV, batch['completions'], g.temperature)
-            old_BxN = batch['old_logprobs'] if g.updates_per_batch > 1 else jax.lax.stop_gradient(logp_BxN)
+            old_BxN = batch['old_logprobs'] if g.num_iterations > 1 else jax.lax.stop_gradient(logp_BxN)
             loss, stats = losses.grpo_loss(
                 logp_BxN, old_BxN, batch.get('ref_logprobs'), batch['advantages'], batch['mask'],
-                eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta, mode=g.aggregation, max_len=n)
+                eps_low=g.epsilon, eps_high=g.epsilon_high, beta=g.beta, mode=LOSS_TYPES[g.loss_type], max_len=n)
             entropy_BxN = losses.token_entropy(jax.lax.stop_gradient(logits_BxNxV), g.temperature)
             stats['entropy'] = losses.aggregate(entropy_BxN, batch['mask'], 'token-mean')
-            return loss + aux['balance_loss'], stats
+            return loss + aux['balance_loss'], (stats, aux['load'])
 
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        skips = state.nonfinite_skips + jnp.where(finite, 0, 1).astype(state.nonfinite_skips.dtype)
-        if nonfinite_policy == 'skip':
-            params, opt_state = step_lib.keep_if_finite(finite, (params, opt_state), (state.params, state.opt_state))
-        metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step), 'nonfinite_skips': skips,
-                   **stats}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite_skips=skips), metrics
+        (loss, (stats, load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state, metrics = apply_gradients(state, grads, loss, load)
+        return state, {'loss': loss, **metrics, **stats}
 
     return update
-
-
-def rollout(model_cfg, variables, prompts, tokenizer, key, sampling, max_new_tokens: int, mesh):
-    """Generates a completion per prompt: (prompt [B, W], lengths [B], Generation on the host, texts)."""
-    prompt_BxW, lengths_B = decode.pad_prompts(prompts, tokenizer.pad_id)
-    prompt_BxW = np.pad(prompt_BxW, ((0, 0), (0, -prompt_BxW.shape[1] % WIDTH_MULTIPLE)),
-                        constant_values=tokenizer.pad_id)
-    gen = decode.generate(model_cfg, variables, prompt_BxW, key, max_new_tokens=max_new_tokens, sampling=sampling,
-                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, lengths=lengths_B, mesh=mesh)
-    gen = jax.tree.map(np.asarray, jax.device_get(gen))
-    texts = [tokenizer.decode(row[m]) for row, m in zip(gen.tokens, gen.mask)]
-    return prompt_BxW, lengths_B, gen, texts
-
-
-def evaluate(model_cfg, variables, problems, prompts, tokenizer, g, mesh, key, shards: int) -> dict:
-    """Accuracy, format rate and completion length (tokens) on held-out problems, one batched pass of
-    grpo.eval_samples completions per problem at grpo.eval_temperature (greedy by default) and
-    grpo.eval_top_p. With k > 1 samples, accuracy is their mean (pass@1, the R1 paper's protocol) and
-    eval_pass_at_k counts problems solved by any. eval_first_answer_accuracy grades the text up to the
-    first </answer>: the credit a model that never stops after its answer would get for it."""
-    k = g.eval_samples
-    sampling = SamplingConfig(temperature=g.eval_temperature, top_p=g.eval_top_p if g.eval_temperature else 1.0)
-    rows = [p for p in prompts for _ in range(k)]
-    padded = rows + [rows[-1]] * (-len(rows) % shards)  # rows divide over the batch shards
-    # One batch: generation on a CPU is several times faster per token at a few hundred rows than at 64.
-    _, _, gen, texts = rollout(model_cfg, variables, padded, tokenizer, key, sampling, g.max_new_tokens, mesh)
-    texts = texts[:len(rows)]
-    problems_R = [p for p in problems for _ in range(k)]
-    correct = np.array([tasks.grade(p, text) for p, text in zip(problems_R, texts)])
-    first = [tasks.grade_first_answer(p, text) for p, text in zip(problems_R, texts)]
-    metrics = {'eval_accuracy': float(correct.mean()),
-               'eval_format_rate': float(np.mean([tasks.format_ok(text) for text in texts])),
-               'eval_completion_len': float(gen.mask[:len(rows)].sum(axis=1).mean()),
-               'eval_first_answer_accuracy': float(np.mean(first))}
-    if k > 1:
-        metrics[f'eval_pass_at_{k}'] = float(correct.reshape(-1, k).any(axis=1).mean())
-    names = np.array([f'{p.task}{p.level}' for p in problems_R])
-    if len(set(names)) > 1:
-        for name in sorted(set(names)):
-            metrics[f'eval_accuracy_{name}'] = float(correct[names == name].mean())
-    return metrics
 
 
 def group_health(correct_B, group_size: int) -> dict:
@@ -225,134 +209,89 @@ def group_health(correct_B, group_size: int) -> dict:
     return {'solved_groups': float(correct_PxG.all(1).mean()), 'hopeless_groups': float((~correct_PxG).all(1).mean())}
 
 
-def run(config, workdir, devices=None, extra_rewards=None) -> dict:
-    """Runs the GRPO stage of `config` in `workdir`; returns the last logged metrics.
+class Rollouts:
+    """GRPO's batch source for the loop, `(state, step) -> (batch, metrics)`, with the held-out evaluation
+    (`evaluate(state)`) and the reference policy the loop hands over (`set_reference`)."""
 
-    `extra_rewards` maps reward names to callables (e.g. a trained reward model) usable in
-    grpo.reward_names besides the rule rewards.
-    """
-    devices = jax.devices() if devices is None else devices
-    config_lib.validate(config, len(devices))
-    validate(config, len(devices), extra_rewards or ())
-    g, tcfg = config.grpo, config.train
-    workdir = pathlib.Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    def __init__(self, setup: loop.Setup, model):
+        config = setup.config
+        self.g, self.seed, self.mesh, self.tokenizer = config.grpo, config.train.seed, setup.mesh, setup.tokenizer
+        self.model_cfg = setup.model_cfg
+        self.shards = int(np.prod([setup.mesh.shape[a] for a in sharding.BATCH_AXES]))
+        self.prompts = PromptSet(config)
+        self.rewards = rewards.build(config, setup.tokenizer)
+        self.sampling = SamplingConfig(temperature=self.g.temperature, top_p=self.g.top_p)
+        self.ref_logprobs = jax.jit(make_logprob_fn(model, self.g.max_completion_length, self.g.temperature))
+        self.reference = None
 
-    mesh = sharding.make_mesh(config.mesh, devices)
-    shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
-    model_cfg = config_lib.freeze_model(config.model)
-    model = Transformer(model_cfg)
-    tokenizer = tokenizer_lib.get_tokenizer(config.data)
-    reward_set = rewards.build(config, tokenizer, extra_rewards)
-    eval_problems = tasks.task_problems(g.tasks, 'test', g.eval_problems, 0, 'grpo.tasks')
-    eval_prompts = encode_prompts(tokenizer, eval_problems, g.template)
-    schedule = optim.make_schedule(config.optim)
-    optimizer = optim.make_optimizer(config.optim)
-    ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=tcfg.keep_checkpoints,
-                                   async_save=tcfg.async_checkpoint, remove_unfinished=True)
-    sampling = SamplingConfig(temperature=g.temperature, top_p=g.top_p)
-    prompts_per_step, mu = g.batch_size // g.group_size, g.updates_per_batch
+    def set_reference(self, variables) -> None:
+        """Keeps the step-0 policy's variables for the KL term (none is needed with beta = 0)."""
+        self.reference = variables if self.g.beta > 0 else None
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        init, abstract_state, state_shardings = loop.build_state_fns(model, optimizer, mesh, 8)
+    def __call__(self, state, step: int) -> tuple[dict, dict]:
+        """The batch of optimizer step `step` (of batch index step // num_iterations), on the mesh."""
+        g, tok = self.g, self.tokenizer
+        index = step // g.num_iterations
+        prompts_per_batch = g.batch_size // g.num_generations
+        # 1-2. Prompt rows of this batch, G completions each, a fresh key per rollout.
+        rows_B = [row for row in self.prompts.batch(index, prompts_per_batch) for _ in range(g.num_generations)]
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), index)
+        t0 = time.perf_counter()
+        prompt_BxW, lengths_B, gen, texts = rollout.rollout(
+            self.model_cfg, state.variables(), rollout.encode_prompts(tok, [r['prompt'] for r in rows_B], g.template),
+            tok, key, self.sampling, g.max_completion_length, self.mesh)
+        t_gen = time.perf_counter() - t0
+        # 3. Rewards and advantages.
+        reward_B, parts = self.rewards(rows_B, texts)
+        advantages_B, zero_groups = losses.group_advantages(reward_B, g.num_generations, g.eps_std)
+        # 4. The batch, with the reference's log-probs.
+        batch = sequences(prompt_BxW, lengths_B, gen.tokens, gen.mask, tok.pad_id)
+        batch.update(completions=gen.tokens, mask=gen.mask, advantages=np.asarray(advantages_B))
+        if g.num_iterations > 1:
+            batch['old_logprobs'] = gen.logprobs
+        batch = sharding.global_batch(batch, self.mesh)
+        if g.beta > 0:
+            batch['ref_logprobs'] = self.ref_logprobs(self.reference, batch)
+        lengths = gen.mask.sum(axis=1)
+        metrics = dict(
+            reward=float(reward_B.mean()), format_rate=float(np.mean([tasks.format_ok(t) for t in texts])),
+            completion_len_mean=float(lengths.mean()), completion_len_max=float(lengths.max()),
+            truncated=float(np.mean(~np.isin(gen.tokens, tok.eos_id).any(axis=1))),
+            zero_advantage_groups=float(zero_groups) / prompts_per_batch,
+            gen_tokens_per_s=float(lengths.sum()) / t_gen,
+            **{f'reward_{name}': float(v.mean()) for name, v in parts.items()})
+        if 'problem' in rows_B[0]:
+            correct_B = np.array([tasks.grade(r['problem'], t) for r, t in zip(rows_B, texts)])
+            metrics.update(accuracy=float(correct_B.mean()), **group_health(correct_B, g.num_generations))
+        return batch, metrics
 
-        def initial_state():
-            weights = (loop.start_from(config.init.checkpoint, model_cfg, abstract_state)
-                       if config.init.checkpoint else ())
-            return init(jax.random.PRNGKey(tcfg.seed), *weights)
-
-        restored = ckpt.restore_latest(abstract_state)
-        state = restored[1] if restored is not None else initial_state()
-        # The reference is the policy GRPO started from: rebuilt, not stored, on a resume.
-        ref_params = initial_state().params if (restored is not None and g.beta > 0) else (
-            jax.tree.map(jnp.copy, state.params) if g.beta > 0 else None)
-        start = int(state.step) // mu
-        if restored is not None:
-            logging.info('Resuming GRPO from %s at step %d', ckpt.directory, start)
-
-        rows = sharding.batch_sharding(mesh)
-        update = jax.jit(make_update_step(model, optimizer, schedule, g, tcfg.nonfinite_policy),
-                         in_shardings=(state_shardings, rows), out_shardings=(state_shardings, None),
-                         donate_argnums=(0,))
-        ref_logprobs = jax.jit(make_logprob_fn(model, g.max_new_tokens, g.temperature),
-                               in_shardings=(state_shardings.params, state_shardings.buffers, rows))
-        metrics_log = logger.MetricsLogger(workdir, total_steps=tcfg.steps,
-                                           enable_progress=tcfg.progress_bar and jax.process_index() == 0)
-        eval_key = jax.random.PRNGKey(tcfg.seed + 1)
-
-        def run_eval(step):
-            metrics = evaluate(model_cfg, state.variables(), eval_problems, eval_prompts, tokenizer, g, mesh,
-                               eval_key, shards)
-            metrics_log.log(step, metrics)
-            logging.info('GRPO step %d: held-out accuracy %.3f, format rate %.3f', step, metrics['eval_accuracy'],
-                         metrics['eval_format_rate'])
-            return metrics
-
-        stop = loop._StopSignal()
-        last = {}
-        try:
-            if start == 0:
-                last = run_eval(0)
-            for step in range(start, tcfg.steps):
-                done = step + 1
-                # 1-2. Problems of this step, G completions each, a fresh key per rollout.
-                problems = step_problems(g.tasks, prompts_per_step, tcfg.seed, step)
-                problems_B = [p for p in problems for _ in range(g.group_size)]
-                prompts_B = [p for p in encode_prompts(tokenizer, problems, g.template) for _ in range(g.group_size)]
-                key = jax.random.fold_in(jax.random.PRNGKey(tcfg.seed), step)
-                t0 = time.perf_counter()
-                prompt_BxW, lengths_B, gen, texts = rollout(model_cfg, state.variables(), prompts_B, tokenizer, key,
-                                                            sampling, g.max_new_tokens, mesh)
-                t_gen = time.perf_counter() - t0
-                # 3. Rewards and advantages.
-                reward_B, parts = reward_set(problems_B, texts)
-                advantages_B, zero_groups = losses.group_advantages(reward_B, g.group_size, g.eps_std)
-                # 4. Updates.
-                batch = sequences(prompt_BxW, lengths_B, gen.tokens, gen.mask, tokenizer.pad_id)
-                batch.update(completions=gen.tokens, mask=gen.mask, advantages=np.asarray(advantages_B))
-                if mu > 1:
-                    batch['old_logprobs'] = gen.logprobs
-                batch = sharding.global_batch(batch, mesh)
-                t0 = time.perf_counter()
-                if g.beta > 0:
-                    batch['ref_logprobs'] = ref_logprobs(ref_params, state.buffers, batch)
-                for _ in range(mu):
-                    state, metrics = update(state, batch)
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                t_train = time.perf_counter() - t0
-                _check_finite(host, done, tcfg.nonfinite_policy)
-
-                correct_B = np.array([tasks.grade(p, t) for p, t in zip(problems_B, texts)])
-                lengths = gen.mask.sum(axis=1)
-                host.update(
-                    reward=float(reward_B.mean()), accuracy=float(correct_B.mean()),
-                    format_rate=float(np.mean([tasks.format_ok(t) for t in texts])),
-                    completion_len_mean=float(lengths.mean()), completion_len_max=float(lengths.max()),
-                    truncated=float(np.mean(~np.isin(gen.tokens, tokenizer.eos_id).any(axis=1))),
-                    zero_advantage_groups=float(zero_groups) / prompts_per_step,
-                    gen_tokens_per_s=float(lengths.sum()) / t_gen,
-                    train_tokens_per_s=mu * float(batch['segment_ids'].sum()) / t_train,
-                    **{f'reward_{name}': float(v.mean()) for name, v in parts.items()},
-                    **group_health(correct_B, g.group_size))
-                last = host
-                if loop.due(done, tcfg.log_every, tcfg.steps):
-                    metrics_log.log(done, host)
-                if loop.due(done, tcfg.eval_every, tcfg.steps):
-                    last = {**last, **run_eval(done)}
-                if loop.due(done, tcfg.checkpoint_every, tcfg.steps) or stop.received:
-                    ckpt.save(done * mu, state, config=config.to_dict(), force=True)
-                if stop.received:
-                    logging.warning('%s received: saved step %d, exiting.', stop.received, done)
-                    last = {**last, loop.STOPPED: stop.received}
-                    break
-        finally:
-            loop.close_stage(stop, ckpt, metrics_log)
-    return last
+    def evaluate(self, state) -> dict:
+        """The current policy on the held-out rows: task accuracy and format rate (rollout.evaluate), or the
+        mean of each reward on a user's held-out rows."""
+        g, rows = self.g, self.prompts.eval
+        prompts = rollout.encode_prompts(self.tokenizer, [r['prompt'] for r in rows], g.template)
+        sampling = dict(max_new_tokens=g.max_completion_length, key=jax.random.PRNGKey(self.seed + 1),
+                        samples=g.eval_samples, temperature=g.eval_temperature, top_p=g.eval_top_p, mesh=self.mesh,
+                        shards=self.shards)
+        if g.source == 'tasks':
+            return rollout.evaluate(self.model_cfg, state.variables(), [r['problem'] for r in rows], prompts,
+                                    self.tokenizer, **sampling)
+        texts, lengths = rollout.sample_held_out(self.model_cfg, state.variables(), prompts, self.tokenizer,
+                                                 **sampling)
+        total, parts = self.rewards([r for r in rows for _ in range(g.eval_samples)], texts)
+        return {'eval_reward': float(total.mean()), 'eval_completion_len': float(lengths.mean()),
+                **{f'eval_reward_{name}': float(v.mean()) for name, v in parts.items()}}
 
 
-def _check_finite(host: dict, step: int, policy: str) -> None:
-    if policy == 'stop' and not (np.isfinite(host['loss']) and np.isfinite(host['grad_norm'])):
-        raise loop.NonFiniteError(f'Non-finite GRPO loss ({host["loss"]}) or grad norm ({host["grad_norm"]}) at step '
-                                  f'{step}; lower optim.lr or set train.nonfinite_policy="skip"')
+def build_stage(setup: loop.Setup) -> loop.Stage:
+    """The loop's Stage for GRPO: rollouts as the batch source, the clipped update as the step."""
+    model = Transformer(setup.model_cfg)
+    rollouts = Rollouts(setup, model)
+    return loop.Stage(model=model, train_step=make_update_step(model, setup.apply_gradients, setup.config.grpo),
+                      batch_source=rollouts, updates_per_batch=setup.config.grpo.num_iterations,
+                      evaluate=rollouts.evaluate, reference=rollouts.set_reference)
+
+
+def run(config, workdir, devices=None) -> dict:
+    """Runs the GRPO stage of `config` in `workdir`; returns the last logged metrics."""
+    return loop.run(config, workdir, devices, build_stage=build_stage, validate=validate)

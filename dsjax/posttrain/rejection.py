@@ -6,7 +6,8 @@ It loads the policy of `init.checkpoint` (a dsjax run directory), samples `rejec
 for each of `rejection.prompts` train-split problems per task entry, and keeps an answer if the
 task's exact grader accepts it, it ended with EOS within `rejection.max_tokens` tokens (overlong
 answers are dropped, counted in tokens) and it is not a duplicate of one already kept for that
-prompt. `rejection.keep='all'` skips the grader (still counted): samples of a student to distil on. Writes DIR/samples.jsonl (conversations in dsjax/data/chat.py's format, plus task and level)
+prompt. `rejection.keep='all'` skips the grader (still counted): samples of a student to distil on.
+Writes DIR/samples.jsonl (conversations in dsjax/data/chat.py's format, plus task and level)
 and DIR/stats.json (kept fraction overall and per task level, and why answers were dropped); a
 workdir that holds both is finished, and a re-run returns its statistics at once.
 """
@@ -23,7 +24,7 @@ from dsjax import config as config_lib
 from dsjax.data import chat, tasks
 from dsjax.infer import loading
 from dsjax.infer.sampling import SamplingConfig
-from dsjax.posttrain import grpo, sft
+from dsjax.posttrain import rollout, sft
 
 SAMPLES_FILE = 'samples.jsonl'
 STATS_FILE = 'stats.json'
@@ -42,8 +43,8 @@ def validate(config, num_devices: int) -> None:
     if r.keep not in KEEP:
         config_lib.fail('rejection.keep', r.keep, f"must be one of {KEEP} ('all': the sampled answers unfiltered but "
                         'for length and duplicates, e.g. student samples for distillation)')
-    if r.template not in grpo.TEMPLATES:
-        config_lib.fail('rejection.template', r.template, f'must be one of {tuple(grpo.TEMPLATES)}')
+    if r.template not in rollout.TEMPLATES:
+        config_lib.fail('rejection.template', r.template, f'must be one of {tuple(rollout.TEMPLATES)}')
     if not r.temperature > 0:
         config_lib.fail('rejection.temperature', r.temperature, 'must be > 0: k greedy answers are one answer')
     if not 0 < r.top_p <= 1:
@@ -65,7 +66,7 @@ def sample(loaded, problems, prompts, *, k: int, sampling: SamplingConfig, max_n
         rows = [i for i in idx for _ in range(k)]
         padded = rows + [rows[-1]] * (batch * k - len(rows))
         key, sub = jax.random.split(key)
-        _, _, gen, texts = grpo.rollout(loaded.cfg, loaded.variables, [prompts[i] for i in padded], tok, sub,
+        _, _, gen, texts = rollout.rollout(loaded.cfg, loaded.variables, [prompts[i] for i in padded], tok, sub,
                                         sampling, max_new_tokens, None)
         for row, i in enumerate(rows):
             n = int(gen.mask[row].sum())
@@ -127,9 +128,9 @@ def run(config, workdir, devices=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     t0 = time.perf_counter()
-    loaded = loading.load(config.init.checkpoint)
+    loaded = loading.load(config.init.checkpoint, what='init.checkpoint')
     problems = tasks.task_problems(r.tasks, 'train', r.prompts, r.seed, 'rejection.tasks')
-    prompts = grpo.encode_prompts(loaded.tokenizer, problems, r.template)
+    prompts = rollout.encode_prompts(loaded.tokenizer, [p.prompt for p in problems], r.template)
     records = sample(loaded, problems, prompts, k=r.samples, sampling=SamplingConfig(r.temperature, 0, r.top_p),
                      max_new_tokens=r.max_new_tokens, batch=r.batch, key=jax.random.PRNGKey(r.seed))
     kept, stats = select(problems, records, r.max_tokens, r.keep)

@@ -13,10 +13,9 @@ The reward is read at the last non-pad token of each sequence, from the final hi
 its own RMSNorm and a [D] head. The backbone's parameters keep the Transformer's names (shared
 scope), so `init.checkpoint` (a pre-training or SFT run) loads straight into it.
 
-As a GRPO reward: `ModelReward(run_dir)` is a `f(problems, completions) -> scores [N]` callable;
+As a GRPO reward: `ModelReward(run_dir)` is a `f(prompts, completions, **fields) -> scores [N]` callable;
 `rewards.REWARDS['reward_model']` builds it from `grpo.reward_model`.
 """
-import pathlib
 import random
 
 from absl import logging
@@ -27,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax import config as config_lib
-from dsjax import sharding
 from dsjax.config import ModelConfig
 from dsjax.data import chat, tasks
 from dsjax.data import tokenizer as tokenizer_lib
@@ -154,12 +152,8 @@ def make_eval_step(model, margin: float):
     return eval_step
 
 
-def evaluate(eval_step, state, eval_batches, mesh) -> dict:
+def summarize(totals) -> dict:
     """Validation Bradley-Terry loss and pairwise accuracy over every validation pair."""
-    totals = None
-    for host_batch in eval_batches:
-        out = jax.tree.map(np.asarray, jax.device_get(eval_step(state, sharding.global_batch(host_batch, mesh))))
-        totals = out if totals is None else jax.tree.map(np.add, totals, out)
     pairs = max(float(totals['pairs']), 1.0)
     return {'val_loss': float(totals['bt_sum']) / pairs, 'val_pair_accuracy': float(totals['correct_sum']) / pairs}
 
@@ -168,8 +162,7 @@ def start_from(path, model_cfg, abstract_state):
     """The backbone from a previous stage's checkpoint (params without the reward head, which keeps its
     initialisation) and its routing bias (None if it has none)."""
     backbone = {k: v for k, v in abstract_state.params.items() if k not in HEAD_PARAMS}
-    restored = checkpoint.restore_subtrees(loop._checkpoint_dir(path), {'params': backbone,
-                                                                       'buffers': abstract_state.buffers})
+    restored = checkpoint.restore_subtrees(path, {'params': backbone, 'buffers': abstract_state.buffers})
     return restored['params'], restored.get('buffers')
 
 
@@ -186,14 +179,15 @@ def validate(config, num_devices: int) -> None:
                         'a reward model has no use for MTP: set it to 0')
 
 
-def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop.Stage:
+def build_stage(setup: loop.Setup) -> loop.Stage:
     """The loop's Stage for reward modelling; data.batch_size counts pairs."""
+    config, proc = setup.config, setup.proc
     r, d = config.reward, config.data
-    model = RewardModel(model_cfg)
-    train = pair_rows(tokenizer, tasks.task_problems(r.tasks, 'train', r.pairs, r.seed, 'reward.tasks'), d.seq_len,
-                      r.seed)
-    val = pair_rows(tokenizer, tasks.task_problems(r.tasks, 'test', r.val_pairs, r.seed, 'reward.tasks'), d.seq_len,
-                    r.seed + 1)
+    model = RewardModel(setup.model_cfg)
+    train = pair_rows(setup.tokenizer, tasks.task_problems(r.tasks, 'train', r.pairs, r.seed, 'reward.tasks'),
+                      d.seq_len, r.seed)
+    val = pair_rows(setup.tokenizer, tasks.task_problems(r.tasks, 'test', r.val_pairs, r.seed, 'reward.tasks'),
+                    d.seq_len, r.seed + 1)
     per_host = d.batch_size // proc['process_count']
     mine = train[proc['process_index']::proc['process_count']] or train
     train_iter = iter(grain.MapDataset.source(mine).shuffle(seed=d.shuffle_seed).repeat().batch(per_host,
@@ -203,10 +197,10 @@ def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop
     val += [empty] * (-len(val) % d.batch_size)
     start = proc['process_index'] * per_host
     eval_batches = [_stack(val[b:b + d.batch_size][start:start + per_host]) for b in range(0, len(val), d.batch_size)]
-    step = step_lib.make_accumulating_step(make_loss_fn(model, r.margin), optimizer, schedule, config.train,
+    step = step_lib.make_accumulating_step(make_loss_fn(model, r.margin), setup.apply_gradients,
                                            normaliser='pair_weight')
-    return loop.Stage(model=model, train_iter=train_iter, eval_batches=eval_batches, train_step=step,
-                      eval_step=make_eval_step(model, r.margin), evaluate=evaluate, start_from=start_from)
+    return loop.Stage(model=model, train_step=step, train_iter=train_iter, eval_step=make_eval_step(model, r.margin),
+                      eval_batches=eval_batches, summarize=summarize, start_from=start_from)
 
 
 def run(config, workdir, devices=None) -> dict:
@@ -215,9 +209,9 @@ def run(config, workdir, devices=None) -> dict:
 
 
 class ModelReward:
-    """A trained reward model as a GRPO reward function: f(problems, completions) -> scores [N].
+    """A trained reward model as a GRPO reward function: f(prompts, completions, **fields) -> scores [N].
 
-    Each (problem, completion) is rendered as the chat conversation the model was trained on; scores
+    Each (prompt, completion) is rendered as the chat conversation the model was trained on; scores
     are computed in batches of `batch` rows padded to `width` tokens (one compile).
     """
 
@@ -228,10 +222,14 @@ class ModelReward:
         self.width = width or min(self.loaded.cfg.max_position_embeddings, 256)
         self._score = jax.jit(lambda v, t, p, s: self.model.apply(v, t, p, s)[0])
 
-    def __call__(self, problems, completions) -> np.ndarray:
+    def __call__(self, prompts, completions, **fields) -> np.ndarray:
+        del fields
         tok = self.loaded.tokenizer
-        seqs = [chat.tokenize_conversation(tok, sft.conversation(p, c.strip()))[0][-self.width:]
-                for p, c in zip(problems, completions)]
+        seqs = []
+        for prompt, c in zip(prompts, completions):
+            messages = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else list(prompt)
+            seqs.append(chat.tokenize_conversation(tok, messages + [{'role': 'assistant', 'content': c.strip()}])[0]
+                        [-self.width:])
         scores = []
         for start in range(0, len(seqs), self.batch):
             chunk = seqs[start:start + self.batch]
@@ -247,20 +245,5 @@ class ModelReward:
 
 def _load_reward_model(run_dir) -> loading.Loaded:
     """A reward run's model config, variables (backbone + head) and tokenizer, on one device."""
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    ckpt = checkpoint.Checkpointer(loop._checkpoint_dir(run_dir), keep=1, async_save=False)
-    saved = ckpt.restore_config()
-    step = ckpt.latest_step()
-    ckpt.close()
-    config = config_lib.base_config()
-    model = dict(saved['model'])
-    config.model.rope_scaling.update(**model.pop('rope_scaling', {}))
-    config.model.update(**model)
-    config.data.update(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved['data'].items()
-                          if k in config.data})
-    cfg = config_lib.freeze_model(config.model)
-    state = ocp.StandardCheckpointer().restore(epath.Path(loop._checkpoint_dir(run_dir)) / str(step) / 'state')
-    variables = {'params': state['params'], **state.get('buffers', {})}
-    return loading.Loaded(cfg, variables, tokenizer_lib.get_tokenizer(config.data))
+    run = checkpoint.read_run(run_dir, what='grpo.reward_model', module=RewardModel)
+    return loading.Loaded(run.model_cfg, run.variables, tokenizer_lib.get_tokenizer(run.config.data))

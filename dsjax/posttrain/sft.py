@@ -11,16 +11,13 @@ for training, test split for validation). `sft.template` is 'chat' (dsjax/data/c
 The step is `dsjax.train.step.make_accumulating_step` with the masked cross-entropy normalised by the
 whole batch's assistant-token count, so `sft.micro_batches` > 1 trains exactly as one big batch.
 """
-import hashlib
-import json
-
 from absl import logging
 import grain
 
 from dsjax import config as config_lib
 from dsjax.data import chat, tasks
 from dsjax.data.corpus import DataError
-from dsjax.posttrain import grpo, losses
+from dsjax.posttrain import losses, rollout
 from dsjax.model.transformer import Transformer
 from dsjax.train import loop
 from dsjax.train import step as step_lib
@@ -45,8 +42,8 @@ def validate(config, num_devices: int) -> None:
     s = config.sft
     if s.source not in SOURCES:
         config_lib.fail('sft.source', s.source, f'must be one of {SOURCES}')
-    if s.template not in grpo.TEMPLATES:  # the prompts GRPO, rejection sampling and evaluation use
-        config_lib.fail('sft.template', s.template, f'must be one of {tuple(grpo.TEMPLATES)}')
+    if s.template not in rollout.TEMPLATES:  # the prompts GRPO, rejection sampling and evaluation use
+        config_lib.fail('sft.template', s.template, f'must be one of {tuple(rollout.TEMPLATES)}')
     if s.template == 'zero' and s.system:
         config_lib.fail('sft.system', s.system, "must be '' with sft.template='zero' (the R1-Zero template has no "
                         'system prompt)')
@@ -62,11 +59,6 @@ def validate(config, num_devices: int) -> None:
         config_lib.fail('sft.micro_batches', m, f'must be a positive divisor of data.batch_size={config.data.batch_size}')
 
 
-def _held_out(messages, val_fraction: float) -> bool:
-    digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).digest()
-    return int.from_bytes(digest[:8], 'big') / 2.0**64 < val_fraction
-
-
 def load_conversations(config, split: str) -> list[list[dict]]:
     """The conversations of `split` ('train' or 'validation') that config.sft names."""
     s = config.sft
@@ -78,7 +70,7 @@ def load_conversations(config, split: str) -> list[list[dict]]:
     out = []
     for path in s.paths:
         for messages in chat.read_conversations(path):
-            if _held_out(messages, config.data.val_fraction) == (split == 'validation'):
+            if chat.held_out(messages, config.data.val_fraction) == (split == 'validation'):
                 out.append(system + messages if system and messages[0]['role'] != 'system' else messages)
     return out
 
@@ -128,19 +120,20 @@ def make_loss_fn(model):
     return loss_fn
 
 
-def build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> loop.Stage:
+def build_stage(setup: loop.Setup) -> loop.Stage:
     """The loop's Stage for SFT."""
+    config, tokenizer, proc = setup.config, setup.tokenizer, setup.proc
     d = config.data
-    model = Transformer(model_cfg)
+    model = Transformer(setup.model_cfg)
     t = config.sft.template
     train_rows = packed_rows(tokenizer, load_conversations(config, 'train'), d.seq_len, 'training set', t)
     val_rows = packed_rows(tokenizer, load_conversations(config, 'validation'), d.seq_len, 'validation set', t)
     logging.info('SFT: %d training rows, %d validation rows of %d tokens', len(train_rows), len(val_rows), d.seq_len)
-    step = step_lib.make_accumulating_step(make_loss_fn(model), optimizer, schedule, config.train,
-                                           config.sft.micro_batches)
-    return loop.Stage(model=model, train_iter=train_iterator(train_rows, d.batch_size, d.shuffle_seed, **proc),
-                      eval_batches=eval_batches(val_rows, d.batch_size, config.train.eval_batches, d.seq_len, **proc),
-                      train_step=step, eval_step=step_lib.make_eval_step(model))
+    step = step_lib.make_accumulating_step(make_loss_fn(model), setup.apply_gradients, config.sft.micro_batches)
+    return loop.Stage(model=model, train_step=step,
+                      train_iter=train_iterator(train_rows, d.batch_size, d.shuffle_seed, **proc),
+                      eval_step=step_lib.make_eval_step(model),
+                      eval_batches=eval_batches(val_rows, d.batch_size, config.train.eval_batches, d.seq_len, **proc))
 
 
 def run(config, workdir, devices=None) -> dict:

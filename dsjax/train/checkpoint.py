@@ -10,19 +10,28 @@ Layout of one run's checkpoint directory (Orbax's CheckpointManager with a Compo
 Restoring takes abstract arrays that carry the *current* shardings, so a checkpoint written on one mesh
 restores onto any other mesh (Orbax reads each shard's slice directly into its target device).
 """
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 from etils import epath
 import grain
 import jax
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
+
+from dsjax import config as config_lib
+from dsjax import sharding
+from dsjax.model.transformer import Transformer
+from dsjax.train import workdir as workdir_lib
 
 # Orbax 0.12 writes this file as the last act of finalizing a step, in both of its atomicity modes
 # (rename of a tmp dir on local disks, commit file on object stores). A step directory that lacks it
 # was cut short (a crash mid-save, an interrupted copy) and must not be restored.
 _COMMIT_FILE = 'commit_success.txt'
 _STATE, _DATA, _CONFIG = 'state', 'data', 'config'
+CHECKPOINTS = 'checkpoints'  # a run's checkpoint directory, inside its workdir
 _TMP_MARK = '.orbax-checkpoint-tmp'  # in the name of a step directory whose save has not finished
 
 
@@ -40,6 +49,15 @@ def _scan(directory: epath.Path) -> tuple[list[int], list[epath.Path]]:
         else:
             incomplete.append(path)
     return sorted(complete), sorted(incomplete)
+
+
+def checkpoint_dir(path, what: str = 'path') -> epath.Path:
+    """The checkpoint directory of `path` (local or remote, train/workdir.py): a run's workdir's checkpoints/
+    (also before its first save), or `path` itself when it holds checkpoint steps (a checkpoints/
+    directory, or hf_to_orbax's output); errors name the argument `what`."""
+    path = workdir_lib.resolve(path, what)
+    holds_steps = any(_scan(path))
+    return path if holds_steps and not (path / CHECKPOINTS).exists() else path / CHECKPOINTS
 
 
 def _check_shardings(abstract, what: str) -> None:
@@ -227,7 +245,7 @@ def restore_params(directory, abstract_params, step: int | None = None) -> Any:
     return restore_subtrees(directory, {'params': abstract_params}, step)['params']
 
 
-def restore_subtrees(directory, abstract: dict, step: int | None = None) -> dict:
+def restore_subtrees(directory, abstract: dict, step: int | None = None, what: str = 'init.checkpoint') -> dict:
     """Restores the named top-level subtrees of another run's checkpoint (for `init.checkpoint`).
 
     Reads nothing else (the optimizer state of the previous stage is neither needed nor read), and never
@@ -235,31 +253,20 @@ def restore_subtrees(directory, abstract: dict, step: int | None = None) -> dict
     checkpoint) is left out of the result; `params` must be there.
 
     Args:
-      directory: the previous run's checkpoint directory (the one its Checkpointer wrote).
+      directory: the previous run's workdir or checkpoint directory (the one its Checkpointer wrote).
       abstract: {name: pytree of jax.ShapeDtypeStruct with `.sharding` set}, e.g. params and buffers.
       step: the step to read; None for the newest complete one.
+      what: the config field or flag `directory` came from, named in errors.
 
     Returns:
       {name: pytree}, each array in the sharding of its abstract leaf.
     """
-    directory = epath.Path(directory)
-    complete, incomplete = _scan(directory)
-    for path in incomplete:
-        logging.warning('restore_subtrees: skipping incomplete checkpoint %s (no %s)', path, _COMMIT_FILE)
-    if not complete:
-        raise FileNotFoundError(f'init.checkpoint={str(directory)!r}: no complete checkpoint there '
-                                '(expected <step>/state/ directories written by dsjax.train.checkpoint)')
-    if step is None:
-        step = complete[-1]
-    elif step not in complete:
-        raise ValueError(f'init.checkpoint={str(directory)!r}: step {step!r} is not a complete checkpoint; '
-                         f'complete steps: {complete}')
+    path = step_dir(directory, step, what) / _STATE
     _check_shardings(abstract, f'restore_subtrees({str(directory)!r})')
-    path = directory / str(step) / _STATE
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         saved = set(checkpointer.metadata(path).item_metadata.tree)
         if 'params' not in saved:
-            raise ValueError(f'init.checkpoint={str(directory)!r}: step {step} holds no params (has {sorted(saved)})')
+            raise ValueError(f'{what}={str(directory)!r}: {path} holds no params (has {sorted(saved)})')
         item = {name: tree for name, tree in abstract.items() if name in saved and jax.tree.leaves(tree)}
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
@@ -269,3 +276,96 @@ def restore_subtrees(directory, abstract: dict, step: int | None = None) -> dict
 def complete_steps(directory) -> list[int]:
     """The complete checkpoint steps in `directory`, sorted, without opening a CheckpointManager."""
     return _scan(epath.Path(directory))[0]
+
+
+def step_dir(path, step: int | None = None, what: str = 'path') -> epath.Path:
+    """The directory of checkpoint `step` (None: the newest complete one) of `path`, a run's workdir or
+    checkpoint directory; errors name the argument `what` (a config field or flag)."""
+    directory = checkpoint_dir(path, what)
+    complete, incomplete = _scan(directory)
+    for bad in incomplete:
+        logging.warning('%s: skipping incomplete checkpoint %s (no %s)', what, bad, _COMMIT_FILE)
+    if not complete:
+        raise FileNotFoundError(f'{what}={str(path)!r}: no complete checkpoint there (expected a run directory '
+                                'holding checkpoints/<step>/, written by dsjax.train.checkpoint)')
+    if step is None:
+        step = complete[-1]
+    elif step not in complete:
+        raise ValueError(f'{what}={str(path)!r}: step {step!r} is not a complete checkpoint; complete steps: '
+                         f'{complete}')
+    return directory / str(step)
+
+
+def read_config(path, step: int | None = None, what: str = 'path') -> tuple[epath.Path, ml_collections.ConfigDict]:
+    """(step directory, saved config) of a run's checkpoint `step` (None: the newest): the config saved
+    with it, as base_config() updated by `from_saved`."""
+    directory = step_dir(path, step, what)
+    if not (directory / _CONFIG).exists():
+        raise FileNotFoundError(f'{what}={str(path)!r}: {directory / _CONFIG} does not exist: the checkpoint was '
+                                'saved without its config, so its architecture is unknown')
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        saved = checkpointer.restore(directory / _CONFIG, args=ocp.args.JsonRestore())
+    return directory, from_saved(saved)
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """base_config() with the values of a config saved with a run (its JSON dict): the one reader of
+    saved configs. Fields this version does not know are left out (older runs' settings), except in the
+    model section, where one would change the architecture: there it is an error."""
+    # References resolved (data.vocab_size, optim.decay_steps): each field takes its own saved value.
+    c = config_lib.base_config().copy_and_resolve_references()
+
+    def merge(section, values, prefix):
+        for key, value in values.items():
+            if prefix.startswith('model.') and key not in section:
+                config_lib.fail(f'{prefix}{key}', value, 'unknown model field in a saved config (written by '
+                                f'another version of dsjax?); valid fields: {sorted(section.keys())}')
+            if key not in section:
+                continue
+            if isinstance(section[key], ml_collections.ConfigDict):
+                merge(section[key], value, f'{prefix}{key}.')
+            else:
+                section[key] = tuple(value) if isinstance(value, list) else value
+
+    merge(c, saved, '')
+    return c
+
+
+class SavedRun(NamedTuple):
+    """What `read_run` returns."""
+    config: ml_collections.ConfigDict  # the run's config, as saved
+    model_cfg: config_lib.ModelConfig
+    variables: dict  # {'params': ..., 'moe_bias': ...} (the routing bias only where the model has one)
+
+
+def read_run(path, step: int | None = None, *, what: str = 'path', module=Transformer, dtype=None,
+             mesh=None) -> SavedRun:
+    """The one reader of a run for use (inference, conversion, a reward model, a teacher, chains): its saved
+    config, frozen model config and variables (params and routing bias; nothing else is read).
+
+    Args:
+      path: a run's workdir, its checkpoints/ directory, or hf_to_orbax's output.
+      step: the checkpoint step; None for the newest complete one.
+      what: the argument `path` came from, named in errors (e.g. '--model', 'distill.teacher').
+      module: the flax module class the params belong to (a reward model's head is not a Transformer's).
+      dtype: parameter and compute dtype to load in, by name or as a jnp/np dtype (default: the saved config's).
+      mesh: where to place the arrays, by the logical rules (default: the first device).
+    """
+    directory, config = read_config(path, step, what)
+    if dtype is not None:
+        dtype = config_lib.dtype_name(dtype, 'dtype')
+        config.model.update(dtype=dtype, param_dtype=dtype)
+    model_cfg = config_lib.freeze_model(config.model)
+    mesh = mesh or sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
+    boxed = jax.eval_shape(module(model_cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.meta.unbox(boxed), sharding.logical_sharding(boxed, mesh))
+    # A TrainState's params and its non-gradient buffers (the V3 routing bias).
+    item = {'params': abstract['params']}
+    if 'moe_bias' in abstract:
+        item['buffers'] = {'moe_bias': abstract['moe_bias']}
+    restored = restore_subtrees(directory.parent, item, int(directory.name), what)
+    variables = {'params': restored['params']}
+    if 'buffers' in restored:
+        variables['moe_bias'] = restored['buffers']['moe_bias']
+    return SavedRun(config, model_cfg, variables)

@@ -7,10 +7,10 @@ NaN. A resumed run appends to the same file, so the file can hold an abandoned s
 """
 import json
 import math
-import pathlib
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 import tensorboardX
@@ -31,8 +31,29 @@ def _to_float(name: str, value: Any) -> float:
         raise ValueError(f'MetricsLogger.log: metric {name!r}={value!r} is not a number') from e
 
 
-def _last_byte(path: pathlib.Path) -> bytes:
-    with open(path, 'rb') as f:
+class _RemoteAppend:
+    """Appends to a file on an object store (gs://, s3://), which cannot append: each flush rewrites the
+    whole file from what it held plus what was written since (metrics files stay small)."""
+
+    def __init__(self, path: epath.Path):
+        self._path = path
+        self._text = path.read_text() if path.exists() else ''
+
+    def tell(self) -> int:
+        return len(self._text)
+
+    def write(self, text: str) -> None:
+        self._text += text
+
+    def flush(self) -> None:
+        self._path.write_text(self._text)
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _last_byte(path: epath.Path) -> bytes:
+    with path.open('rb') as f:
         f.seek(-1, 2)
         return f.read(1)
 
@@ -46,14 +67,18 @@ class MetricsLogger:
         self._active = jax.process_index() == 0
         if not self._active:
             return
-        workdir = pathlib.Path(workdir)
+        workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / METRICS_FILE
-        self._jsonl = open(path, 'a', encoding='utf-8')
+        self._jsonl = _RemoteAppend(path) if '://' in str(path) else open(path, 'a', encoding='utf-8')
         torn = self._jsonl.tell() > 0 and _last_byte(path) != b'\n'
         if torn:  # a crash cut the last line short: start ours on a fresh line so it stays parseable
             self._jsonl.write('\n')
-        self._tb = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR), flush_secs=30)
+        try:  # tensorboardX writes gs:// with google-cloud-storage and s3:// with boto3 installed
+            self._tb = tensorboardX.SummaryWriter(str(workdir / TENSORBOARD_DIR), flush_secs=30)
+        except (ImportError, OSError, NotImplementedError) as e:
+            logging.warning('No TensorBoard events in %s: %s', workdir, e)
+            self._tb = None
         self._total, self._progress = total_steps, enable_progress
         self._bar = None  # made at the first log, so a resumed run's bar (and its rate) starts at that step
 
@@ -69,7 +94,7 @@ class MetricsLogger:
         # allow_nan=False: guarantees the file stays strict JSON that any reader can parse.
         self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
         self._jsonl.flush()  # a crash must not lose the metrics that explain it
-        for name, value in values.items():
+        for name, value in values.items() if self._tb else ():
             self._tb.add_scalar(name, value, step)
         if self._bar is None:
             self._bar = tqdm.tqdm(total=self._total, initial=step, disable=not self._progress, unit='step',
@@ -84,7 +109,8 @@ class MetricsLogger:
             return
         if self._bar is not None:
             self._bar.close()
-        self._tb.close()
+        if self._tb:
+            self._tb.close()
         self._jsonl.close()
 
 
@@ -100,8 +126,8 @@ def read_metrics(workdir) -> list[dict]:
     """
     by_step: dict[int, dict] = {}
     last = None
-    path = pathlib.Path(workdir) / METRICS_FILE
-    with open(path, encoding='utf-8') as f:
+    path = epath.Path(workdir) / METRICS_FILE
+    with path.open() as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

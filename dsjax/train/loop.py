@@ -1,11 +1,11 @@
 """The training loop, read top to bottom: build, restore, step, log, evaluate, checkpoint, stop.
 
-Every stage trains through `run`: the stage supplies its model, data and pure step functions as a
-`Stage` (pre-training's is `pretrain_stage`; SFT, reward modelling and distillation build their own).
+Every stage trains through `run`: its builder gets a `Setup` (config, model config, tokenizer, mesh and the
+one optimizer tail, `step.make_apply_gradients`) and returns a `Stage`: its model, its pure step, where its
+batches come from (a data iterator, or a batch source such as GRPO's rollouts) and how it is evaluated.
+Pre-training's is `pretrain_stage`; SFT, reward modelling, distillation and GRPO build their own.
 """
 import dataclasses
-import pathlib
-import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -14,15 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from dsjax import config as config_lib
 from dsjax import sharding
-from dsjax.data import pipeline
+from dsjax.data import batch_ramp, pipeline
 from dsjax.data import tokenizer as tokenizer_lib
-from dsjax.interop import hf
+from dsjax.interop import hf, hub
 from dsjax.model import flops, moe
 from dsjax.model.transformer import Transformer
-from dsjax.train import checkpoint, logger, optim
+from dsjax.train import checkpoint, logger, optim, preemption
+from dsjax.train import workdir as workdir_lib
 from dsjax.train import step as step_lib
 from dsjax.train.state import TrainState
 
@@ -78,37 +80,21 @@ def _host(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit)."""
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        del frame
-        self.received = signal.Signals(signum).name
-        # A second signal gets the default behaviour (a second Ctrl-C ends the run at once); that is
-        # safe because a checkpoint only counts once it is complete.
-        self.restore()
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 POSITION_BUCKETS = 4
 
 
-def evaluate(eval_step, state, eval_batches, mesh):
-    """Validation loss (overall and by position-in-document quarter) and MaxVio over the whole
-    validation set (expert load summed over batches)."""
+def evaluate(eval_step, state, eval_batches, mesh, summarize) -> dict:
+    """`summarize` of the sums of the (jitted) `eval_step` over the whole validation set."""
     totals = None
     for host_batch in eval_batches:
         out = _host(eval_step(state, sharding.global_batch(host_batch, mesh)))
         totals = out if totals is None else jax.tree.map(np.add, totals, out)
+    return summarize(totals)
+
+
+def language_model_metrics(totals) -> dict:
+    """Validation loss (overall and by position-in-document quarter) and MaxVio (expert load summed
+    over the batches) of `step.make_eval_step`'s sums."""
     loss_p, tokens_p, load = totals['loss_by_pos'], totals['tokens_by_pos'], totals['load']
     metrics = {'val_loss': float(loss_p.sum() / max(tokens_p.sum(), 1.0))}
     for chunk_loss, chunk_tokens, chunk_pos in zip(np.array_split(loss_p, POSITION_BUCKETS),
@@ -123,42 +109,78 @@ def evaluate(eval_step, state, eval_batches, mesh):
     return metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What `run` hands a stage's builder: the config, its frozen model section, the tokenizer, the mesh,
+    the optimizer tail its train_step ends with (`step.make_apply_gradients`), and this process's place."""
+    config: Any
+    model_cfg: config_lib.ModelConfig
+    tokenizer: Any
+    mesh: Any
+    apply_gradients: Callable
+    process_index: int = 0
+    process_count: int = 1
+
+    @property
+    def proc(self) -> dict:
+        return dict(process_index=self.process_index, process_count=self.process_count)
+
+
 @dataclasses.dataclass
 class Stage:
-    """What a stage gives the loop.
+    """What a stage gives the loop (its builder, `build_stage(setup: Setup) -> Stage`, makes it).
 
-    model: the module whose `init(rng, tokens [1, L])` gives the params.
-    train_iter: host batches (a grain iterator, so its position is checkpointed).
-    eval_batches: the fixed host batches `evaluate` runs over.
-    train_step: pure (state, batch) -> (state, metrics); metrics hold at least `loss` and `grad_norm`.
-    eval_step: pure (state, batch) -> sums `evaluate` accumulates.
-    evaluate: (jitted eval_step, state, eval_batches, mesh) -> metrics.
+    model: the module whose `init(rng, tokens [1, data.seq_len])` gives the params.
+    train_step: pure (state, batch) -> (state, metrics), ending in `setup.apply_gradients`; metrics hold
+      at least `loss` and `grad_norm`.
+    Batches, one per `updates_per_batch` optimizer steps, come from one of:
+      train_iter: host batches (a grain iterator, so its position is checkpointed with the state);
+      batch_source: (state, step) -> (batch, metrics): a batch made from the current state on the host
+        and placed on the mesh (GRPO: rollouts, rewards, advantages), with metrics of its own, logged
+        with the steps that train on it. It must be a function of (state, step) for resumes to be exact.
+    updates_per_batch: optimizer steps taken on each batch (GRPO's num_iterations); train.steps and
+      train.checkpoint_every count optimizer steps and must be multiples of it (checkpoints fall
+      between batches).
+    Evaluation, at step 0, every train.eval_every steps and at the end, is one of:
+      eval_step and eval_batches: pure (state, batch) -> sums, summed over the fixed host batches and
+        turned into metrics by `summarize` (default: validation loss by position and MaxVio);
+      evaluate: state -> metrics (GRPO answers held-out prompts).
+    reference: if given, called once before training with the step-0 variables (params and buffers of
+      the initial policy: the frozen reference of GRPO's KL), rebuilt the same way on a resume.
     start_from: (init.checkpoint path, model_cfg, abstract_state) -> (params, buffers or None), which
       `init(rng, params, buffers)` builds the first state around (params may be a subset of the top level).
     """
     model: Any
-    train_iter: Iterator[dict]
-    eval_batches: list
     train_step: Callable
-    eval_step: Callable
-    evaluate: Callable = None
+    train_iter: Iterator[dict] | None = None
+    batch_source: Callable | None = None
+    updates_per_batch: int = 1
+    eval_step: Callable | None = None
+    eval_batches: list = dataclasses.field(default_factory=list)
+    summarize: Callable = language_model_metrics
+    evaluate: Callable | None = None
+    reference: Callable | None = None
     start_from: Callable = None
 
     def __post_init__(self):
-        self.evaluate = self.evaluate or evaluate
+        if (self.train_iter is None) == (self.batch_source is None):
+            raise ValueError('a Stage takes its batches from one of train_iter and batch_source')
+        if (self.evaluate is None) == (self.eval_step is None):
+            raise ValueError('a Stage evaluates with one of eval_step (and eval_batches) and evaluate')
         self.start_from = self.start_from or start_from
 
 
-def pretrain_stage(config, model_cfg, tokenizer, optimizer, schedule, proc) -> Stage:
+def pretrain_stage(setup: Setup) -> Stage:
     """Next-token training on packed text (the pre-training stage)."""
-    model = Transformer(model_cfg)
+    config = setup.config
+    model = Transformer(setup.model_cfg)
     return Stage(
         model=model,
-        train_iter=pipeline.make_train_iterator(config.data, tokenizer, **proc),
-        eval_batches=pipeline.make_eval_batches(config.data, tokenizer, num_batches=config.train.eval_batches,
-                                                **proc),
-        train_step=step_lib.make_train_step(model, optimizer, schedule, config.train),
-        eval_step=step_lib.make_eval_step(model))
+        train_step=step_lib.make_train_step(model, setup.apply_gradients, config.train),
+        train_iter=pipeline.make_train_iterator(config.data, setup.tokenizer, **setup.proc),
+        eval_step=step_lib.make_eval_step(model),
+        eval_batches=pipeline.make_eval_batches(config.data, setup.tokenizer, num_batches=config.train.eval_batches,
+                                                **setup.proc))
 
 
 def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None) -> dict:
@@ -169,7 +191,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
     config_lib.validate(config, len(devices))
     if validate is not None:
         validate(config, len(devices))
-    workdir = pathlib.Path(workdir).resolve()  # Orbax needs absolute paths
+    workdir = workdir_lib.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
@@ -181,60 +203,81 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
         raise config_lib.ConfigError(
             f'config.model.vocab_size={model_cfg.vocab_size} is invalid: the tokenizer has '
             f'{tokenizer.vocab_size} tokens')
-    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    schedule = optim.make_schedule(config.optim)
-    optimizer = optim.make_optimizer(config.optim)
-    stage = build_stage(config, model_cfg, tokenizer, optimizer, schedule, proc)
-    model, train_iter, eval_batches = stage.model, stage.train_iter, stage.eval_batches
-    ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints,
+    tokens_before = batch_ramp.fixed(config.data).tokens_before_traced  # the clock of optim.schedule='phases'
+    optimizer = optim.make_optimizer(config.optim, tokens_before=tokens_before)
+    apply_gradients = step_lib.make_apply_gradients(optimizer, optim.make_schedule(config.optim, tokens_before),
+                                                    config.train)
+    stage = build_stage(Setup(config, model_cfg, tokenizer, mesh, apply_gradients, jax.process_index(),
+                              jax.process_count()))
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
                                    async_save=config.train.async_checkpoint, remove_unfinished=True)
-    tcfg = config.train
+    tcfg, mu = config.train, stage.updates_per_batch
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        init, abstract_state, state_shardings = build_state_fns(model, optimizer, mesh, config.data.seq_len)
-        restored = ckpt.restore_latest(abstract_state, data_iterator=train_iter)
+        init, abstract_state, state_shardings = build_state_fns(stage.model, optimizer, mesh, config.data.seq_len)
+
+        def initial_state():
+            weights = (stage.start_from(config.init.checkpoint, model_cfg, abstract_state)
+                       if config.init.checkpoint else ())
+            return init(jax.random.PRNGKey(tcfg.seed), *weights)
+
+        restored = ckpt.restore_latest(abstract_state, data_iterator=stage.train_iter)
         if restored is not None:
             logging.info('Resuming from %s step %d', ckpt.directory, restored[0])
             state = restored[1]
         else:
-            weights = (stage.start_from(config.init.checkpoint, model_cfg, abstract_state)
-                       if config.init.checkpoint else ())
-            state = init(jax.random.PRNGKey(tcfg.seed), *weights)
+            state = initial_state()
+        if stage.reference is not None:
+            # A copy: the first step donates the state's buffers.
+            stage.reference(jax.tree.map(jnp.copy, (state if restored is None else initial_state()).variables()))
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         logging.info('Model: %s parameters, %s activated matmul parameters per token', f'{n_params:,}',
                      f'{flops.activated_matmul_params(model_cfg):,}')
 
+        batch_shardings = sharding.batch_sharding(mesh)
         train_step = jit_train_step(stage.train_step, state_shardings, mesh)
-        eval_step = jax.jit(stage.eval_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)))
+        if stage.evaluate is not None:
+            evaluate_state = stage.evaluate
+        else:
+            eval_step = jax.jit(stage.eval_step, in_shardings=(state_shardings, batch_shardings))
+            evaluate_state = lambda s: evaluate(eval_step, s, stage.eval_batches, mesh, stage.summarize)
 
-        tokens_per_step = config.data.batch_size * config.data.seq_len
+        def next_batch(state, step):
+            if stage.batch_source is not None:
+                return stage.batch_source(state, step)
+            return sharding.global_batch(next(stage.train_iter), mesh), {}
+
+        # Throughput of fixed-shape batches; a batch source reports its own (e.g. generated tokens/s).
+        tokens_per_step = config.data.batch_size * config.data.seq_len if stage.train_iter is not None else 0
         flops_per_step = flops.train_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
-        peak = tcfg.peak_flops or flops.measured_matmul_peak(model_cfg.dtype)
+        peak = (tcfg.peak_flops or flops.measured_matmul_peak(model_cfg.dtype)) if tokens_per_step else 0.0
         metrics_log = logger.MetricsLogger(workdir, total_steps=tcfg.steps,
                                            enable_progress=tcfg.progress_bar and jax.process_index() == 0)
-        stop = _StopSignal()
+        stop = preemption.StopSignal()
         start = int(state.step)
         last, good_step = {}, start
         try:
             if start == 0:
-                last = stage.evaluate(eval_step, state, eval_batches, mesh)
+                last = evaluate_state(state)
                 metrics_log.log(0, _scalars(last))
                 _save_expert_load(workdir, 0, last)
             # Metrics of step t are fetched once step t+1 is queued, so the host never stalls the device;
             # only steps that must sync anyway (eval, checkpoint, the last, a signal) fetch their own.
             pending, clock = None, {'t': time.perf_counter(), 'step': start, 'data_wait': 0.0}
-            data_wait = 0.0
+            data_wait, stopping = 0.0, None
 
-            def fetch(done, metrics, log_it, waited):
+            def fetch(done, metrics, batch_metrics, log_it, waited):
                 host = _check_finite(done, metrics, good_step, ckpt, tcfg.nonfinite_policy)
                 if not log_it:
                     return None
                 now = time.perf_counter()
                 elapsed, n = now - clock['t'], done - clock['step']
-                host['ppl'] = float(np.exp(min(host['loss'], 50.0)))
-                host['tokens_per_s'] = n * tokens_per_step / elapsed
-                host['mfu'] = n * flops_per_step / elapsed / peak
-                # Share of the wall time spent waiting for the input pipeline (0 when it keeps up).
+                host = {**batch_metrics, **host, 'ppl': float(np.exp(min(host['loss'], 50.0)))}
+                if tokens_per_step:
+                    host['tokens_per_s'] = n * tokens_per_step / elapsed
+                    host['mfu'] = n * flops_per_step / elapsed / peak
+                # Share of the wall time spent waiting for batches (0 when the pipeline keeps up; a
+                # batch source's generation time otherwise).
                 host['data_wait_frac'] = (waited - clock['data_wait']) / elapsed
                 clock.update(t=now, step=done, data_wait=waited)
                 metrics_log.log(done, host)
@@ -242,34 +285,38 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
 
             for step in range(start, tcfg.steps):
                 waited = data_wait
-                t_data = time.perf_counter()
-                batch = sharding.global_batch(next(train_iter), mesh)
-                data_wait += time.perf_counter() - t_data
+                if step % mu == 0:  # a new batch every `updates_per_batch` optimizer steps
+                    t_data = time.perf_counter()
+                    batch, batch_metrics = next_batch(state, step)
+                    data_wait += time.perf_counter() - t_data
                 state, metrics = train_step(state, batch)
                 done = step + 1
+                stopping = stopping or stop.agreed()  # the same step on every process
                 if pending is not None:
-                    last = fetch(*pending[:3], waited) or last
+                    last = fetch(*pending, waited) or last
                     pending = None
                 log_it = due(done, tcfg.log_every, tcfg.steps)
                 evaluate_now = due(done, tcfg.eval_every, tcfg.steps)
                 save_due = due(done, tcfg.checkpoint_every, tcfg.steps)
-                if evaluate_now or save_due or stop.received:
-                    last = fetch(done, metrics, log_it, data_wait) or last
+                if evaluate_now or save_due or stopping:
+                    last = fetch(done, metrics, batch_metrics, log_it, data_wait) or last
                 else:
-                    pending = (done, metrics, log_it)
+                    pending = (done, metrics, batch_metrics, log_it)
                 if evaluate_now:
-                    evaluated = stage.evaluate(eval_step, state, eval_batches, mesh)
+                    evaluated = evaluate_state(state)
                     metrics_log.log(done, _scalars(evaluated))
                     _save_expert_load(workdir, done, evaluated)
                     last = {**last, **evaluated}
                     # Evaluation time is not training throughput.
                     clock.update(t=time.perf_counter(), step=done, data_wait=data_wait)
-                if save_due or stop.received:  # a signal during the evaluation saves too
-                    ckpt.save(done, state, data_iterator=train_iter, config=config.to_dict(), force=True)
+                # Checkpoints fall between batches (a batch source's batch is not saved), and so does a stop.
+                between_batches = done % mu == 0
+                if between_batches and (save_due or stopping):
+                    ckpt.save(done, state, data_iterator=stage.train_iter, config=config.to_dict(), force=True)
                     good_step = done
-                if stop.received:
-                    logging.warning('%s received: saved step %d, exiting.', stop.received, done)
-                    last = {**last, STOPPED: stop.received}  # so a chain stops too, not only this stage
+                if stopping and between_batches:
+                    logging.warning('%s: saved step %d, exiting.', stopping, done)
+                    last = {**last, STOPPED: stopping}  # so a chain stops too, not only this stage
                     break
         finally:
             close_stage(stop, ckpt, metrics_log)
@@ -281,7 +328,7 @@ def due(done: int, every: int, total: int) -> bool:
     return done % every == 0 or done == total
 
 
-def close_stage(stop: _StopSignal, ckpt, metrics_log) -> None:
+def close_stage(stop: preemption.StopSignal, ckpt, metrics_log) -> None:
     """A stage loop's way out, finished, stopped or failing: restores the signal handlers, waits for
     checkpoint writes in flight, closes the checkpointer and the metrics log."""
     stop.restore()
@@ -293,28 +340,24 @@ def close_stage(stop: _StopSignal, ckpt, metrics_log) -> None:
 def start_from(path: str, model_cfg, abstract_state):
     """The weights of `init.checkpoint`, a HF directory or a previous stage's Orbax checkpoint, placed as
     `abstract_state` places them (each device reads only its slice): (params, buffers), buffers None where
-    the checkpoint holds no MoE routing bias. `init(rng, params, buffers)` builds the state around them."""
+    the checkpoint holds no MoE routing bias. `init(rng, params, buffers)` builds the state around them.
+    A Hub id (owner/name[@revision]) is downloaded first."""
+    path = hub.resolve(path, 'init.checkpoint')
     if hf.is_hf_checkpoint(path):
         logging.info('Starting from the HF checkpoint %s', path)
         return hf.load_into(path, model_cfg, abstract_state.params, abstract_state.buffers)
-    restored = checkpoint.restore_subtrees(_checkpoint_dir(path), {'params': abstract_state.params,
-                                                                   'buffers': abstract_state.buffers})
+    restored = checkpoint.restore_subtrees(path, {'params': abstract_state.params, 'buffers': abstract_state.buffers})
     if abstract_state.buffers and 'buffers' not in restored:
         logging.warning('init.checkpoint=%s holds no routing bias: it starts at zero', path)
     return restored['params'], restored.get('buffers')
 
 
-def _checkpoint_dir(path: str) -> pathlib.Path:
-    """A previous stage's workdir (holding checkpoints/) or its checkpoint directory itself."""
-    path = pathlib.Path(path).resolve()
-    return path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
-
-
-def _save_expert_load(workdir: pathlib.Path, step: int, metrics: dict) -> None:
+def _save_expert_load(workdir: epath.Path, step: int, metrics: dict) -> None:
     """Validation expert load [layers, experts] of this evaluation, for the report's heatmaps."""
     if 'val_load' in metrics and jax.process_index() == 0:
         (workdir / 'expert_load').mkdir(exist_ok=True)
-        np.save(workdir / 'expert_load' / f'step_{step:08d}.npy', metrics['val_load'])
+        with (workdir / 'expert_load' / f'step_{step:08d}.npy').open('wb') as f:
+            np.save(f, metrics['val_load'])
 
 
 def _scalars(metrics: dict) -> dict:

@@ -1,4 +1,9 @@
-"""Optimizer and learning-rate schedules from `config.optim`: AdamW, global-norm clipping, warmup + decay."""
+"""Optimizer and learning-rate schedules from `config.optim`: AdamW, global-norm clipping, warmup + decay.
+
+Schedules after the linear warmup (in steps): 'cosine' and 'multistep' over `decay_steps`, 'constant', and
+'phases': V3's multi-phase schedule, whose phases end at given token counts (optim.phase_*), measured by the
+tokens trained before a step (so a growing batch moves through them faster per step).
+"""
 import math
 
 import jax
@@ -7,10 +12,35 @@ import optax
 
 from dsjax import config as config_lib
 
-def _decay(c) -> optax.Schedule:
+def _phases(c, tokens_before) -> optax.Schedule:
+    """lr of the phase holding the tokens trained before the step: phase i spans [end_{i-1}, end_i) (from 0)
+    and ends at lr x phase_factors[i]; a 'constant' phase holds that value, a 'cosine' one falls to it along
+    a half cosine from where the previous phase ended (lr for the first). The last value is held after."""
+    ends = (0.0,) + tuple(float(e) for e in c.phase_ends)
+    lrs = (c.lr,) + tuple(c.lr * f for f in c.phase_factors)
+
+    def phases(step):
+        trained = tokens_before(step)
+        lr = jnp.asarray(lrs[-1], jnp.float32)
+        for i in reversed(range(len(c.phase_ends))):
+            value = lrs[i + 1]
+            if c.phase_shapes[i] == 'cosine':
+                frac = jnp.clip((trained - ends[i]) / (ends[i + 1] - ends[i]), 0.0, 1.0)
+                value = lrs[i + 1] + (lrs[i] - lrs[i + 1]) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+            lr = jnp.where(trained < ends[i + 1], value, lr)
+        return lr
+    return phases
+
+
+def _decay(c, tokens_before) -> optax.Schedule:
     """The schedule after warmup, as a function of the step counted from step 0."""
     if c.schedule == 'constant':
         return optax.constant_schedule(c.lr)
+    if c.schedule == 'phases':
+        if tokens_before is None:
+            raise ValueError("optim.schedule='phases' measures its phases in tokens: pass tokens_before "
+                             '(dsjax.data.batch_ramp.BatchRamp.tokens_before_traced)')
+        return _phases(c, tokens_before)
     if c.schedule == 'multistep':
         # Factors are absolute multipliers of the peak lr (not cumulative): DeepSeek-LLM's
         # (0.316, 0.1) means 31.6% of peak from 80% of the steps on and 10% from 90% on.
@@ -28,11 +58,12 @@ def _decay(c) -> optax.Schedule:
     return cosine
 
 
-def make_schedule(optim_cfg) -> optax.Schedule:
-    """Linear warmup 0 -> `lr` over `warmup_steps`, then the named decay (its end value held after)."""
+def make_schedule(optim_cfg, tokens_before=None) -> optax.Schedule:
+    """Linear warmup 0 -> `lr` over `warmup_steps`, then the named decay (its end value held after).
+    `tokens_before(step)`: tokens trained before a (traced) step, the clock of schedule 'phases'."""
     config_lib.validate_optim(optim_cfg)
     c = optim_cfg
-    decay = _decay(c)
+    decay = _decay(c, tokens_before)
     if c.warmup_steps == 0:
         return decay
     warmup = c.warmup_steps
@@ -98,7 +129,7 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: str = 'float32
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg, params=None, tokens_before=None) -> optax.GradientTransformation:
     """Global-norm clipping (if `clip_norm` > 0), then AdamW on `make_schedule` with decay on the weight
     matrices (`decay_mask`) and its moments in `moment_dtype`.
 
@@ -106,6 +137,7 @@ def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
       optim_cfg: the `config.optim` section.
       params: optional parameter pytree (arrays or ShapeDtypeStructs); when given the weight-decay
         mask is fixed from it now, otherwise it is computed from the params at `init`/`update`.
+      tokens_before: tokens trained before a step, for schedule 'phases' (see `make_schedule`).
 
     Returns:
       The optax transformation; the loop reads the lr of a step from `make_schedule`.
@@ -114,7 +146,8 @@ def make_optimizer(optim_cfg, params=None) -> optax.GradientTransformation:
     mask = decay_mask if params is None else decay_mask(params)
     # optax.adamw's chain, with the moments in `moment_dtype`.
     adamw = optax.chain(scale_by_adam(c.b1, c.b2, c.eps, c.moment_dtype),
-                        optax.add_decayed_weights(c.weight_decay, mask), optax.scale_by_learning_rate(make_schedule(c)))
+                        optax.add_decayed_weights(c.weight_decay, mask),
+                        optax.scale_by_learning_rate(make_schedule(c, tokens_before)))
     if c.clip_norm > 0:
         return optax.chain(clip_by_global_norm(c.clip_norm), adamw)
     return adamw

@@ -1,4 +1,5 @@
-"""The pre-training step and the evaluation step: pure functions of (state, batch).
+"""The optimizer tail every stage's step ends with (`make_apply_gradients`), the pre-training step, the
+evaluation step and the accumulating step of the post-training stages: pure functions of (state, batch).
 
 Batch (every array [B, L]): inputs, targets, segment_ids, positions, weights.
 """
@@ -59,47 +60,54 @@ def pretrain_loss(model, params, buffers, batch, rng, mtp_weight):
     return total, (ce, mtp, tokens, aux)
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, schedule, train_cfg):
-    """Returns step(state, batch) -> (state, metrics); jit it with explicit shardings."""
+def make_apply_gradients(optimizer: optax.GradientTransformation, schedule, train_cfg):
+    """The one optimizer tail every stage's step ends with.
+
+    Returns apply_gradients(state, grads, loss, load) -> (state, metrics): the optimizer's update
+    (optim.make_optimizer: global-norm clipping, then AdamW), the routing-bias update from the step's
+    expert load `load` (V3's auxiliary-loss-free balancing; {} for a dense model), and the non-finite
+    policy: with train.nonfinite_policy='skip' a step whose `loss` or gradient norm is NaN/Inf leaves
+    params, optimizer moments and count (so its schedule) and the routing bias as they were, and counts
+    it in `nonfinite_skips` (the loop logs it); only `step` moves on, so the data and a resumed run stay in
+    step. Metrics: grad_norm, lr, maxvio_batch, nonfinite_skips.
+    """
     total_steps = train_cfg.steps
     skip_nonfinite = train_cfg.nonfinite_policy == 'skip'
 
-    def step(state: TrainState, batch):
-        mtp_weight = _scheduled(train_cfg.mtp_loss_weight, train_cfg.mtp_loss_weight_final,
-                                train_cfg.mtp_weight_switch, state.step, total_steps)
-        # Randomness is a function of (seed, step), never of how many steps this process has run, so
-        # a resumed run draws exactly what an uninterrupted one does.
-        step_rng = jax.random.fold_in(state.rng, state.step)
-
-        (total, (ce, mtp, tokens, aux)), grads = jax.value_and_grad(pretrain_loss, argnums=1, has_aux=True)(
-            model, state.params, state.buffers, batch, step_rng, mtp_weight)
+    def apply_gradients(state: TrainState, grads, loss, load):
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rate = _scheduled(train_cfg.bias_update_rate, 0.0, train_cfg.bias_update_until, state.step, total_steps)
-        buffers = update_routing_bias(state.buffers, aux['load'], rate)
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        buffers = update_routing_bias(state.buffers, load, rate)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         skips = state.nonfinite_skips + jnp.where(finite, 0, 1).astype(state.nonfinite_skips.dtype)
         if skip_nonfinite:
-            # As if the batch had not been seen: params, optimizer moments and count (so its schedule),
-            # and the routing bias stay; only `step` moves on, so the data and a resumed run stay in step.
             params, opt_state, buffers = keep_if_finite(
                 finite, (params, opt_state, buffers), (state.params, state.opt_state, state.buffers))
-        metrics = {
-            'loss': ce,
-            'total_loss': total,
-            'balance_loss': aux['balance_loss'],
-            'mtp_loss': mtp,
-            'grad_norm': grad_norm,
-            'lr': schedule(state.step),
-            'tokens': tokens,
-            'maxvio_batch': layer_maxvio(aux['load']),
-            'dropped': aux['dropped'],
-            'nonfinite_skips': skips,
-        }
+        metrics = {'grad_norm': grad_norm, 'lr': schedule(state.step), 'maxvio_batch': layer_maxvio(load),
+                   'nonfinite_skips': skips}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers,
                                   nonfinite_skips=skips)
         return new_state, metrics
+
+    return apply_gradients
+
+
+def make_train_step(model, apply_gradients, train_cfg):
+    """The pre-training step(state, batch) -> (state, metrics); jit it with explicit shardings."""
+
+    def step(state: TrainState, batch):
+        mtp_weight = _scheduled(train_cfg.mtp_loss_weight, train_cfg.mtp_loss_weight_final,
+                                train_cfg.mtp_weight_switch, state.step, train_cfg.steps)
+        # Randomness is a function of (seed, step), never of how many steps this process has run, so
+        # a resumed run draws exactly what an uninterrupted one does.
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        (total, (ce, mtp, tokens, aux)), grads = jax.value_and_grad(pretrain_loss, argnums=1, has_aux=True)(
+            model, state.params, state.buffers, batch, step_rng, mtp_weight)
+        state, metrics = apply_gradients(state, grads, total, aux['load'])
+        return state, {'loss': ce, 'total_loss': total, 'balance_loss': aux['balance_loss'], 'mtp_loss': mtp,
+                       'tokens': tokens, 'dropped': aux['dropped'], **metrics}
 
     return step
 
@@ -129,8 +137,7 @@ def split_micro_batches(batch, micro_batches: int):
     return jax.tree.map(split, batch)
 
 
-def make_accumulating_step(loss_fn, optimizer: optax.GradientTransformation, schedule, train_cfg,
-                           micro_batches: int = 1, normaliser='weights'):
+def make_accumulating_step(loss_fn, apply_gradients, micro_batches: int = 1, normaliser='weights'):
     """A training step for the post-training stages: gradients accumulated over micro-batches.
 
     loss_fn(params, buffers, micro_batch, denominator, rng) -> (loss, (metrics, load)) must return
@@ -138,10 +145,8 @@ def make_accumulating_step(loss_fn, optimizer: optax.GradientTransformation, sch
     batch's total of `batch[normaliser]` (target tokens for SFT and distillation, pairs for reward
     models). Summing the shares then gives exactly the big batch's loss and gradient. `metrics` are
     summed over micro-batches (give shares too); `load` (expert load) is summed and moves the routing
-    bias as in pre-training. Returns step(state, batch) -> (state, metrics).
+    bias as in pre-training (`apply_gradients`). Returns step(state, batch) -> (state, metrics).
     """
-    skip_nonfinite = train_cfg.nonfinite_policy == 'skip'
-    total_steps = train_cfg.steps
 
     def step(state: TrainState, batch):
         step_rng = jax.random.fold_in(state.rng, state.step)
@@ -161,20 +166,7 @@ def make_accumulating_step(loss_fn, optimizer: optax.GradientTransformation, sch
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                              (shapes[0][0], metrics0, load0, grads0))
         (total, metrics, load, grads), _ = jax.lax.scan(one, zeros, (jnp.arange(micro_batches), micro))
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        rate = _scheduled(train_cfg.bias_update_rate, 0.0, train_cfg.bias_update_until, state.step, total_steps)
-        buffers = update_routing_bias(state.buffers, load, rate)
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-        skips = state.nonfinite_skips + jnp.where(finite, 0, 1).astype(state.nonfinite_skips.dtype)
-        if skip_nonfinite:
-            params, opt_state, buffers = keep_if_finite(
-                finite, (params, opt_state, buffers), (state.params, state.opt_state, state.buffers))
-        metrics = {'loss': total, **metrics, 'grad_norm': grad_norm, 'lr': schedule(state.step),
-                   'normaliser': denominator, 'maxvio_batch': layer_maxvio(load), 'nonfinite_skips': skips}
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, buffers=buffers,
-                                  nonfinite_skips=skips)
-        return new_state, metrics
+        state, tail = apply_gradients(state, grads, total, load)
+        return state, {'loss': total, **metrics, 'normaliser': denominator, **tail}
 
     return step

@@ -36,13 +36,13 @@ def test_mask_marks_only_assistant_replies_and_their_eos():
 
 def test_zero_template_prompt_is_grpos_and_only_the_reply_is_masked():
     from dsjax.data import tasks
-    from dsjax.posttrain import grpo
+    from dsjax.posttrain import rollout
 
     tok = Chars()
     problem = tasks.task_problems(('multiplication:3',), 'test', 1, 0, 'x')[0]
     ids, mask = chat.tokenize_conversation(tok, [{'role': 'user', 'content': problem.prompt},
                                                  {'role': 'assistant', 'content': 'r'}], 'zero')
-    prompt = grpo.encode_prompts(tok, [problem], 'zero')[0]
+    prompt = rollout.encode_prompt(tok, problem.prompt, 'zero')
     assert list(ids) == prompt + tok.encode(' r') + [tok.eos_id]  # what GRPO and the evaluation prompt
     assert list(mask) == [0] * len(prompt) + [1, 1, 1]
     with pytest.raises(DataError, match="roles \\['system', 'user', 'assistant'\\].*template 'chat'"):
@@ -87,7 +87,7 @@ def test_jsonl_round_trip_and_malformed_lines_name_file_and_line(tmp_path):
 
 def test_grpo_chat_template_prompts_are_the_sft_prompts():
     from dsjax.data import tasks
-    from dsjax.posttrain import grpo
+    from dsjax.posttrain import rollout
     tok = Chars()
     for p in tasks.make_problems('countdown', 'train', 3, level=3):
-        assert grpo.encode_prompts(tok, [p], 'chat')[0] == chat.prompt_tokens(tok, [{'role': 'user', 'content': p.prompt}])
+        assert rollout.encode_prompt(tok, p.prompt, 'chat') == chat.prompt_tokens(tok, [{'role': 'user', 'content': p.prompt}])

@@ -172,3 +172,20 @@ def test_r1_distill_template_matches_transformers_and_masks_the_reply(r1_tok_dir
     # A second reply cannot follow a reasoning one: the template rewrites the first.
     with pytest.raises(corpus.DataError, match='one assistant turn per conversation'):
         chat.tokenize_conversation(tok, conversation[1:] + [{'role': 'assistant', 'content': '6'}])
+
+
+def test_tokenizer_path_may_be_a_hub_id(r1_tok_dir, monkeypatch):
+    """data.tokenizer_path='deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B' fetches the tokenizer files only."""
+    import huggingface_hub
+    from dsjax.interop import hub
+
+    calls = []
+
+    def snapshot_download(repo_id, *, revision=None, allow_patterns=None):
+        calls.append((repo_id, tuple(allow_patterns)))
+        return str(r1_tok_dir)
+
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', snapshot_download)
+    tok = tokenizer_lib.get_tokenizer(data_config(tokenizer='hf', tokenizer_path='deepseek-ai/R1-Distill-x').data)
+    assert calls == [('deepseek-ai/R1-Distill-x', hub.TOKENIZER_PATTERNS)]
+    assert tok.chat_template == R1_DISTILL_TEMPLATE

@@ -50,7 +50,9 @@ def data_config(corpus_dir: pathlib.Path, **overrides):
              cache_dir="",
              shuffle_seed=0,
              shuffle_window=1,  # Stream order, so tests can read documents back in order.
-             max_doc_chars=10_000))
+             max_doc_chars=10_000,
+             fim_rate=0.0,
+             document_mask=True))
     cfg.update(overrides)
     return cfg
 

@@ -1,5 +1,8 @@
 """Verifiable tasks: deterministic problems, disjoint splits, exact and safe graders."""
 import os
+import random
+import re
+import time
 
 import pytest
 
@@ -134,3 +137,60 @@ def test_template_and_prompt():
     assert text.startswith('A conversation between User and Assistant. The user asks a question')
     assert text.endswith(f'User: {p.prompt}. Assistant:')
     assert '<think> reasoning process here </think> <answer> answer here </answer>.' in text
+
+
+MB = 1 << 20
+ARITHMETIC = tasks.Problem('arithmetic', 2, 'Compute 47 + 85', '132', steps=('47 + 85',))
+# (name, completion of up to 1 MB, expected grade for ARITHMETIC, expected grade for COUNTDOWN)
+HOSTILE = [
+    ('unclosed <answer> flood', '<answer>' * (MB // 8), False, False),
+    ('right answer, then a flood', '<answer> 132 </answer>' + '<answer>' * (MB // 8 - 3), True, False),
+    ('</answer> flood', '</answer>' * (MB // 9), False, False),
+    ('<think> flood', '<think>' * (MB // 7) + '<answer> 132 </answer>', True, False),
+    ('a million answer pairs', '<answer>7</answer>' * (MB // 18) + '<answer>132</answer>', True, False),
+    ('nested answer tags', '<answer>' * (MB // 16) + '132' + '</answer>' * (MB // 18), False, False),
+    ('10^5 nested parentheses', '<answer>' + '(' * 10**5 + '25 + 3 * 7' + ')' * 10**5 + '</answer>', False, False),
+    ('a huge power', '<answer> 9**9**9**9 </answer>', False, False),
+    ('a power of tens', '<answer> 10**10**10 - 10**10**10 + 46 </answer>', False, False),
+    ('NUL bytes', '<think>\x00</think><answer>\x00132\x00</answer>' * (MB // 40), False, False),
+    ('__import__', "<answer>__import__('os').system('touch /tmp/dsjax_pwned')</answer>" * (MB // 66), False, False),
+    ('one huge answer', '<answer>' + '1' * MB + '</answer>', False, False),
+]
+COUNTDOWN = tasks.Problem('countdown', 3, '', '', numbers=(3, 7, 25), target=46)
+
+
+def _cpu_ms(fn, *args) -> float:
+    """Best of three CPU times (process time, so other jobs on the machine do not count)."""
+    best = float('inf')
+    for _ in range(3):
+        t0 = time.process_time()
+        fn(*args)
+        best = min(best, time.process_time() - t0)
+    return 1000 * best
+
+
+@pytest.mark.parametrize('name,text,arithmetic,countdown', HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_completions_are_graded_right_in_linear_time(name, text, arithmetic, countdown):
+    assert len(text) <= MB + 64
+    assert tasks.grade(ARITHMETIC, text) == arithmetic
+    assert tasks.grade(COUNTDOWN, text) == countdown
+    assert not tasks.format_ok(text)
+    for fn, problem in ((tasks.grade, ARITHMETIC), (tasks.grade, COUNTDOWN), (tasks.grade_first_answer, ARITHMETIC)):
+        assert _cpu_ms(fn, problem, text) <= 10.0, (name, fn.__name__)
+    assert _cpu_ms(tasks.format_ok, text) <= 10.0
+    assert not os.path.exists('/tmp/dsjax_pwned')
+
+
+def test_linear_parsers_agree_with_the_regex_reference():
+    """parse_answer and format_ok give what the (quadratic) regexes give, on 50,000 random tag soups."""
+    answer = re.compile(r'<answer>(.*?)</answer>', re.DOTALL)
+    form = re.compile(r'\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*', re.DOTALL)
+    tag = re.compile(r'</?(think|answer)>')
+    rng = random.Random(0)
+    pieces = ['<answer>', '</answer>', '<think>', '</think>', 'a', ' ', '\n', '1', '<', '>']
+    for _ in range(50_000):
+        text = ''.join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        found = answer.findall(text)
+        assert tasks.parse_answer(text) == (found[-1].strip() if found else None), text
+        match = form.fullmatch(text)
+        assert tasks.format_ok(text) == (bool(match) and not any(tag.search(g) for g in match.groups())), text

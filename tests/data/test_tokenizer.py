@@ -47,7 +47,8 @@ def text_config(tmp_path: pathlib.Path, **overrides):
              tokenizer="sentencepiece",
              tokenizer_path="",
              vocab_size=300,
-             cache_dir=str(tmp_path / "cache")))
+             cache_dir=str(tmp_path / "cache"),
+             fim_rate=0.0))
     cfg.update(overrides)
     return cfg
 

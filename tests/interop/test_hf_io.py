@@ -469,3 +469,20 @@ def test_init_checkpoint_from_a_hf_directory(checkpoints):
     with pytest.raises(config_lib.ConfigError, match=r'init.checkpoint=.*kv_lora_rank=10 \(checkpoint: 12\), '
                                                      r'routed_scaling_factor=2.0 \(checkpoint: 2.5\)'):
         loop.start_from(str(src), config_lib.freeze_model(wrong), abstract)
+
+
+def test_tied_checkpoint_loads_untied(checkpoints):
+    """A tied base (Qwen2.5-Math-1.5B) into an untied model (R1-Distill-Qwen-1.5B): the head starts as the
+    embedding, so the logits are the tied model's; the other way round would drop a trained head and is refused."""
+    src = checkpoints['qwen2']['fp32']
+    tied_model, tied = hf.load(src, dtype='float32')
+    model, variables = hf.load(src, dtype='float32', tie_word_embeddings=False)
+    np.testing.assert_array_equal(variables['params']['lm_head'], variables['params']['embed']['embedding'].T)
+    tokens = tokens_for(model.cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(model.apply(variables, tokens)[0]),
+                                  np.asarray(tied_model.apply(tied, tokens)[0]))
+    hf_config = json.loads((src / 'config.json').read_text())
+    hf.check_architecture(hf_config, model.cfg, 'init.checkpoint')
+    untied_config = dict(hf_config, tie_word_embeddings=False)
+    with pytest.raises(config_lib.ConfigError, match=r'tie_word_embeddings=True \(checkpoint: False\)'):
+        hf.check_architecture(untied_config, tied_model.cfg, 'init.checkpoint')

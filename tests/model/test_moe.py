@@ -204,7 +204,7 @@ def test_dropless_equals_dense_values_and_grads_under_skewed_routing(strategy):
     blocks padded per expert; ragged_dot's groups of size 0)."""
     x, weights, _, gate, up, down = _dispatch_inputs(3, tokens=40, e=8, k=2)
     idx = jnp.zeros((40, 2), jnp.int32).at[:, 1].set(jnp.arange(40) % 3 + 1)
-    dispatch = (lambda *a: moe.dispatch_grouped(*a, block=8)) if strategy == 'grouped_block8' else moe.DISPATCH[strategy]
+    dispatch = moe.DISPATCH.get(strategy, lambda *a: moe.dispatch_grouped(*a, block=8))  # grouped_block8
     got = jax.jit(jax.value_and_grad(_sum_sq(dispatch, None), argnums=(0, 1, 2, 3, 4)))(x, weights, gate, up, down, idx)
     want = jax.value_and_grad(_sum_sq(moe.dispatch_dense, None), argnums=(0, 1, 2, 3, 4))(
         x, weights, gate, up, down, idx)
@@ -490,3 +490,33 @@ def test_ragged_dispatch_compiles_to_grouped_kernels_for_a_tpu():
     assert not re.search(r' (dot|convolution)\(', hlo)
     routed = 3 * 3 * 2 * t * k * d * f
     assert routed <= compiled.cost_analysis()['flops'] <= 1.05 * routed
+
+
+def _gemms(jaxpr) -> int:
+    """Matmul equations in a jaxpr and the jaxprs nested in it."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name in ('dot_general', 'ragged_dot_general')
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    n += _gemms(getattr(sub, 'jaxpr', sub))
+    return n
+
+
+@pytest.mark.parametrize('strategy', ['ragged', 'capacity', 'grouped'])
+def test_remat_save_dots_recomputes_no_routed_expert_gemm(strategy):
+    """Under remat 'save_dots' a layer's backward runs as many matmuls as without remat: the routed experts'
+    GEMM outputs are kept (their einsums have an expert batch axis, tokamax's are custom calls), where
+    'full' runs the forward's again."""
+    from dsjax.model.transformer import _REMAT_POLICIES
+    x, weights, idx, gate, up, down = _dispatch_inputs(0)
+    probe = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+
+    def loss(x, weights, gate, up, down, idx):  # linear in the output: its backward needs no forward value
+        return jnp.sum(moe.DISPATCH[strategy](x, weights, idx, gate, up, down, x.shape[0])[0] * probe)
+    count = lambda fn: _gemms(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2, 3, 4)))(
+        x, weights, gate, up, down, idx).jaxpr)
+    plain = count(loss)
+    assert count(jax.checkpoint(loss, policy=_REMAT_POLICIES['save_dots'])) == plain
+    assert count(jax.checkpoint(loss, policy=_REMAT_POLICIES['full'])) > plain

@@ -59,7 +59,7 @@ def test_unknown_reference_is_a_config_error_naming_the_stage(tmp_path):
 def test_a_bad_field_of_a_later_stage_fails_before_the_first_stage_runs(tmp_path):
     c = _chain()
     c.stages.second.stage = 'grpo'
-    c.stages.second.grpo.update(batch_size=12, group_size=8)
+    c.stages.second.grpo.update(batch_size=12, num_generations=8)
     with pytest.raises(config_lib.ConfigError, match="stage 'second'.*config.grpo.batch_size=12"):
         stages.run(c, tmp_path / 'chain')
     assert not (tmp_path / 'chain').exists()

@@ -8,7 +8,7 @@ import pytest
 from dsjax import config as config_lib
 from dsjax import presets
 from dsjax.data import tasks
-from dsjax.posttrain import losses, reward_model, rewards
+from dsjax.posttrain import losses, reward_model, rewards, rollout
 from dsjax.train import logger
 
 
@@ -68,17 +68,17 @@ def test_reward_stage_trains_and_serves_as_a_grpo_reward(tmp_path):
     assert np.isfinite(last['loss']) and 0 <= last['pair_accuracy'] <= 1
     fn = reward_model.ModelReward(tmp_path, batch=4, width=96)
     problems = tasks.make_problems('arithmetic', 'test', 5, level=1)
-    scores = fn(problems, [tasks.worked_solution(p) for p in problems])
+    scores = fn([p.prompt for p in problems], [tasks.worked_solution(p) for p in problems])
     assert scores.shape == (5,) and np.all(np.isfinite(scores))
     # Registered with the GRPO rewards API: a reward name like the rule rewards.
-    c.grpo.update(reward_names=('accuracy', 'reward_model'), reward_weights=(1.0, 0.5), reward_model=str(tmp_path))
-    total, parts = rewards.build(c, None)(problems, [tasks.worked_solution(p) for p in problems])
+    c.grpo.update(reward_funcs=('accuracy', 'reward_model'), reward_weights=(1.0, 0.5), reward_model=str(tmp_path))
+    total, parts = rewards.build(c, None)(rollout.task_rows(problems), [tasks.worked_solution(p) for p in problems])
     assert total.shape == (5,) and set(parts) == {'accuracy', 'reward_model'}
     np.testing.assert_allclose(total, 1.0 + 0.5 * parts['reward_model'], rtol=1e-5)
 
 
 def test_reward_model_reward_needs_a_run_directory():
     c = config_lib.base_config()
-    c.grpo.update(reward_names=('reward_model',), reward_weights=(1.0,))
+    c.grpo.update(reward_funcs=('reward_model',), reward_weights=(1.0,))
     with pytest.raises(rewards.RewardError, match='grpo.reward_model'):
         rewards.build(c, None)

@@ -61,8 +61,9 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model):
     train_cfg = config_lib.base_config().train
     schedule = optax.constant_schedule(1.0)
     results = {}
+    apply_gradients = step_lib.make_apply_gradients(optimizer, schedule, train_cfg)
     for micro in (1, 2, 4):
-        step = jax.jit(step_lib.make_accumulating_step(sft.make_loss_fn(model), optimizer, schedule, train_cfg, micro))
+        step = jax.jit(step_lib.make_accumulating_step(sft.make_loss_fn(model), apply_gradients, micro))
         results[micro] = step(state, batch)
     ref_state, ref_metrics = results[1]
     # Reference: the token mean over the whole batch, by hand.

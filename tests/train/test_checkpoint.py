@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dsjax import config as config_lib
 from dsjax.train import checkpoint, optim
 from dsjax.train.state import TrainState
 
-OPTIM = ml_collections.ConfigDict(dict(
-    lr=1e-3, schedule='constant', warmup_steps=0, min_lr_ratio=0.1, decay_steps=10, milestones=(),
-    milestone_factors=(), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, grad_accum_steps=1,
-    moment_dtype='float32'))
+OPTIM = config_lib.base_config().optim
+OPTIM.update(lr=1e-3, schedule='constant', warmup_steps=0, decay_steps=10, weight_decay=0.1, clip_norm=1.0)
 
 
 def _mesh_1d():

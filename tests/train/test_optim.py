@@ -3,20 +3,20 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from dsjax import config as config_lib
+from dsjax.data import batch_ramp
 from dsjax.train import optim
 
 
 def _cfg(**overrides):
-    cfg = ml_collections.ConfigDict(dict(
-        lr=1e-3, schedule='cosine', warmup_steps=100, min_lr_ratio=0.1, decay_steps=1100,
-        milestones=(), milestone_factors=(), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-        clip_norm=0.0, grad_accum_steps=1, moment_dtype='float32'))
+    cfg = config_lib.base_config().optim
+    cfg.update(lr=1e-3, schedule='cosine', warmup_steps=100, min_lr_ratio=0.1, decay_steps=1100, milestones=(),
+               milestone_factors=(), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=0.0,
+               moment_dtype='float32')
     cfg.update(overrides)
     return cfg
 
@@ -116,6 +116,56 @@ def test_clip_matches_optax(max_norm):
 def test_validation_names_field(field, value):
     with pytest.raises(ValueError, match=rf'optim\.{field}='):
         config_lib.validate_optim(_cfg(**{field: value}))
+
+
+# V3's schedule as the paper gives it (4.2): warm up over 2K steps to 2.2e-4, hold until 10T tokens, cosine to
+# 2.2e-5 over 4.3T, 2.2e-5 for 333B, then 7.3e-6 for the last 167B (14.8T in all).
+V3_PHASES = dict(lr=2.2e-4, schedule='phases', warmup_steps=2000, phase_ends=(10e12, 14.3e12, 14.633e12, 14.8e12),
+                 phase_shapes=('constant', 'cosine', 'constant', 'constant'),
+                 phase_factors=(1.0, 0.1, 0.1, 7.3e-6 / 2.2e-4))
+TOKENS_PER_STEP = 15360 * 4096  # V3's full batch
+
+
+def test_v3_phases_by_hand():
+    schedule = optim.make_schedule(_cfg(**V3_PHASES), lambda step: step * float(TOKENS_PER_STEP))
+    lr = lambda tokens: float(schedule(jnp.asarray(round(tokens / TOKENS_PER_STEP))))
+    assert float(schedule(jnp.asarray(0))) == 0.0
+    assert float(schedule(jnp.asarray(1000))) == pytest.approx(1.1e-4)  # half-way through the warmup
+    assert float(schedule(jnp.asarray(2000))) == pytest.approx(2.2e-4)
+    assert lr(5e12) == pytest.approx(2.2e-4)
+    assert lr(9.99e12) == pytest.approx(2.2e-4)  # still the peak just before 10T
+    # Cosine over [10T, 14.3T): a quarter in, 2.2e-5 + 1.98e-4 (1 + cos(pi/4)) / 2 = 1.9100e-4; half-way 1.21e-4.
+    assert lr(10e12 + 4.3e12 / 4) == pytest.approx(1.9100e-4, rel=1e-3)
+    assert lr(10e12 + 4.3e12 / 2) == pytest.approx(1.21e-4, rel=1e-3)
+    assert lr(14.29e12) == pytest.approx(2.2e-5, rel=1e-3)
+    assert lr(14.4e12) == pytest.approx(2.2e-5)  # the 333B at 2.2e-5
+    assert lr(14.7e12) == pytest.approx(7.3e-6)  # the last 167B
+    assert lr(15e12) == pytest.approx(7.3e-6)  # held after
+
+
+def test_v3_phases_follow_tokens_through_the_batch_ramp():
+    """With the ramp the constant phase still ends at 10T tokens, which is more steps than 10T / 15360 x 4096."""
+    ramp = batch_ramp.BatchRamp(start=3072, end=15360, tokens=469e9, granule=768, seq_len=4096)
+    schedule = optim.make_schedule(_cfg(**V3_PHASES), ramp.tokens_before_traced)
+    boundary = ramp.steps_for(10e12)
+    assert boundary > 10e12 / TOKENS_PER_STEP
+    assert float(schedule(jnp.asarray(boundary - 1))) == pytest.approx(2.2e-4)
+    assert float(schedule(jnp.asarray(boundary + 1))) < 2.2e-4
+    assert float(schedule(jnp.asarray(ramp.steps_for(14.8e12)))) == pytest.approx(7.3e-6)
+    with pytest.raises(ValueError, match='tokens_before'):
+        optim.make_schedule(_cfg(**V3_PHASES))
+
+
+@pytest.mark.parametrize('overrides, field', [
+    (dict(phase_ends=()), 'phase_ends'),
+    (dict(phase_ends=(2e12, 1e12, 3e12, 4e12)), 'phase_ends'),
+    (dict(phase_shapes=('constant', 'linear', 'constant', 'constant')), 'phase_shapes'),
+    (dict(phase_factors=(1.0, 0.1, 0.1)), 'phase_factors'),
+    (dict(phase_factors=(1.0, 0.1, 0.1, 2.0)), 'phase_factors'),
+])
+def test_validation_phases(overrides, field):
+    with pytest.raises(ValueError, match=rf'optim\.{field}='):
+        config_lib.validate_optim(_cfg(**dict(V3_PHASES, **overrides)))
 
 
 @pytest.mark.parametrize('milestones, factors, field', [

@@ -50,7 +50,7 @@ def _restore_and_evaluate(config, workdir, step, devices):
         state = ckpt.restore(abstract, step=step)
         ckpt.close()
         eval_step = jax.jit(step_lib.make_eval_step(model), in_shardings=(shardings, sharding.batch_sharding(mesh)))
-        return state, loop.evaluate(eval_step, state, eval_batches, mesh)['val_loss']
+        return state, loop.evaluate(eval_step, state, eval_batches, mesh, loop.language_model_metrics)['val_loss']
 
 
 def test_restore_on_another_mesh_gives_the_same_loss(fsdp_run):

@@ -1,0 +1,63 @@
+"""DPO (dsjax/posttrain/dpo.py): the loss and its gradient against the formula, and against TRL's sigmoid loss
+re-derived in numpy from its source (trl 1.16.0, trl/trainer/dpo_trainer.py, DPOTrainer's loss: logps summed over
+the completion tokens, `chosen_logratios = chosen_logps - ref_chosen_logps` (rejected alike), `delta_score =
+chosen_logratios - rejected_logratios`, `per_sequence_loss = -F.logsigmoid(self.beta * delta_score)`, `loss =
+per_sequence_loss.mean()`, `chosen_rewards = beta * chosen_logratios`). TRL itself needs accelerate, datasets and
+pandas, so it is not installed for this one function."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsjax.posttrain import dpo
+
+RNG = np.random.default_rng(0)
+P = 6
+CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED = (RNG.normal(-20.0, 5.0, P).astype(np.float32) for _ in range(4))
+
+
+def trl_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, beta):
+    """TRL's DPO sigmoid loss (reverse KL, no label smoothing) in float64 numpy: (loss, chosen_rewards,
+    rejected_rewards, reward accuracy)."""
+    chosen, rejected, ref_chosen, ref_rejected = (np.asarray(x, np.float64) for x in
+                                                   (chosen, rejected, ref_chosen, ref_rejected))
+    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
+    per_sequence = np.logaddexp(0.0, -beta * delta)  # -log sigmoid(beta * delta)
+    chosen_rewards, rejected_rewards = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    return per_sequence.mean(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).mean()
+
+
+@pytest.mark.parametrize('beta', [0.1, 0.5])
+def test_loss_matches_trl(beta):
+    per_pair, chosen_rewards, rejected_rewards = dpo.dpo_loss(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, beta)
+    loss, want_chosen, want_rejected, accuracy = trl_sigmoid_loss(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, beta)
+    assert float(per_pair.mean()) == pytest.approx(loss, rel=1e-6)
+    np.testing.assert_allclose(chosen_rewards, want_chosen, rtol=1e-5)
+    np.testing.assert_allclose(rejected_rewards, want_rejected, rtol=1e-5)
+    got_accuracy = dpo.preference_accuracy(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED).mean()
+    assert float(got_accuracy) == pytest.approx(accuracy)
+
+
+def test_loss_and_gradient_by_hand():
+    """One pair: Delta = (-10 - -12) - (-11 - -10) = 3, beta 0.1: loss = log(1 + e^-0.3) = 0.5544; the
+    gradient is -beta sigmoid(-beta Delta) = -0.1 x 0.42556 on log pi(y_w) and +0.042556 on log pi(y_l), none on
+    the reference."""
+    args = [jnp.asarray([x]) for x in (-10.0, -11.0, -12.0, -10.0)]
+    loss = lambda *a: dpo.dpo_loss(*a, beta=0.1)[0].sum()
+    assert float(loss(*args)) == pytest.approx(np.log1p(np.exp(-0.3)), rel=1e-6)
+    grads = jax.grad(loss, argnums=(0, 1))(*args)
+    s = 1 / (1 + np.exp(0.3))
+    assert float(grads[0][0]) == pytest.approx(-0.1 * s, rel=1e-5)
+    assert float(grads[1][0]) == pytest.approx(0.1 * s, rel=1e-5)
+    # Equal log-ratios: loss log 2 whatever beta.
+    even = [jnp.asarray([x]) for x in (-3.0, -5.0, -1.0, -3.0)]
+    assert float(loss(*even)) == pytest.approx(np.log(2.0), rel=1e-6)
+
+
+def test_sequence_logprobs_sum_the_answer_tokens():
+    logits = jnp.asarray(RNG.normal(size=(2, 4, 7)), jnp.float32)
+    targets = jnp.asarray([[1, 2, 3, 4], [5, 6, 0, 0]])
+    weights = jnp.asarray([[0, 0, 1, 1], [1, 1, 0, 0]], jnp.float32)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    want = [logp[0, 2, 3] + logp[0, 3, 4], logp[1, 0, 5] + logp[1, 1, 6]]
+    np.testing.assert_allclose(dpo.sequence_logprobs(logits, targets, weights), want, rtol=1e-6)
