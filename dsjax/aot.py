@@ -39,7 +39,7 @@ from dsjax.infer import cache as cache_lib
 from dsjax.infer import decode
 from dsjax.model import attention, flops, moe, transformer
 from dsjax.model.transformer import Transformer
-from dsjax.train import loop, optim
+from dsjax.train import loop
 from dsjax.train import step as step_lib
 
 GIB = 2 ** 30
@@ -132,8 +132,8 @@ def train_program(config, mesh) -> Program:
     """The loop's pre-training step, lowered with its own state shardings and a batch of shapes."""
     model_cfg = config_lib.freeze_model(config.model)
     model = Transformer(model_cfg)
-    optimizer = optim.make_optimizer(config.optim)
-    train_step = step_lib.make_train_step(model, optimizer, optim.make_schedule(config.optim), config.train)
+    optimizer, apply_gradients = loop.optimizer_tail(config)
+    train_step = step_lib.make_train_step(model, apply_gradients, config.train)
     b, length = config.data.batch_size, config.data.seq_len
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         _, state, state_shardings = loop.build_state_fns(model, optimizer, mesh, length)
@@ -163,9 +163,13 @@ def serving_program(config, mesh, program: str, context: int, batch: int) -> Pro
                         f'--context={context} needs at least that many positions (a YaRN config such as r1.py)')
     rules = serving_rules(batch, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-        variables = _sharded(nn.unbox(boxed), sharding.logical_sharding(boxed, mesh, rules))
-        cache = _sharded(jax.eval_shape(cache_lib.init_cache, cfg, batch, context),
+        # Shapes only: a concrete key or array would be placed on the mesh, whose TPU devices are not here.
+        # One block of tokens: the attention kernel resolved for `context` (splash) takes whole blocks.
+        rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        tokens = jax.ShapeDtypeStruct((1, attention.SPLASH_BLOCK), jnp.int32)
+        boxed = jax.eval_shape(Transformer(cfg).init, rng, tokens)
+        variables = sharding.sharded_shapes(boxed, mesh, rules)
+        cache = _sharded(jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, context)),
                          cache_lib.cache_shardings(cfg, mesh, rules=rules))
         rows = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec('batch'), mesh, rules)
         if program == 'prefill':
@@ -336,7 +340,8 @@ class Report:
                 f'temporaries), HBM {self.topology.hbm_bytes / GIB:.2f} GiB')
 
     def tokens_per_second(self, mfu: float) -> float:
-        """At `mfu` of the chips' peak over the model's FLOPs (per device x devices)."""
+        """Tokens per second per chip at `mfu` of its peak over the model's FLOPs per device (times the
+        devices for the slice's)."""
         chip = self.topology.chip
         if chip is None or not self.model_flops:
             return float('nan')
@@ -359,8 +364,9 @@ class Report:
             f'analysis {self.flops:.3e} (scanned layers once)',
         ]
         if t.chip is not None:
-            out.append(f'projected {self.tokens_per_second(mfu):,.0f} tokens/s at {mfu:.0%} MFU of '
-                       f'{t.chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per chip')
+            per_chip = self.tokens_per_second(mfu)
+            out.append(f'projected {per_chip:,.0f} tokens/s per chip ({per_chip * len(t.devices):,.0f} for the '
+                       f'slice) at {mfu:.0%} MFU of {t.chip.peak_flops / 1e12:.0f} TFLOP/s bf16 per chip')
         out.append('collectives per device per step: ' + (', '.join(
             f'{k} {n}x {v / GIB:.2f} GiB' for k, (n, v) in self.collectives.items()) or 'none'))
         return out

@@ -133,3 +133,16 @@ def test_simulated_cpu_mesh_shards_params_and_experts():
     assert report.params_bytes < _param_bytes(config) / 2
     assert 'all-to-all' in report.collectives
     assert report.fits and np.isnan(report.tokens_per_second(0.4))
+
+
+def test_decode_step_compiles_for_a_tpu_topology():
+    """One decode step of one row over a 256-slot cache: rows that do not split stay whole, so every
+    device holds the parameters and the cache, and the step reads them all."""
+    from dsjax.infer import cache as cache_lib
+    config = _v3_smoke()
+    report = aot.compile_program('v3_small:smoke', config, aot.topology('v5e-4'), 'decode', context=256, batch=1)
+    cfg = config_lib.freeze_model(config.model)
+    cache = cache_lib.cache_bytes(jax.eval_shape(lambda: cache_lib.init_cache(cfg, 1, 256)))
+    assert report.params_bytes == _param_bytes(config) and report.opt_state_bytes == 0
+    assert report.memory.argument_size_in_bytes >= report.params_bytes + cache
+    assert report.fits and report.tokens == 1 and report.hlo_flops > 0

@@ -63,10 +63,15 @@ def build_state_fns(model, optimizer, mesh, seq_len: int):
     boxed = jax.eval_shape(init_boxed, rng_shape)
     shardings = sharding.logical_sharding(boxed, mesh)
     init = jax.jit(init_state, out_shardings=shardings, donate_argnums=(1, 2))
-    unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
-                           boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
-    return init, abstract, shardings
+    return init, sharding.sharded_shapes(boxed, mesh), shardings
+
+
+def optimizer_tail(config):
+    """The run's optimizer and the one tail every stage's step ends with (step.make_apply_gradients)."""
+    tokens_before = batch_ramp.fixed(config.data).tokens_before_traced  # the clock of optim.schedule='phases'
+    optimizer = optim.make_optimizer(config.optim, tokens_before=tokens_before)
+    return optimizer, step_lib.make_apply_gradients(optimizer, optim.make_schedule(config.optim, tokens_before),
+                                                    config.train)
 
 
 def jit_train_step(train_step, state_shardings, mesh):
@@ -203,10 +208,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
         raise config_lib.ConfigError(
             f'config.model.vocab_size={model_cfg.vocab_size} is invalid: the tokenizer has '
             f'{tokenizer.vocab_size} tokens')
-    tokens_before = batch_ramp.fixed(config.data).tokens_before_traced  # the clock of optim.schedule='phases'
-    optimizer = optim.make_optimizer(config.optim, tokens_before=tokens_before)
-    apply_gradients = step_lib.make_apply_gradients(optimizer, optim.make_schedule(config.optim, tokens_before),
-                                                    config.train)
+    optimizer, apply_gradients = optimizer_tail(config)
     stage = build_stage(Setup(config, model_cfg, tokenizer, mesh, apply_gradients, jax.process_index(),
                               jax.process_count()))
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,

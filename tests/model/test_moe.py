@@ -389,7 +389,7 @@ def test_expert_parallel_buffers_follow_the_capacity_not_the_worst_case():
     np.testing.assert_allclose(got, want, atol=1e-5)
     # Per device: x, expert ids and gates go out, outputs come back, N x S rows each.
     sent = n * rows * (d * 4 + 4 + 4 + d * 4)
-    assert aot.collectives(hlo)['all-to-all'][1] == sent
+    assert aot.collectives(aot.hlo_totals(hlo))['all-to-all'][1] == sent
 
 
 def _tiny_moe_config(dispatch, **fields):
