@@ -1,18 +1,20 @@
 """One accelerator, one run: training MFU of a ~1B dense model and a V3-style MoE (~1B activated) side by
-side with HF transformers, the MoE step's time by op category, routed-expert scaling, MLA attention
-kernels, V2-Lite-sized decoding against HF generate, and speculative == greedy at default precision.
+side with HF transformers, the MoE step's time by op category, routed-expert scaling, V2-Lite-sized
+decoding against HF generate, speculative == greedy at default precision, and MLA attention kernels.
 
 Run: `bash benchmarks/device.sh` (installs what the GPU image lacks, then calls this), or directly
 `python benchmarks/device.py [--parts=train,profile,...] [--shrink]`. Writes results/device.md
-(device_shrink.md with --shrink: tiny models, a check of the script on the CPU in minutes).
-Hardware: one H200, at most --budget_s (570 s) for all parts: a part that would start past its share
-of the budget is skipped and says so; run it alone with --parts.
+(device_shrink.md with --shrink: tiny models, a check of the script on the CPU, ~25 minutes on 2 busy
+cores), keeping the sections of parts a run leaves out, so runs of different --parts add up.
+Hardware: one H200. All six parts take ~12.5 minutes (NEEDS); --budget_s (570 s) skips a part that
+would start past it, so a 10-minute session runs `--parts=train,profile,scaling` (~6 min) and
+`--parts=decode,speculative,attention` (~7 min) as two commands.
 Expect: the Done-when numbers of issue 20 (MoE >= 35% nominal MFU and >= 1.3x HF; dense >= 45% and
 >= 1.3x HF; 16 -> 128 experts <= 1.2x step time; speculative == greedy; the V2-Lite decode table).
-Variants: --dispatch=ragged,capacity,grouped (MoE rows), --attention_impl, --remat, --batch/--seq.
+Variants: --dispatch=auto,capacity,grouped,ragged (MoE rows), --attention_impl, --remat, --batch/--seq.
 
-Parts, in the order they run (PARTS): each is one function that adds its table to the report, and the
-report is rewritten after every row, so a run cut short keeps what it measured.
+Parts, in the order they run (PARTS), each one function writing its section, rewritten after every row
+so a run cut short keeps what it measured:
 - train: the loop's training step (benchmarks/harness.py: forward, losses, backward, clipping, AdamW,
   bias update; float32 params and moments, bf16 compute) on random tokens, STEPS steps after a compile,
   median. MFU = model FLOPs (dsjax.model.flops: activated experts only, causal attention, MTP included
@@ -21,11 +23,11 @@ report is rewritten after every row, so a run cut short keeps what it measured.
   which has no MTP) run first, before jax holds memory.
 - profile: the MoE step (first --dispatch) under jax.profiler, kernel time summed by category.
 - scaling: the MoE at 4 layers with 16 and 128 routed experts (top-4, width 1024: same activated work).
-- attention: one MLA layer's attention core (qk 192, v 128), forward + backward, per kernel.
 - decode: benchmarks/decode.py's comparison at V2-Lite size (random weights, bf16).
 - speculative: MTP speculative decoding against plain greedy at default and at highest precision.
+- attention: one MLA layer's attention core (qk 192, v 128), forward + backward, per kernel.
 - fp8 (not in the default list: `bash benchmarks/device.sh --parts=fp8`, ~4 minutes by estimate, not yet run
-  on a GPU): fp8_dot's kernel path (dsjax/model/fp8.py, tokamax) against its float32 reference on the device,
+  on a GPU; --shrink checked end to end on the CPU): fp8_dot's kernel path (dsjax/model/fp8.py, tokamax) against its float32 reference on the device,
   then the MoE's training step with model.fp8 off and on per --dispatch: step time and compiled peak memory.
 """
 import dataclasses
@@ -54,7 +56,7 @@ EXPERIMENTS = pathlib.Path(__file__).parents[1] / 'experiments'
 NOMINAL_BF16 = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12,
                 'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA A100-SXM4-40GB': 312e12, 'NVIDIA GH200 480GB': 989e12}
 
-_PARTS = flags.DEFINE_list('parts', ['train', 'profile', 'decode', 'speculative', 'scaling', 'attention'],
+_PARTS = flags.DEFINE_list('parts', ['train', 'profile', 'scaling', 'decode', 'speculative', 'attention'],
                            'Measurements to run, in this order.')
 _SHRINK = flags.DEFINE_bool('shrink', False, 'Tiny models and batches (checks the script on CPU).')
 _DISPATCH = flags.DEFINE_list('dispatch', ['auto', 'capacity'], "MoE dispatch strategies of the train part ('auto': "
@@ -70,8 +72,7 @@ _OUT = flags.DEFINE_string('out', '', 'Where to write (default results/device.md
 _PEAK = flags.DEFINE_float('peak', 0.0, 'The measured bf16 matmul FLOP/s (a run of several parts passes it to each).')
 
 # Seconds a part needs at full size on an H200 (estimates): it starts only if that much budget is left.
-NEEDS = {'train': 300, 'profile': 90, 'decode': 200, 'speculative': 90, 'scaling': 120, 'attention': 40,
-         'fp8': 240}
+NEEDS = {'train': 200, 'profile': 70, 'scaling': 80, 'decode': 240, 'speculative': 120, 'attention': 40, 'fp8': 240}
 
 
 # ---------------------------------------------------------------- the models
@@ -466,12 +467,13 @@ def fp8_kernel_check(m: int = 512, k: int = 1024, n: int = 768) -> float:
     w = jax.random.normal(keys[1], (k, n)) * 0.03
     dy = jax.random.normal(keys[2], (m, n))
 
+    # The operands are arguments, not closed-over constants, which XLA would constant-fold (minutes on a CPU).
     @functools.partial(jax.jit, static_argnums=0)
-    def run(impl):
+    def run(impl, x, w, dy):
         y, vjp = jax.vjp(lambda a, b: fp8_lib.fp8_dot(a, b, impl), x, w)
         return (y, *vjp(dy))
 
-    ref, got = run('reference'), run('tokamax')
+    ref, got = run('reference', x, w, dy), run('tokamax', x, w, dy)
     return max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(got, ref))
 
 
@@ -508,17 +510,23 @@ def part_fp8(write, ctx: dict):
         write(lines)
 
 
-PARTS = {'train': part_train, 'profile': part_profile, 'scaling': part_scaling, 'attention': part_attention,
-         'decode': part_decode, 'speculative': part_speculative, 'fp8': part_fp8}
+PARTS = {'train': part_train, 'profile': part_profile, 'scaling': part_scaling, 'decode': part_decode,
+         'speculative': part_speculative, 'attention': part_attention, 'fp8': part_fp8}
+
+
+SECTION = '<!-- part: {} -->'
 
 
 def run_parts(parts: list[str], out: pathlib.Path, header: list[str], peak: float):
     """Each part in a process of its own (jax and PyTorch keep the device memory they took until their
     process ends), within the budget: a part that would start past it is skipped, one that runs past it is
-    stopped with what it wrote so far."""
+    stopped with what it wrote so far. `out` keeps the sections of parts this run does not run, so runs
+    of different --parts add up to one file."""
     import subprocess
     import sys
-    start, sections = time.perf_counter(), {}
+    start = time.perf_counter()
+    old = re.split(r'<!-- part: (\w+) -->\n', out.read_text()) if out.exists() else ['']
+    sections = dict(zip(old[1::2], old[2::2]))
     own = ('--parts', '--out', '--budget_s', '--peak')
     passed = [a for a in sys.argv[1:] if not a.startswith(own)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -537,9 +545,10 @@ def run_parts(parts: list[str], out: pathlib.Path, header: list[str], peak: floa
                         f.write(f'\n(stopped at the {_BUDGET.value} s budget)\n')
                 if not section.exists():
                     section.write_text(f'## {part}\n\nFailed before writing anything: see the log.\n')
-            sections[part] = section.read_text()
+            sections[part] = section.read_text().rstrip('\n') + '\n\n'
+            body = ''.join(SECTION.format(p) + '\n' + sections[p] for p in PARTS if p in sections)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text('\n'.join(header) + '\n\n' + '\n'.join(sections.values()))
+            out.write_text('\n'.join(header) + '\n\n' + body)
             print(f'[{part}: {time.perf_counter() - start:.0f} s into the run]', flush=True)
 
 
@@ -549,14 +558,15 @@ def main(argv):
     if unknown:
         raise app.UsageError(f'--parts: unknown {unknown}; valid: {list(PARTS)}')
     device = jax.devices()[0]
-    peak = _PEAK.value or flops.measured_matmul_peak('bfloat16', size=512 if _SHRINK.value else 8192, repeats=10)
+    size = 512 if _SHRINK.value else 8192
+    peak = _PEAK.value or flops.measured_matmul_peak('bfloat16', size=size, repeats=10)
     nominal = NOMINAL_BF16.get(device.device_kind)
     from dsjax.model import moe
     out = pathlib.Path(_OUT.value or RESULTS / ('device_shrink.md' if _SHRINK.value else 'device.md'))
     if len(_PARTS.value) > 1 or not _PEAK.value:
         header = ['# Accelerator benchmarks (benchmarks/device.py)', '',
                   f'{device.platform} `{device.device_kind}`, jax {jax.__version__}; measured bf16 matmul peak '
-                  f'{peak / 1e12:.1f} TFLOP/s (8192^3 jnp.dot, best of 10)'
+                  f'{peak / 1e12:.1f} TFLOP/s ({size}^3 jnp.dot, best of 10)'
                   + (f', nominal {nominal / 1e12:.0f}' if nominal else '') + '.'
                   + (' --shrink: tiny models, a check of the script, not a measurement.' if _SHRINK.value else '')]
         return run_parts(_PARTS.value, out, header, peak)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Accelerator benchmarks in one run (benchmarks/device.py: training MFU side by side with HF transformers,
-# the MoE step's profile, V2-Lite decoding, speculative == greedy, expert scaling, MLA attention kernels);
+# Accelerator benchmarks (benchmarks/device.py: training MFU side by side with HF transformers, the MoE
+# step's profile, 16 -> 128 experts, V2-Lite decoding, speculative == greedy, MLA attention kernels);
 # writes benchmarks/results/device.md. Extra arguments go to device.py (e.g. --parts=decode, --shrink).
 #
 # On a GPU machine with jax[cuda], torch and transformers, from the repository root:
-#   bash benchmarks/device.sh
-# It takes at most --budget_s (570 s) on an H200: the parts run in order, each in its own process, and a
-# part that would start past the budget is skipped with a note (run it alone: --parts=<part>).
+#   bash benchmarks/device.sh --parts=train,profile,scaling      # ~6 minutes on an H200 (estimates)
+#   bash benchmarks/device.sh --parts=decode,speculative,attention  # ~7 minutes
+# (all parts in one command: ~12.5 minutes; --budget_s, 570 s, skips the parts that would start past
+# it). Each part runs in its own process; the file keeps the sections of parts a run leaves out.
 # Packages the machine lacks (tokamax, qwix, grain, ml_collections, tensorboardX and their needs) are
 # installed from wheels in .whl/ when present; on a machine that can reach PyPI, fetch them with
 #   bash benchmarks/device.sh --fetch-wheels
@@ -26,9 +27,9 @@ if [[ "${1:-}" == --fetch-wheels ]]; then
     --implementation cp "${platforms[@]}" -d .whl "${WHEELS[@]}"
   exit
 fi
-if ! python3 -c 'import tokamax, grain, ml_collections, tensorboardX' 2>/dev/null; then
+if ! python3 -c 'import tokamax, qwix, grain, ml_collections, tensorboardX' 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "tokamax, grain, ml_collections or tensorboardX is missing and .whl/ holds no wheels:" \
+    echo "tokamax, qwix, grain, ml_collections or tensorboardX is missing and .whl/ holds no wheels:" \
          "pip install -e . (or fetch wheels: bash benchmarks/device.sh --fetch-wheels)" >&2
     exit 1
   fi

@@ -93,7 +93,8 @@ def peak_bytes(compiled) -> dict:
 def activation_bytes(model, abstract, batch) -> int:
     """Bytes of the residuals jax saves between forward and backward (remat policy applied)."""
     def loss(params, buffers, batch):
-        return step_lib.pretrain_loss(model, params, buffers, batch, jax.random.PRNGKey(0), 1.0)[0]
+        denominators = step_lib.pretrain_denominators(batch, model.cfg.num_nextn_predict_layers)
+        return step_lib.make_pretrain_loss(model, 1.0)(params, buffers, batch, denominators, jax.random.PRNGKey(0))[0]
 
     plain = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     residuals = saved_residuals(loss, plain(abstract.params), plain(abstract.buffers), plain(batch))

@@ -82,7 +82,7 @@ def table(title: str, shapes: dict, dispatches, train: bool, devices: dict) -> l
                     cells.append(f'{flop / 1e9:.2f} | {flop / routed:.2f}x | {bytes_ / 1e9:.2f}')
                 except Exception as ex:  # noqa: BLE001
                     cells.append(f'failed: {type(ex).__name__} | | ')
-            mark = ' (MoE picks it)' if name == picked else ''
+            mark = ' (MoE picks it on TPU, GPU)' if name == picked else ''
             lines.append(f'| {label} (T {t}, D {d}, F {f}, E {e}, K {k}) | {name}{mark} | ' + ' | '.join(cells) + ' |')
             print(lines[-1], flush=True)
     return lines + ['']
@@ -99,7 +99,7 @@ def main():
              f'{CAPACITY_FACTOR} in training, room for every token at decode. The TPU column compiles for one v5e '
              'chip through libtpu; Pallas kernels (tokamax\'s megablox) report their own cost estimate to the '
              'compiler. Bytes accessed count a gather\'s whole operand (XLA\'s cost model), so they overstate '
-             '\'gather\' and \'grouped\'.', '']
+             '\'gather\' and \'grouped\'. On the CPU, MoE picks \'grouped\' where a TPU or GPU picks \'ragged\'.', '']
     lines += table('Training: forward + backward of the routed experts', TRAIN, TRAIN_DISPATCHES, True, devices)
     lines += table('Decoding: forward at evaluation', DECODE, DECODE_DISPATCHES, False, devices)
     text = '\n'.join(lines) + '\n'

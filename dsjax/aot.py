@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from dsjax import config as config_lib
 from dsjax import sharding
-from dsjax.data import pipeline
+from dsjax.data import batch_ramp, pipeline
 from dsjax.infer import cache as cache_lib
 from dsjax.infer import decode
 from dsjax.model import attention, flops, moe, transformer
@@ -132,7 +132,7 @@ def train_program(config, mesh) -> Program:
     """The loop's pre-training step, lowered with its own state shardings and a batch of shapes."""
     model_cfg = config_lib.freeze_model(config.model)
     model = Transformer(model_cfg)
-    optimizer, apply_gradients = loop.optimizer_tail(config)
+    optimizer, apply_gradients = loop.optimizer_tail(config, batch_ramp.from_config(config.data, config.train.micro_batches))
     train_step = step_lib.make_train_step(model, apply_gradients, config.train)
     b, length = config.data.batch_size, config.data.seq_len
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):

@@ -11,13 +11,13 @@ import numpy as np
 ATTENTION_TYPES = ('mha', 'mla')
 SCORING_FUNCS = ('softmax', 'sigmoid')
 TOPK_METHODS = ('greedy', 'group_limited_greedy', 'noaux_tc')
-MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'gather', 'expert_parallel')
+MOE_DISPATCHES = ('auto', 'dense', 'capacity', 'grouped', 'ragged', 'expert_parallel')
 REMAT_POLICIES = ('auto', 'none', 'full', 'save_dots', 'save_attention')
 ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn', 'splash')
 FUSED_ATTENTION_DTYPES = ('bfloat16', 'float16')  # compute dtypes the cudnn attention kernel takes
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALING_TYPES = ('none', 'yarn', 'llama3')
-STAGES = ('pretrain', 'sft', 'reward', 'rejection', 'distill', 'grpo')
+STAGES = ('pretrain', 'sft', 'reward', 'dpo', 'rejection', 'distill', 'grpo')
 SOURCES = ('stdlib', 'text', 'jsonl', 'tasks', 'array_record')
 TOKENIZERS = ('sentencepiece', 'hf')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Evaluation and decoding never drop: 'gather' (the selected experts' weights only) when T x K <= E.
     m.moe_dispatch = 'auto'
     m.capacity_factor = 0.0  # capacity dispatch only; 0: no token is ever dropped
+    # V2: the tokens of ~this share of training sequences (every round(1 / share)-th row) are never dropped:
+    # they take capacity first, before any other token, highest gate first among them (capacity dispatches).
+    m.never_drop_fraction = 0.0
     m.num_nextn_predict_layers = 0
     m.tie_word_embeddings = False
     m.initializer_range = 0.02
@@ -110,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.val_fraction = 0.02
     d.seq_len = 256
     d.batch_size = 16
+    # V3's batch ramp: sequences per step grow from batch_ramp_start to batch_size over the first batch_ramp_tokens
+    # tokens, by whole micro-batches (train.micro_batches; dsjax/data/batch_ramp.py); 0: batch_size throughout.
+    d.batch_ramp_start = 0
+    d.batch_ramp_tokens = 0.0
     d.fim_rate = 0.0  # share of training documents rearranged for fill-in-the-middle, PSM order (V3: 0.1)
     # True: packed documents never attend to each other (segment ids); False: a row is one sequence, as V3 packed.
     d.document_mask = True
@@ -147,6 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
+    # Gradient accumulation: data.batch_size rows in this many micro-batches, one update equal to the whole
+    # batch's; micro-batch m holds rows m, m + M, ... (dsjax/train/step.py). Every stage but grpo (own batches).
+    t.micro_batches = 1
     # The schedule's length follows train.steps (an override of either moves both) until set itself.
     o.decay_steps = t.get_ref('steps') + 0
     t.seed = 0
@@ -179,7 +189,6 @@ def base_config() -> ml_collections.ConfigDict:
     s.val_examples = 100  # held-out (test-split) conversations per task entry
     s.system = ''  # a system prompt put before every conversation ('' for none)
     s.template = 'chat'  # or 'zero': one-question conversations in the R1-Zero template
-    s.micro_batches = 1  # gradient accumulation: data.batch_size rows in this many micro-batches
     s.seed = 0
 
     c.reward = r = ml_collections.ConfigDict()
@@ -188,6 +197,13 @@ def base_config() -> ml_collections.ConfigDict:
     r.val_pairs = 200  # held-out (test-split) pairs per task entry
     r.margin = 0.0
     r.seed = 0
+
+    c.dpo = dp = ml_collections.ConfigDict()  # DeepSeek-LLM Chat's DPO after SFT (dsjax/posttrain/dpo.py)
+    dp.tasks = ('arithmetic:2',)  # preference pairs as the reward stage's: worked solution against a wrong one
+    dp.pairs = 2000  # training pairs per task entry
+    dp.val_pairs = 200  # held-out (test-split) pairs per task entry
+    dp.beta = 0.1
+    dp.seed = 0
 
     c.rejection = rj = ml_collections.ConfigDict()
     rj.tasks = ('arithmetic:2',)  # prompts from the train split
@@ -410,6 +426,8 @@ def validate_model(m) -> None:
                m.first_k_dense_replace, f'must be in [0, num_hidden_layers={m.num_hidden_layers}]')
         _check(m.n_shared_experts >= 0, 'model.n_shared_experts', m.n_shared_experts, 'must be >= 0')
         _check(m.capacity_factor >= 0, 'model.capacity_factor', m.capacity_factor, 'must be >= 0')
+        _check(0 <= m.never_drop_fraction <= 1, 'model.never_drop_fraction', m.never_drop_fraction,
+               'must be in [0, 1] (V2: 0.1)')
         for f in ('aux_loss_alpha', 'device_aux_alpha', 'comm_aux_alpha'):
             _check(m[f] >= 0, f'model.{f}', m[f], 'must be >= 0')
     _check(m.num_nextn_predict_layers >= 0, 'model.num_nextn_predict_layers',
@@ -528,6 +546,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     t = c.train
     for f in ('steps', 'log_every', 'eval_every', 'eval_batches', 'checkpoint_every', 'keep_checkpoints'):
         _positive_int(c, f'train.{f}')
+    _check(isinstance(t.micro_batches, int) and t.micro_batches > 0 and d.batch_size % t.micro_batches == 0,
+           'train.micro_batches', t.micro_batches, f'must be a positive divisor of data.batch_size={d.batch_size}')
+    if d.batch_ramp_start:
+        micro = d.batch_size // t.micro_batches
+        _check(0 < d.batch_ramp_start < d.batch_size and d.batch_ramp_start % micro == 0, 'data.batch_ramp_start',
+               d.batch_ramp_start, f'must be a multiple of the micro-batch (data.batch_size / train.micro_batches = '
+               f'{micro} rows) below data.batch_size={d.batch_size} (0: no ramp)')
+        _check(d.batch_ramp_tokens > 0, 'data.batch_ramp_tokens', d.batch_ramp_tokens,
+               'a ramp needs the tokens it lasts (> 0)')
     _choice(t.nonfinite_policy, 'train.nonfinite_policy', NONFINITE_POLICIES)
     _check(t.bias_update_rate >= 0, 'train.bias_update_rate', t.bias_update_rate, 'must be >= 0')
     for f in ('bias_update_until', 'mtp_weight_switch'):
@@ -545,6 +572,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     batch_axes = sizes['data'] * sizes['fsdp'] * sizes['expert']
     _check(d.batch_size % batch_axes == 0, 'data.batch_size', d.batch_size,
            f'must be divisible by the data-parallel size data x fsdp x expert = {batch_axes}')
+    _check((d.batch_size // t.micro_batches) % batch_axes == 0, 'train.micro_batches', t.micro_batches,
+           f'a micro-batch (data.batch_size / train.micro_batches) must split over the data-parallel size '
+           f'data x fsdp x expert = {batch_axes}')
     heads = m.num_attention_heads
     _check(heads % sizes['tensor'] == 0, 'mesh.tensor', sizes['tensor'],
            f'must divide model.num_attention_heads={heads}')
@@ -555,6 +585,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if m.n_routed_experts:
         _check(m.n_routed_experts % sizes['expert'] == 0, 'mesh.expert', sizes['expert'],
                f'must divide model.n_routed_experts={m.n_routed_experts}')
+        # Group-limited routing is device- (V2) or node-limited (V3) only where a group is whole devices
+        # or a device holds whole groups: expert e lives on device e // (E / mesh.expert).
+        g, n = m.n_group, sizes['expert']
+        if m.topk_method != 'greedy' and n > 1:
+            _check(g % n == 0 or n % g == 0, 'model.n_group', g,
+                   f'must be a multiple or a divisor of mesh.expert={n}, so that each expert group is whole devices '
+                   f'(V2: n_group = mesh.expert, a token\'s experts on <= topk_group devices)')
     else:
         _check(sizes['expert'] == 1, 'mesh.expert', sizes['expert'], 'a dense model has no experts to shard')
 
@@ -625,6 +662,7 @@ class ModelConfig:
     comm_aux_alpha: float
     moe_dispatch: str
     capacity_factor: float
+    never_drop_fraction: float
     num_nextn_predict_layers: int
     tie_word_embeddings: bool
     initializer_range: float

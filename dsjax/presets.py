@@ -165,6 +165,13 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             m.n_group, m.topk_group = 4, 2
     c.data.seq_len = 32
     c.data.batch_size = 8
+    if c.train.micro_batches > 1 or c.data.batch_ramp_start:
+        # Accumulation in 2 micro-batches of 8 (one row per device of 8); V3's ramp from 1 to 2 of them,
+        # over the first 1.5 batches of tokens: 3 steps at 8 rows, then 16.
+        c.data.batch_size = 16
+        c.train.micro_batches = 2
+        if c.data.batch_ramp_start:
+            c.data.update(batch_ramp_start=8, batch_ramp_tokens=1.5 * 16 * 32)
     c.data.val_fraction = 0.05
     c.train.steps = 4
     c.train.log_every = 1

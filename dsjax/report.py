@@ -85,9 +85,15 @@ def render(workdir, out=None) -> epath.Path:
     fig.suptitle(str(workdir))
     fig.tight_layout()
     out = epath.Path(out) if out else workdir / 'report.png'
-    with out.open('wb') as f:  # a local or remote (gs://, s3://) workdir alike
-        fig.savefig(f, dpi=90, format='png')
+    save_png(fig, out)
     return out
+
+
+def save_png(fig, out: epath.Path, **kwargs) -> None:
+    """Writes a figure as PNG to a local or remote (gs://, s3://) path alike (matplotlib alone would write
+    a local folder named 'gs:')."""
+    with out.open('wb') as f:
+        fig.savefig(f, dpi=90, format='png', **kwargs)
 
 
 def main():

@@ -8,21 +8,23 @@ resumes: each stage restores its own latest checkpoint, and a finished stage ret
 `evaluation` section, the stages it names are evaluated on held-out problems into WORKDIR/table.md.
 """
 import json
-import pathlib
 import time
 
 import jax
 from absl import logging
+from etils import epath
 
 from dsjax import config as config_lib
-from dsjax.posttrain import chain, distill, grpo, rejection, reward_model, sft
+from dsjax.posttrain import chain, distill, dpo, grpo, rejection, reward_model, sft
 from dsjax.train import loop
+from dsjax.train import workdir as workdir_lib
 
 RUNNERS = {
     'pretrain': loop.run,
     'sft': sft.run,
     'grpo': grpo.run,
     'reward': reward_model.run,
+    'dpo': dpo.run,
     'rejection': rejection.run,
     'distill': distill.run,
 }
@@ -31,6 +33,7 @@ CHECKS = {
     'sft': sft.validate,
     'grpo': grpo.validate,
     'reward': reward_model.validate,
+    'dpo': dpo.validate,
     'rejection': rejection.validate,
     'distill': distill.validate,
 }
@@ -61,21 +64,22 @@ def run(config, workdir) -> dict:
     return RUNNERS[config.stage](config, workdir)
 
 
-def chain_configs(config, workdir) -> list[tuple[str, object, pathlib.Path]]:
+def chain_configs(config, workdir) -> list[tuple[str, object, epath.Path]]:
     """(name, stage config with init.checkpoint filled in, workdir) of each stage, in order; every stage's
     whole config (its own section included) is validated before the first one starts."""
     names = tuple(config.chain)
     if not names or sorted(names) != sorted(config.stages.keys()):
         config_lib.fail('chain', names, f'must list each of config.stages ({sorted(config.stages.keys())}) once, '
                         'in the order to run them')
+    root = workdir_lib.resolve(workdir)  # local or remote (gs://, s3://)
     out, previous = [], ''
     for name in names:
         stage = config.stages[name].copy_and_resolve_references()
-        stage_dir = pathlib.Path(workdir) / name
+        stage_dir = root / name
         if not stage.init.checkpoint and previous:
             stage.init.checkpoint = str(previous)
         try:
-            chain.resolve_references(stage, {n: pathlib.Path(workdir).resolve() / n for n, _, _ in out})
+            chain.resolve_references(stage, {n: root / n for n, _, _ in out})
         except ValueError as e:
             raise config_lib.ConfigError(f'stage {name!r}: {e}') from e
         if stage.stage == 'chain' or stage.stage not in RUNNERS:
@@ -110,7 +114,7 @@ def run_chain(config, workdir) -> dict:
 
 def _add_wall_time(stage_dir, seconds: float) -> float:
     """The stage's wall time over every invocation that ran it (a resumed stage adds up)."""
-    path = pathlib.Path(stage_dir) / 'wall_s.json'
+    path = epath.Path(stage_dir) / 'wall_s.json'
     total = (json.loads(path.read_text())['wall_s'] if path.exists() else 0.0) + seconds
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({'wall_s': total}))

@@ -23,15 +23,16 @@ for MoE runs, expert_load.png (validation load per layer and expert at the final
 """
 import csv
 import importlib.util
+import io
 import itertools
 import json
-import os
 import pathlib
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 # Figures are made with the object API (no pyplot): importing this module never changes the
@@ -41,6 +42,7 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 from absl import flags
+from etils import epath
 
 from dsjax import cli
 from dsjax import config as config_lib
@@ -48,6 +50,7 @@ from dsjax import presets
 from dsjax import report as report_lib
 from dsjax import stages
 from dsjax.train import checkpoint, logger
+from dsjax.train import workdir as workdir_lib
 
 SWEEP_KEYS = ('base', 'overrides', 'variants', 'product', 'seeds', 'metrics')
 SEED_FIELDS = ('train.seed', 'data.shuffle_seed')
@@ -90,7 +93,7 @@ DERIVED_METRICS = {
 class Run:
     """One run of a sweep: a variant at a seed, its overrides, resolved config and directory."""
 
-    def __init__(self, variant: str, seed: int, overrides: dict, config, workdir: pathlib.Path):
+    def __init__(self, variant: str, seed: int, overrides: dict, config, workdir: epath.Path):
         self.variant, self.seed, self.overrides, self.config, self.workdir = variant, seed, overrides, config, workdir
 
     @property
@@ -101,6 +104,18 @@ class Run:
         """The dsjax.main command line of this run."""
         flags_ = [f'--config.{k}={_flag_value(v)}' for k, v in self.overrides.items()]
         return [python, '-m', 'dsjax.main', f'--config={base}', f'--workdir={self.workdir}', *flags_]
+
+    def local_log(self) -> pathlib.Path:
+        """Where the run's output is written as it runs: log.txt in its directory, or for a remote one a
+        local file copied there when the run ends (object stores cannot append)."""
+        if not workdir_lib.is_remote(self.workdir):
+            return pathlib.Path(self.workdir) / 'log.txt'
+        local = pathlib.Path(tempfile.gettempdir()) / 'dsjax_sweep' / str(self.workdir).replace('://', '/') / 'log.txt'
+        local.parent.mkdir(parents=True, exist_ok=True)
+        remote = self.workdir / 'log.txt'
+        if remote.exists() and not local.exists():
+            local.write_text(remote.read_text())
+        return local
 
     def finished_step(self) -> int | None:
         """The newest complete checkpoint step in the run directory (None: never checkpointed)."""
@@ -242,7 +257,7 @@ def plan(sweep: dict, workdir, num_devices: int | None = None) -> list[Run]:
                 stages.validate(c, num_devices)
             except config_lib.ConfigError as e:
                 raise SweepError(f'{where}: {e}') from e
-            workdir_ = pathlib.Path(workdir) / _slug(name) / f'seed_{seed}'
+            workdir_ = epath.Path(workdir) / _slug(name) / f'seed_{seed}'
             if workdir_ in dirs:
                 raise SweepError(f'{where}: two runs would share the directory {workdir_}; give the variants '
                                  'distinct names')
@@ -282,17 +297,20 @@ def execute(runs: list[Run], base: str) -> None:
                   flush=True)
             run.workdir.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            with open(run.workdir / 'log.txt', 'a') as log:
+            log_path = run.local_log()
+            with open(log_path, 'a') as log:
                 # A session of its own: a terminal's Ctrl-C reaches the sweep, which forwards it once
                 # (a second signal would stop the run without saving).
                 child = subprocess.Popen(run.command(base, sys.executable), stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
                 child.wait()
+            if workdir_lib.is_remote(run.workdir):
+                (run.workdir / 'log.txt').write_text(log_path.read_text())
             if received:
                 raise SweepError(f'{progress}: stopped by signal {signal.Signals(received[0]).name} at step '
                                  f'{run.finished_step()}; rerun the same command to resume')
             if not run.finished:
-                tail = (run.workdir / 'log.txt').read_text().splitlines()[-15:]
+                tail = log_path.read_text().splitlines()[-15:]
                 raise SweepError(f'{progress}: exited with code {child.returncode} before step '
                                  f'{run.config.train.steps}; the end of {run.workdir}/log.txt:\n' + '\n'.join(tail))
             print(f'{progress}: done in {time.perf_counter() - start:.0f} s', flush=True)
@@ -329,26 +347,21 @@ def _fmt(x: float) -> str:
     return f'{x:.3f}' if abs(x) < 10 else f'{x:.2f}'
 
 
-def write_report(runs: list[Run], sweep: dict, workdir, title: str) -> pathlib.Path:
-    """Tables (markdown, CSV) and plots of finished runs into `workdir`; returns report.md's path."""
-    workdir = pathlib.Path(workdir)
+def write_report(runs: list[Run], sweep: dict, workdir, title: str) -> epath.Path:
+    """Tables (markdown, CSV) and plots of finished runs into `workdir` (local or remote); returns
+    report.md's path."""
+    workdir = epath.Path(workdir)
     metrics = list(sweep.get('metrics', ['val_loss']))
     values = {id(r): final_metrics(r, metrics) for r in runs}
     variants = list(dict.fromkeys(r.variant for r in runs))
     by_variant = {v: [r for r in runs if r.variant == v] for v in variants}
 
-    with open(workdir / 'runs.csv', 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['variant', 'seed', *metrics, 'workdir'])
-        for r in runs:
-            row = [values[id(r)][m] for m in metrics]
-            w.writerow([r.variant, r.seed, *row, os.path.relpath(r.workdir, workdir)])
+    _write_csv(workdir / 'runs.csv', ['variant', 'seed', *metrics, 'workdir'],
+               [[r.variant, r.seed, *(values[id(r)][m] for m in metrics), r.workdir.relative_to(workdir)]
+                for r in runs])
     summary = {v: {m: _spread([values[id(r)][m] for r in rs]) for m in metrics} for v, rs in by_variant.items()}
-    with open(workdir / 'summary.csv', 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['variant', 'seeds', *(f'{m}_{s}' for m in metrics for s in ('mean', 'std'))])
-        for v in variants:
-            w.writerow([v, len(by_variant[v]), *(x for m in metrics for x in summary[v][m])])
+    _write_csv(workdir / 'summary.csv', ['variant', 'seeds', *(f'{m}_{s}' for m in metrics for s in ('mean', 'std'))],
+               [[v, len(by_variant[v]), *(x for m in metrics for x in summary[v][m])] for v in variants])
 
     seeds = sorted({r.seed for r in runs})
     lines = [f'# {title}', '', f'Base `{sweep["base"]}`; {len(variants)} variants x {len(seeds)} seeds '
@@ -376,7 +389,13 @@ def write_report(runs: list[Run], sweep: dict, workdir, title: str) -> pathlib.P
     return out
 
 
-def _plot_losses(runs: list[Run], colors: dict, out: pathlib.Path, title: str) -> None:
+def _write_csv(path: epath.Path, header: list, rows: list[list]) -> None:
+    text = io.StringIO()
+    csv.writer(text).writerows([header, *rows])
+    path.write_text(text.getvalue())
+
+
+def _plot_losses(runs: list[Run], colors: dict, out: epath.Path, title: str) -> None:
     """Train loss (thin) and validation loss (markers) of every run, one colour per variant."""
     fig = Figure(figsize=(13, 4.5))
     ax_train, ax_val = fig.subplots(1, 2)
@@ -396,10 +415,10 @@ def _plot_losses(runs: list[Run], colors: dict, out: pathlib.Path, title: str) -
     ax_val.set_ylim(top=min(ax_val.get_ylim()[1], ax_train.get_ylim()[1]))
     fig.suptitle(f'{title}: every seed drawn')
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    report_lib.save_png(fig, out)
 
 
-def _plot_metrics(runs: list[Run], values: dict, metrics: list[str], colors: dict, out: pathlib.Path,
+def _plot_metrics(runs: list[Run], values: dict, metrics: list[str], colors: dict, out: epath.Path,
                   title: str) -> None:
     """One bar per run for each metric, grouped and coloured by variant."""
     fig = Figure(figsize=(max(5.0, 0.45 * len(runs)) * len(metrics) ** 0.5 + 2, 4.5))
@@ -417,10 +436,10 @@ def _plot_metrics(runs: list[Run], values: dict, metrics: list[str], colors: dic
         ax.grid(alpha=0.3, axis='y')
     fig.suptitle(f'{title}: final values')
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    report_lib.save_png(fig, out)
 
 
-def _plot_expert_load(by_variant: dict, out: pathlib.Path, title: str) -> bool:
+def _plot_expert_load(by_variant: dict, out: epath.Path, title: str) -> bool:
     """Validation load / mean load per MoE layer and expert at the final step, the first seed of each
     MoE variant; False when no run is MoE."""
     loads = {}
@@ -442,12 +461,12 @@ def _plot_expert_load(by_variant: dict, out: pathlib.Path, title: str) -> bool:
         ax.set_yticks(range(load.shape[0]))
     fig.colorbar(im, ax=axes[0].tolist(), label='load / mean load (1 = balanced)')
     fig.suptitle(f'{title}: validation expert load', y=1.02)
-    fig.savefig(out, dpi=90, bbox_inches='tight')
+    report_lib.save_png(fig, out, bbox_inches='tight')
     return True
 
 
 def main():
-    config, workdir = flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir)
+    config, workdir = flags.FLAGS.config, workdir_lib.resolve(flags.FLAGS.workdir)
     sweep = load_sweep(config)
     runs = plan(sweep, workdir)
     if flags.FLAGS['print'].value:
@@ -467,4 +486,4 @@ if __name__ == '__main__':
     flags.DEFINE_string('config', None, 'Sweep file, e.g. experiments/sweeps/balancing.py.', required=True)
     flags.DEFINE_string('workdir', None, 'Sweep directory: one subdirectory per run, and the report.', required=True)
     flags.DEFINE_bool('print', False, 'Print one shell command per run instead of running them.')
-    cli.run(main, errors=(SweepError,))
+    cli.run(main, errors=(SweepError, workdir_lib.WorkdirError))

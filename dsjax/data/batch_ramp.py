@@ -61,7 +61,9 @@ class BatchRamp:
         return jnp.where(step < n, table[jnp.clip(step, 0, n)], after)
 
 
-def fixed(data_cfg) -> BatchRamp:
-    """The clock of a run at a fixed `data.batch_size` from its first step (no ramp)."""
-    return BatchRamp(start=data_cfg.batch_size, end=data_cfg.batch_size, tokens=0.0, granule=1,
+def from_config(data_cfg, micro_batches: int = 1) -> BatchRamp:
+    """The ramp of `config.data` (batch_ramp_start -> batch_size over batch_ramp_tokens; none when the start
+    is 0), growing by whole micro-batches of batch_size / micro_batches rows."""
+    return BatchRamp(start=data_cfg.batch_ramp_start or data_cfg.batch_size, end=data_cfg.batch_size,
+                     tokens=float(data_cfg.batch_ramp_tokens), granule=data_cfg.batch_size // micro_batches,
                      seq_len=data_cfg.seq_len)

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from dsjax.data.corpus import DataError
+from dsjax.data.corpus import DataError, jsonl_records
 from dsjax.data.tasks import R1_ZERO_TEMPLATE
 
 ROLES = ('system', 'user', 'assistant')
@@ -149,20 +149,14 @@ def read_conversations(path) -> list[list[dict]]:
     """Every conversation of a JSONL file (see the module docstring), in file order."""
     path = pathlib.Path(path)
     try:
-        lines = path.read_text(encoding='utf-8').splitlines()
+        text = path.read_text(encoding='utf-8')
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f'cannot read the conversations file {path}: {e}') from e
     conversations = []
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f'{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})') from e
+    for where, _, record in jsonl_records(text, path):
         if not isinstance(record, dict) or 'messages' not in record:
-            raise DataError(f'{path}:{line_no}: expected an object with a "messages" list')
-        conversations.append(check_conversation(record['messages'], f'{path}:{line_no}'))
+            raise DataError(f'{where}: expected an object with a "messages" list')
+        conversations.append(check_conversation(record['messages'], where))
     return conversations
 
 

@@ -241,23 +241,28 @@ def _read_text(path: pathlib.Path, counts: _Counts) -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def _read_jsonl(path: pathlib.Path, name: str, field: str, counts: _Counts) -> Iterator[Document]:
-    """Yields one document per JSONL record; a bad line is an error naming file and line."""
-    text = _read_text(path, counts)
+def jsonl_records(text: str, path) -> Iterator[tuple[str, int, object]]:
+    """(`path:line`, line number, the parsed JSON value) of each non-blank line of a JSONL file's text; a
+    line that is not JSON is an error naming file and line. Every JSONL reader of dsjax goes through here."""
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue  # Blank lines (e.g. a trailing newline) are not records.
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: malformed JSON line ({e.msg})") from e
+            raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from e
+        yield f"{path}:{line_no}", line_no, record
+
+
+def _read_jsonl(path: pathlib.Path, name: str, field: str, counts: _Counts) -> Iterator[Document]:
+    """Yields one document per JSONL record; a bad line is an error naming file and line."""
+    for where, line_no, record in jsonl_records(_read_text(path, counts), path):
         if not isinstance(record, dict) or field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(
-                f"{path}:{line_no}: record has no field data.jsonl_field={field!r} (found: {keys})")
+            raise DataError(f"{where}: record has no field data.jsonl_field={field!r} (found: {keys})")
         value = record[field]
         if not isinstance(value, str):
-            raise DataError(f"{path}:{line_no}: field data.jsonl_field={field!r} must hold a string, "
+            raise DataError(f"{where}: field data.jsonl_field={field!r} must hold a string, "
                             f"got {type(value).__name__}")
         if not value:
             counts.empty_records += 1

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import grain
 import numpy as np
 
-from dsjax.data import array_records, corpus, fim
+from dsjax.data import array_records, batch_ramp, corpus, fim
 from dsjax.data.tokenizer import Tokenizer
 
 FIELDS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -62,7 +62,8 @@ def make_train_iterator(data_cfg,
                         tokenizer: Tokenizer,
                         *,
                         process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+                        process_count: int = 1,
+                        micro_batches: int = 1) -> grain.DatasetIterator:
     """An endless, checkpointable iterator over this host's training batches.
 
   Args:
@@ -70,6 +71,8 @@ def make_train_iterator(data_cfg,
     tokenizer: encodes the documents.
     process_index: this host's index, in [0, process_count).
     process_count: the number of hosts; must divide `data.batch_size`.
+    micro_batches: train.micro_batches; with V3's batch ramp (data.batch_ramp_start > 0) a step's rows fill
+      its first micro-batches and the rest are padding (micro-batch m holds rows m, m + M, ...).
 
   Returns:
     A grain DatasetIterator (get_state/set_state) yielding dicts of FIELDS,
@@ -98,7 +101,13 @@ def make_train_iterator(data_cfg,
         # Checkpointable: the state is the packer's state at the window's start plus the position in it.
         rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=data_cfg.shuffle_window,
                                                            seed=data_cfg.shuffle_seed)
-    return iter(rows.batch(rows_per_host))
+    if not data_cfg.batch_ramp_start:
+        return iter(rows.batch(rows_per_host))
+    if rows_per_host % micro_batches:
+        raise corpus.DataError(f"the batch ramp needs each host's data.batch_size / {process_count} = {rows_per_host} "
+                               f"rows to split into train.micro_batches={micro_batches}")
+    return _RampBatchIterator(iter(rows), batch_ramp.from_config(data_cfg, micro_batches), rows_per_host,
+                              micro_batches, data_cfg.seq_len)
 
 
 def make_eval_batches(data_cfg,
@@ -283,3 +292,30 @@ class _PackIterator(grain.DatasetIterator):
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
         self._packer = _RowPacker(self._packer.seq_len, offset=state["offset"], document_mask=self._packer.document_mask)
+
+
+class _RampBatchIterator(grain.DatasetIterator):
+    """This host's batches under V3's batch ramp: each step takes its share of the ramp's rows from the packed
+    stream and lays them into the micro-batches the step computes (rows r with r % M < k, k the ramp's
+    micro-batches that step), padding the rest, which the step skips. State: the rows' state and the step."""
+
+    def __init__(self, parent: grain.DatasetIterator, ramp, rows_per_host: int, micro_batches: int, seq_len: int):
+        super().__init__(parent)
+        self._ramp, self._rows, self._micro, self._seq_len = ramp, rows_per_host, micro_batches, seq_len
+        self._step = 0
+
+    def __next__(self) -> dict:
+        active = self._ramp.batch_size(self._step) * self._micro // self._ramp.end
+        rows = [_empty_row(self._seq_len)] * self._rows
+        for slot in range(self._rows):
+            if slot % self._micro < active:
+                rows[slot] = next(self._parent)
+        self._step += 1
+        return _stack(rows)
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "step": self._step}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._step = state["step"]

@@ -332,13 +332,16 @@ def _capacity_experts(x_AxD, expert_A, priority_A, gate_ExDxF, up_ExDxF, down_Ex
         return jnp.pad(y_ExCxD, ((0, 0), (0, 1), (0, 0)))[expert_A, slot_A], kept_A
 
 
-def dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
-    """Fixed per-expert buffers [E, C, D] and batched einsums; overflow (lowest gates) is dropped.
+def dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False,
+                      priority_TxK=None):
+    """Fixed per-expert buffers [E, C, D] and batched einsums; overflow (lowest priority: by default the
+    gate) is dropped.
 
     Returns the output and the fraction of assignments dropped.
     """
     t, k = idx_TxK.shape
-    y_AxD, kept_A = _capacity_experts(jnp.repeat(x_TxD, k, axis=0), idx_TxK.reshape(-1), weights_TxK.reshape(-1),
+    priority_TxK = weights_TxK if priority_TxK is None else priority_TxK
+    y_AxD, kept_A = _capacity_experts(jnp.repeat(x_TxD, k, axis=0), idx_TxK.reshape(-1), priority_TxK.reshape(-1),
                                       gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=fp8)
     y_TxD = jnp.einsum('TKD,TK->TD', y_AxD.reshape(t, k, -1), weights_TxK.astype(y_AxD.dtype))
     return y_TxD, 1.0 - kept_A.mean()
@@ -359,7 +362,8 @@ def expert_parallel_buffers(capacity: int, tokens: int, t: int, n: int, e_local:
     return rows, min(n * rows, math.ceil(n * share))
 
 
-def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False):
+def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False,
+                             priority_TxK=None):
     """Experts split over the mesh's `expert` axis (N shards); assignments travel by all_to_all.
 
     Uses the mesh set by `jax.set_mesh`; tokens stay split over the batch axes, so each shard routes
@@ -376,16 +380,18 @@ def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, 
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     shards = 0 if mesh.empty else math.prod(mesh.shape[a] for a in batch_axes)
     if mesh.empty or 'expert' not in mesh.axis_names or tokens % shards:
-        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8)
+        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8,
+                                 priority_TxK)
+    priority_TxK = weights_TxK if priority_TxK is None else priority_TxK
     n = mesh.shape['expert']
     if e % n:
         raise ValueError(f'expert_parallel needs mesh.expert={n} to divide the {e} experts')
     t, e_local = tokens // shards, e // n
     rows, slots = expert_parallel_buffers(capacity, tokens, t, n, e_local, k)
 
-    def local(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD):
+    def local(x_TxD, weights_TxK, priority_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD):
         dest_A, expert_A = jnp.divmod(idx_TxK.reshape(-1), e_local)
-        priority_A = jax.lax.stop_gradient(weights_TxK.reshape(-1))
+        priority_A = jax.lax.stop_gradient(priority_TxK.reshape(-1))
         slot_A = _slots(dest_A, priority_A, n)
         sent_A = slot_A < rows
         # What finds no row goes to a scratch row (index `rows`) that is never sent.
@@ -410,8 +416,9 @@ def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, 
         return y_TxD, jax.lax.psum(dropped, batch_axes)
 
     tok, exp = P(batch_axes), P('expert')
-    y_TxD, dropped = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()))(
-        x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD)
+    y_TxD, dropped = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, tok, exp, exp, exp),
+                                   out_specs=(tok, P()))(x_TxD, weights_TxK, priority_TxK, idx_TxK, gate_ExDxF, up_ExDxF,
+                                                         down_ExFxD)
     return y_TxD, dropped / (tokens * k)
 
 
@@ -486,10 +493,13 @@ DISPATCH = {
     'dense': dispatch_dense,
     'ragged': dispatch_ragged,
     'grouped': dispatch_grouped,
-    'gather': dispatch_gather,
+    'gather': dispatch_gather,  # chosen by inference_dispatch, not by config: training would gather [T, K, D, F]
     'capacity': dispatch_capacity,
     'expert_parallel': dispatch_expert_parallel,
 }
+
+
+DROPPING = ('capacity', 'expert_parallel')  # the dispatches that drop over capacity (take `priority_TxK`)
 
 
 def resolve_dispatch(name: str, capacity_factor: float, backend: str | None = None) -> str:
@@ -522,6 +532,19 @@ def inference_dispatch(name: str, assignments: int, num_experts: int, backend: s
 def _experts_split() -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     return not mesh.empty and mesh.shape.get('expert', 1) > 1
+
+
+def drop_priority(gates_TxK, mask_BxL, cfg: ModelConfig):
+    """Who keeps a slot when capacity runs out: the gate, raised above every gate (gates are at most
+    routed_scaling_factor) for the real tokens of every round(1 / never_drop_fraction)-th row (V2's ~10% of
+    sequences that are never dropped). float32, no gradient."""
+    priority_TxK = jax.lax.stop_gradient(gates_TxK).astype(jnp.float32)
+    if not cfg.never_drop_fraction:
+        return priority_TxK
+    b = mask_BxL.shape[0]
+    period = max(1, round(1 / cfg.never_drop_fraction))
+    protected_BxL = (jnp.arange(b) % period == 0)[:, None] & (mask_BxL > 0)
+    return priority_TxK + protected_BxL.reshape(-1, 1) * (cfg.routed_scaling_factor + 1.0)
 
 
 def capacity_per_expert(tokens: int, cfg: ModelConfig) -> int:
@@ -567,7 +590,9 @@ class MoE(nn.Module):
         # Padding gets zero gates: capacity is filled highest gate first, so padding can never push a
         # real token out of an expert (its output is unused anyway).
         gates_TxK = (weights_TxK * mask_BxL.reshape(-1, 1)).astype(x_TxD.dtype)
-        y_TxD, dropped = dispatch(x_TxD, gates_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, cfg.fp8)
+        prioritised = {'priority_TxK': drop_priority(gates_TxK, mask_BxL, cfg)} if name in DROPPING else {}
+        y_TxD, dropped = dispatch(x_TxD, gates_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, cfg.fp8,
+                                  **prioritised)
         y_BxLxD = y_TxD.reshape(b, length, d)
         if cfg.n_shared_experts:
             y_BxLxD = y_BxLxD + MLP(cfg, width=cfg.n_shared_experts * f, name='shared')(x_BxLxD)

@@ -16,7 +16,6 @@ the accuracy gap between those two stages (e.g. a distilled student's, between t
 trained alone and its teacher).
 """
 import json
-import pathlib
 import re
 import time
 
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from dsjax.data import tasks
 from dsjax.infer import loading
@@ -106,7 +106,7 @@ def evaluate_run(run_dir, e, samples: int = 1, temperature: float = 0.0, top_p: 
 
 def evaluate_stage(name: str, stage_dir, e) -> dict:
     """`evaluate_run` of one stage, cached in its directory."""
-    path = pathlib.Path(stage_dir) / EVAL_FILE
+    path = epath.Path(stage_dir) / EVAL_FILE
     if path.exists():
         return json.loads(path.read_text())
     result = evaluate_run(stage_dir, e)
@@ -137,7 +137,8 @@ def write_table(workdir, rows: dict, wall: dict, gap=()) -> str:
         cells = [f'{r[c]:.3f}' if c in r else '' for c in columns]
         lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {wall.get(name, float("nan")):.0f} |')
     text = '\n'.join(lines) + '\n'
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(workdir) / 'table.md').write_text(text)
-    (pathlib.Path(workdir) / 'table.json').write_text(json.dumps({'stages': rows, 'wall_s': wall}, indent=2))
+    workdir = epath.Path(workdir)  # local or remote (gs://, s3://)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'table.md').write_text(text)
+    (workdir / 'table.json').write_text(json.dumps({'stages': rows, 'wall_s': wall}, indent=2))
     return text

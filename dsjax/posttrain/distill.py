@@ -116,7 +116,7 @@ def build_stage(setup: loop.Setup) -> loop.Stage:
     base = sft.build_stage(setup)
     d = config.distill
     step = step_lib.make_accumulating_step(make_loss_fn(base.model, float(d.beta), d.temperature, d.ce_weight),
-                                           setup.apply_gradients, config.sft.micro_batches)
+                                           setup.apply_gradients, config.train.micro_batches)
     return loop.Stage(model=base.model, train_step=step,
                       train_iter=WithTeacherLogits(base.train_iter, make_teacher_logits(teacher)),
                       eval_step=base.eval_step, eval_batches=base.eval_batches)

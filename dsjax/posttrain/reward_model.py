@@ -112,6 +112,22 @@ def _pad_pair(seqs, seq_len: int, weight: float = 1.0) -> dict:
             'pair_weight': np.float32(weight)}
 
 
+def pair_batches(train: list[dict], val: list[dict], empty: dict, config, proc: dict):
+    """This host's batches of pair rows: the training pairs shuffled and repeated (a grain MapDataset of
+    batches: batch i is `dataset[i]`), and up to train.eval_batches fixed validation batches, the last
+    filled with `empty` (pair_weight 0)."""
+    d = config.data
+    per_host = d.batch_size // proc['process_count']
+    mine = train[proc['process_index']::proc['process_count']] or train
+    train_batches = grain.MapDataset.source(mine).shuffle(seed=d.shuffle_seed).repeat().batch(per_host,
+                                                                                              batch_fn=_stack)
+    val = val[:config.train.eval_batches * d.batch_size]
+    val += [empty] * (-len(val) % d.batch_size)
+    start = proc['process_index'] * per_host
+    return train_batches, [_stack(val[b:b + d.batch_size][start:start + per_host])
+                           for b in range(0, len(val), d.batch_size)]
+
+
 def _stack(rows):
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -166,14 +182,19 @@ def start_from(path, model_cfg, abstract_state):
     return restored['params'], restored.get('buffers')
 
 
+def validate_pairs(config, section: str) -> None:
+    """Raises ConfigError naming the first bad field of a section of preference pairs (reward, dpo)."""
+    s = config[section]
+    config_lib.parse_task_entries(s.tasks, f'{section}.tasks')
+    for f in ('pairs', 'val_pairs'):
+        if not (isinstance(s[f], int) and s[f] > 0):
+            config_lib.fail(f'{section}.{f}', s[f], 'must be a positive integer')
+
+
 def validate(config, num_devices: int) -> None:
     """Raises ConfigError naming the first bad `reward.*` field (`num_devices`: the stage-check interface's)."""
     del num_devices
-    r = config.reward
-    config_lib.parse_task_entries(r.tasks, 'reward.tasks')
-    for f in ('pairs', 'val_pairs'):
-        if not (isinstance(r[f], int) and r[f] > 0):
-            config_lib.fail(f'reward.{f}', r[f], 'must be a positive integer')
+    validate_pairs(config, 'reward')
     if config.model.num_nextn_predict_layers:
         config_lib.fail('model.num_nextn_predict_layers', config.model.num_nextn_predict_layers,
                         'a reward model has no use for MTP: set it to 0')
@@ -188,18 +209,10 @@ def build_stage(setup: loop.Setup) -> loop.Stage:
                       d.seq_len, r.seed)
     val = pair_rows(setup.tokenizer, tasks.task_problems(r.tasks, 'test', r.val_pairs, r.seed, 'reward.tasks'),
                     d.seq_len, r.seed + 1)
-    per_host = d.batch_size // proc['process_count']
-    mine = train[proc['process_index']::proc['process_count']] or train
-    train_iter = iter(grain.MapDataset.source(mine).shuffle(seed=d.shuffle_seed).repeat().batch(per_host,
-                                                                                              batch_fn=_stack))
-    val = val[:config.train.eval_batches * d.batch_size]
-    empty = {**_pad_pair([[], []], d.seq_len, 0.0)}
-    val += [empty] * (-len(val) % d.batch_size)
-    start = proc['process_index'] * per_host
-    eval_batches = [_stack(val[b:b + d.batch_size][start:start + per_host]) for b in range(0, len(val), d.batch_size)]
+    train_batches, eval_batches = pair_batches(train, val, _pad_pair([[], []], d.seq_len, 0.0), config, proc)
     step = step_lib.make_accumulating_step(make_loss_fn(model, r.margin), setup.apply_gradients,
-                                           normaliser='pair_weight')
-    return loop.Stage(model=model, train_step=step, train_iter=train_iter, eval_step=make_eval_step(model, r.margin),
+                                           config.train.micro_batches, normaliser='pair_weight')
+    return loop.Stage(model=model, train_step=step, train_iter=iter(train_batches), eval_step=make_eval_step(model, r.margin),
                       eval_batches=eval_batches, summarize=summarize, start_from=start_from)
 
 

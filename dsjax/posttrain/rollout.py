@@ -10,14 +10,13 @@ Prompt rows (what GRPO batches): dicts with 'prompt' and any fields a reward fun
 task problems give rows {'prompt': problem.prompt, 'problem': the Problem}, a user's JSONL file one row per
 line ({"prompt": ...} or {"messages": [...]}, plus its other fields).
 """
-import json
 import pathlib
 
 import jax
 import numpy as np
 
 from dsjax.data import chat, tasks
-from dsjax.data.corpus import DataError
+from dsjax.data.corpus import DataError, jsonl_records
 from dsjax.infer import decode
 from dsjax.infer.sampling import SamplingConfig
 
@@ -51,18 +50,11 @@ def read_prompt_rows(path) -> list[dict]:
     turn}, plus any other fields; errors name the file and line."""
     path = pathlib.Path(path)
     try:
-        lines = path.read_text(encoding='utf-8').splitlines()
+        text = path.read_text(encoding='utf-8')
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f'grpo.paths: cannot read the prompt file {path}: {e}') from e
     rows = []
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f'{path}:{line_no}'
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f'{where}: not valid JSON ({e.msg} at column {e.colno})') from e
+    for where, _, row in jsonl_records(text, path):
         if not isinstance(row, dict) or ('prompt' in row) == ('messages' in row):
             raise DataError(f'{where}: expected an object with a "prompt" string or a "messages" list (one of them)')
         if 'messages' in row:

@@ -9,7 +9,7 @@ for training, test split for validation). `sft.template` is 'chat' (dsjax/data/c
 `init.checkpoint`.
 
 The step is `dsjax.train.step.make_accumulating_step` with the masked cross-entropy normalised by the
-whole batch's assistant-token count, so `sft.micro_batches` > 1 trains exactly as one big batch.
+whole batch's assistant-token count, so `train.micro_batches` > 1 trains exactly as one big batch.
 """
 from absl import logging
 import grain
@@ -54,9 +54,6 @@ def validate(config, num_devices: int) -> None:
         for f in ('examples', 'val_examples'):
             if not (isinstance(s[f], int) and s[f] > 0):
                 config_lib.fail(f'sft.{f}', s[f], 'must be a positive integer')
-    m = s.micro_batches
-    if not (isinstance(m, int) and m > 0 and config.data.batch_size % m == 0):
-        config_lib.fail('sft.micro_batches', m, f'must be a positive divisor of data.batch_size={config.data.batch_size}')
 
 
 def load_conversations(config, split: str) -> list[list[dict]]:
@@ -129,7 +126,7 @@ def build_stage(setup: loop.Setup) -> loop.Stage:
     train_rows = packed_rows(tokenizer, load_conversations(config, 'train'), d.seq_len, 'training set', t)
     val_rows = packed_rows(tokenizer, load_conversations(config, 'validation'), d.seq_len, 'validation set', t)
     logging.info('SFT: %d training rows, %d validation rows of %d tokens', len(train_rows), len(val_rows), d.seq_len)
-    step = step_lib.make_accumulating_step(make_loss_fn(model), setup.apply_gradients, config.sft.micro_batches)
+    step = step_lib.make_accumulating_step(make_loss_fn(model), setup.apply_gradients, config.train.micro_batches)
     return loop.Stage(model=model, train_step=step,
                       train_iter=train_iterator(train_rows, d.batch_size, d.shuffle_seed, **proc),
                       eval_step=step_lib.make_eval_step(model),

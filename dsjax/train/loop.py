@@ -66,9 +66,10 @@ def build_state_fns(model, optimizer, mesh, seq_len: int):
     return init, sharding.sharded_shapes(boxed, mesh), shardings
 
 
-def optimizer_tail(config):
-    """The run's optimizer and the one tail every stage's step ends with (step.make_apply_gradients)."""
-    tokens_before = batch_ramp.fixed(config.data).tokens_before_traced  # the clock of optim.schedule='phases'
+def optimizer_tail(config, ramp):
+    """The run's optimizer and the one tail every stage's step ends with (step.make_apply_gradients);
+    `ramp` (batch_ramp) gives the token clock of optim.schedule='phases'."""
+    tokens_before = ramp.tokens_before_traced
     optimizer = optim.make_optimizer(config.optim, tokens_before=tokens_before)
     return optimizer, step_lib.make_apply_gradients(optimizer, optim.make_schedule(config.optim, tokens_before),
                                                     config.train)
@@ -182,7 +183,8 @@ def pretrain_stage(setup: Setup) -> Stage:
     return Stage(
         model=model,
         train_step=step_lib.make_train_step(model, setup.apply_gradients, config.train),
-        train_iter=pipeline.make_train_iterator(config.data, setup.tokenizer, **setup.proc),
+        train_iter=pipeline.make_train_iterator(config.data, setup.tokenizer, micro_batches=config.train.micro_batches,
+                                                **setup.proc),
         eval_step=step_lib.make_eval_step(model),
         eval_batches=pipeline.make_eval_batches(config.data, setup.tokenizer, num_batches=config.train.eval_batches,
                                                 **setup.proc))
@@ -208,7 +210,9 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
         raise config_lib.ConfigError(
             f'config.model.vocab_size={model_cfg.vocab_size} is invalid: the tokenizer has '
             f'{tokenizer.vocab_size} tokens')
-    optimizer, apply_gradients = optimizer_tail(config)
+    # Sequences per step (V3's batch ramp, else data.batch_size): the clock of optim.schedule='phases'.
+    ramp = batch_ramp.from_config(config.data, config.train.micro_batches)
+    optimizer, apply_gradients = optimizer_tail(config, ramp)
     stage = build_stage(Setup(config, model_cfg, tokenizer, mesh, apply_gradients, jax.process_index(),
                               jax.process_count()))
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
@@ -249,10 +253,11 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                 return stage.batch_source(state, step)
             return sharding.global_batch(next(stage.train_iter), mesh), {}
 
-        # Throughput of fixed-shape batches; a batch source reports its own (e.g. generated tokens/s).
-        tokens_per_step = config.data.batch_size * config.data.seq_len if stage.train_iter is not None else 0
-        flops_per_step = flops.train_flops_per_token(model_cfg, config.data.seq_len) * tokens_per_step
-        peak = (tcfg.peak_flops or flops.measured_matmul_peak(model_cfg.dtype)) if tokens_per_step else 0.0
+        # Throughput of the data iterator's batches (the ramp's sizes); a batch source reports its own (e.g.
+        # generated tokens/s).
+        counts_tokens = stage.train_iter is not None
+        flops_per_token = flops.train_flops_per_token(model_cfg, config.data.seq_len)
+        peak = (tcfg.peak_flops or flops.measured_matmul_peak(model_cfg.dtype)) if counts_tokens else 0.0
         metrics_log = logger.MetricsLogger(workdir, total_steps=tcfg.steps,
                                            enable_progress=tcfg.progress_bar and jax.process_index() == 0)
         stop = preemption.StopSignal()
@@ -273,11 +278,12 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                 if not log_it:
                     return None
                 now = time.perf_counter()
-                elapsed, n = now - clock['t'], done - clock['step']
+                elapsed = now - clock['t']
                 host = {**batch_metrics, **host, 'ppl': float(np.exp(min(host['loss'], 50.0)))}
-                if tokens_per_step:
-                    host['tokens_per_s'] = n * tokens_per_step / elapsed
-                    host['mfu'] = n * flops_per_step / elapsed / peak
+                if counts_tokens:
+                    tokens = ramp.tokens_before(done) - ramp.tokens_before(clock['step'])
+                    host['tokens_per_s'] = tokens / elapsed
+                    host['mfu'] = tokens * flops_per_token / elapsed / peak
                 # Share of the wall time spent waiting for batches (0 when the pipeline keeps up; a
                 # batch source's generation time otherwise).
                 host['data_wait_frac'] = (waited - clock['data_wait']) / elapsed

@@ -47,16 +47,16 @@ def mtp_targets(targets_BxL, weights_BxL, depth: int):
     return shift(targets_BxL, depth), w
 
 
-def mtp_loss(mtp_hidden_DxBxLxD, head_DxV, targets_BxL, weights_BxL):
-    """(1/D) sum_k of the depth-k mean cross-entropy (the spec's L_MTP before lambda), from each depth's
-    normed hidden state through the shared output head."""
-    depths = mtp_hidden_DxBxLxD.shape[0]
-    total = 0.0
-    for k in range(depths):
+def mtp_cross_entropy(mtp_hidden_DxBxLxD, head_DxV, targets_BxL, weights_BxL):
+    """Each MTP depth's summed cross-entropy and summed weight [D] (the spec's L_MTP before lambda is the
+    mean over depths of their ratio), from each depth's normed hidden state through the shared head."""
+    sums, counts = [], []
+    for k in range(mtp_hidden_DxBxLxD.shape[0]):
         t, w = mtp_targets(targets_BxL, weights_BxL, k + 1)
         loss_sum, weight_sum = head_cross_entropy(mtp_hidden_DxBxLxD[k], head_DxV, t, w)
-        total += loss_sum / jnp.maximum(weight_sum, 1.0)
-    return total / depths
+        sums.append(loss_sum)
+        counts.append(weight_sum)
+    return jnp.stack(sums), jnp.stack(counts)
 
 
 def chunk_length(batch: int, length: int, vocab: int) -> int:

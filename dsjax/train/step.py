@@ -45,19 +45,39 @@ def keep_if_finite(finite, new, old):
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
-def pretrain_loss(model, params, buffers, batch, rng, mtp_weight):
-    """The pre-training objective: mean next-token cross-entropy (through the chunked head, so the
-    [B, L, V] logits never exist whole) + the MoE balance losses + mtp_weight * the MTP loss.
-    Returns (total, (ce, mtp, tokens, aux))."""
-    hidden, aux = _apply(model, params, buffers, batch, deterministic=False, rng=rng, apply_head=False)
-    loss_sum, tokens = losses.head_cross_entropy(hidden, aux['head'], batch['targets'], batch['weights'])
-    ce = loss_sum / jnp.maximum(tokens, 1.0)
-    total = ce + aux['balance_loss']
-    mtp = jnp.zeros((), jnp.float32)
-    if 'mtp_hidden' in aux:
-        mtp = losses.mtp_loss(aux['mtp_hidden'], aux['head'], batch['targets'], batch['weights'])
-        total = total + mtp_weight * mtp
-    return total, (ce, mtp, tokens, aux)
+def pretrain_denominators(batch, mtp_depths: int) -> dict:
+    """What a micro-batch's pre-training losses are divided by, for the whole batch: its target tokens,
+    each MTP depth's targets, and its real rows (sequences with any target: the balance losses average
+    over sequences)."""
+    weights_BxL = batch['weights'].astype(jnp.float32)
+    mtp = [losses.mtp_targets(batch['targets'], weights_BxL, k + 1)[1].sum() for k in range(mtp_depths)]
+    return {'tokens': weights_BxL.sum(), 'mtp_tokens': jnp.asarray(mtp, jnp.float32).reshape(mtp_depths),
+            'rows': (weights_BxL.sum(axis=-1) > 0).sum().astype(jnp.float32)}
+
+
+def make_pretrain_loss(model, mtp_weight):
+    """The pre-training objective as `make_accumulating_step`'s loss_fn: a micro-batch's share of the
+    batch's mean next-token cross-entropy (through the chunked head, so the [B, L, V] logits never exist
+    whole), of its MoE balance losses (means over sequences) and of mtp_weight x its MTP loss (each depth's
+    token mean, averaged over depths). Denominators: `pretrain_denominators` of the whole batch."""
+
+    def loss_fn(params, buffers, batch, denominators, rng):
+        hidden, aux = _apply(model, params, buffers, batch, deterministic=False, rng=rng, apply_head=False)
+        loss_sum, tokens = losses.head_cross_entropy(hidden, aux['head'], batch['targets'], batch['weights'])
+        ce = loss_sum / jnp.maximum(denominators['tokens'], 1.0)
+        # A computed micro-batch is all real rows (the batch ramp pads whole micro-batches, skipped).
+        rows = batch['targets'].shape[0] / jnp.maximum(denominators['rows'], 1.0)
+        mtp = jnp.zeros((), jnp.float32)
+        if 'mtp_hidden' in aux:
+            sums_D, _ = losses.mtp_cross_entropy(aux['mtp_hidden'], aux['head'], batch['targets'], batch['weights'])
+            mtp = jnp.mean(sums_D / jnp.maximum(denominators['mtp_tokens'], 1.0))
+        balance = rows * aux['balance_loss']
+        total = ce + balance + mtp_weight * mtp
+        metrics = {'loss': ce, 'total_loss': total, 'balance_loss': balance, 'mtp_loss': mtp, 'tokens': tokens,
+                   'dropped': rows * aux['dropped']}
+        return total, (metrics, aux['load'])
+
+    return loss_fn
 
 
 def make_apply_gradients(optimizer: optax.GradientTransformation, schedule, train_cfg):
@@ -95,19 +115,16 @@ def make_apply_gradients(optimizer: optax.GradientTransformation, schedule, trai
 
 
 def make_train_step(model, apply_gradients, train_cfg):
-    """The pre-training step(state, batch) -> (state, metrics); jit it with explicit shardings."""
+    """The pre-training step(state, batch) -> (state, metrics), accumulated over train.micro_batches (equal
+    to one step on the whole batch); jit it with explicit shardings."""
+    depths = model.cfg.num_nextn_predict_layers
 
     def step(state: TrainState, batch):
         mtp_weight = _scheduled(train_cfg.mtp_loss_weight, train_cfg.mtp_loss_weight_final,
                                 train_cfg.mtp_weight_switch, state.step, train_cfg.steps)
-        # Randomness is a function of (seed, step), never of how many steps this process has run, so
-        # a resumed run draws exactly what an uninterrupted one does.
-        step_rng = jax.random.fold_in(state.rng, state.step)
-        (total, (ce, mtp, tokens, aux)), grads = jax.value_and_grad(pretrain_loss, argnums=1, has_aux=True)(
-            model, state.params, state.buffers, batch, step_rng, mtp_weight)
-        state, metrics = apply_gradients(state, grads, total, aux['load'])
-        return state, {'loss': ce, 'total_loss': total, 'balance_loss': aux['balance_loss'], 'mtp_loss': mtp,
-                       'tokens': tokens, 'dropped': aux['dropped'], **metrics}
+        accumulate = make_accumulating_step(make_pretrain_loss(model, mtp_weight), apply_gradients,
+                                            train_cfg.micro_batches, lambda b: pretrain_denominators(b, depths))
+        return accumulate(state, batch)
 
     return step
 
@@ -138,35 +155,43 @@ def split_micro_batches(batch, micro_batches: int):
 
 
 def make_accumulating_step(loss_fn, apply_gradients, micro_batches: int = 1, normaliser='weights'):
-    """A training step for the post-training stages: gradients accumulated over micro-batches.
+    """A training step with gradients accumulated over micro-batches (every stage's, pre-training's too).
 
     loss_fn(params, buffers, micro_batch, denominator, rng) -> (loss, (metrics, load)) must return
     the micro-batch's *share* of the big batch's loss: its sum divided by `denominator`, the whole
     batch's total of `batch[normaliser]` (target tokens for SFT and distillation, pairs for reward
-    models). Summing the shares then gives exactly the big batch's loss and gradient. `metrics` are
-    summed over micro-batches (give shares too); `load` (expert load) is summed and moves the routing
-    bias as in pre-training (`apply_gradients`). Returns step(state, batch) -> (state, metrics).
+    models), or `normaliser(batch)` when it is a function (pre-training's several denominators).
+    Summing the shares then gives exactly the big batch's loss and gradient. `metrics` are summed over
+    micro-batches (give shares too); `load` (expert load) is summed and moves the routing bias as in
+    pre-training (`apply_gradients`). A micro-batch whose denominator is 0 (all padding, as the batch
+    ramp leaves the micro-batches it does not use yet) is skipped, not computed. Returns
+    step(state, batch) -> (state, metrics).
     """
+    def denominators(batch):
+        return normaliser(batch) if callable(normaliser) else batch[normaliser].sum().astype(jnp.float32)
 
     def step(state: TrainState, batch):
         step_rng = jax.random.fold_in(state.rng, state.step)
-        denominator = batch[normaliser].sum().astype(jnp.float32)
+        denominator = denominators(batch)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-        def one(carry, indexed):
-            m, micro = indexed
-            (loss, (metrics, load)), grads = grad_fn(state.params, state.buffers, micro, denominator,
-                                                     jax.random.fold_in(step_rng, m))
-            return jax.tree.map(jnp.add, carry, (loss, metrics, load, grads)), None
-
         micro = split_micro_batches(batch, micro_batches)
         first = jax.tree.map(lambda x: x[0], micro)
         shapes = jax.eval_shape(lambda: grad_fn(state.params, state.buffers, first, denominator, step_rng))
-        (_, (metrics0, load0)), grads0 = shapes
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             (shapes[0][0], metrics0, load0, grads0))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], *shapes[0][1], shapes[1]))
+
+        def one(carry, indexed):
+            m, micro = indexed
+
+            def compute():
+                (loss, (metrics, load)), grads = grad_fn(state.params, state.buffers, micro, denominator,
+                                                         jax.random.fold_in(step_rng, m))
+                return loss, metrics, load, grads
+            active = sum(x.sum() for x in jax.tree.leaves(denominators(micro))) > 0
+            return jax.tree.map(jnp.add, carry, jax.lax.cond(active, compute, lambda: zeros)), None
+
         (total, metrics, load, grads), _ = jax.lax.scan(one, zeros, (jnp.arange(micro_batches), micro))
         state, tail = apply_gradients(state, grads, total, load)
-        return state, {'loss': total, **metrics, 'normaliser': denominator, **tail}
+        normalisers = {} if callable(normaliser) else {'normaliser': denominator}
+        return state, {'loss': total, **metrics, **normalisers, **tail}
 
     return step

@@ -149,7 +149,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     write_jsonl(path, [{"text": "ok"}, {"text": "ok"}, '{"text": "unterminated\n'])
     cfg = data_config(source="jsonl", paths=(str(path), ))
-    with pytest.raises(ValueError, match=rf"{path}:3: malformed JSON"):
+    with pytest.raises(ValueError, match=rf"{path}:3: not valid JSON"):
         corpus.load_documents(cfg, "train")
 
 

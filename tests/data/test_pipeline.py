@@ -52,7 +52,9 @@ def data_config(corpus_dir: pathlib.Path, **overrides):
              shuffle_window=1,  # Stream order, so tests can read documents back in order.
              max_doc_chars=10_000,
              fim_rate=0.0,
-             document_mask=True))
+             document_mask=True,
+             batch_ramp_start=0,
+             batch_ramp_tokens=0.0))
     cfg.update(overrides)
     return cfg
 

@@ -12,6 +12,7 @@ from dsjax import config as config_lib
 from dsjax import sharding
 from dsjax.model import moe
 from dsjax.model.transformer import Transformer
+from tests.conftest import TINY_MLA_MOE
 
 ROUTING = config_lib.ModelConfig(vocab_size=1, hidden_size=1, intermediate_size=1, num_hidden_layers=1,
                                  num_attention_heads=1, num_key_value_heads=1, n_routed_experts=8)
@@ -460,6 +461,62 @@ def test_padding_never_takes_a_real_tokens_capacity(dispatch):
         noise = 3 * jax.random.normal(jax.random.PRNGKey(seed), x.shape)
         y2, _ = apply(jnp.where(mask[..., None] > 0, x, noise))
         np.testing.assert_allclose(y2[mask > 0], y[mask > 0], atol=1e-6)
+
+
+def test_device_limited_routing_reaches_at_most_m_devices():
+    """V2's device-limited routing with groups = the expert axis's devices (n_group = mesh.expert = 4, M =
+    topk_group = 2): each token's top-3 experts, mapped to the devices that hold them by the sharding the
+    weights get, span at most 2 devices (unlimited top-3 routing spans 3 for some tokens); a group count
+    that straddles devices is refused."""
+    mesh = _mesh(4)
+    fields = dict(n_routed_experts=16, num_experts_per_tok=3, scoring_func='softmax', n_group=4, topk_group=2,
+                  norm_topk_prob=False, routed_scaling_factor=1.0)
+    model = moe.MoE(_tiny_moe_config('expert_parallel', topk_method='group_limited_greedy', **fields))
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 32))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, jnp.ones((8, 16)))
+        gate_sharding = sharding.logical_sharding(boxed, mesh)['params']['gate']
+    holder = {}  # expert -> the device set holding it
+    for device, index in gate_sharding.devices_indices_map((16, 32, 16)).items():
+        for e in range(16)[index[0]]:
+            holder.setdefault(e, set()).add(device.id)
+    device_of = {e: min(ids) for e, ids in holder.items()}
+    assert len(set(device_of.values())) == 4
+    scores = moe.scores_from_logits(x.reshape(-1, 32) @ jax.random.normal(jax.random.PRNGKey(1), (32, 16)), 'softmax')
+    spans = {}
+    for method in ('group_limited_greedy', 'greedy'):
+        cfg = _tiny_moe_config('expert_parallel', topk_method=method, **fields)
+        _, idx = moe.select_experts(scores, jnp.zeros(16), cfg)
+        spans[method] = [len({device_of[int(e)] for e in row}) for row in np.asarray(idx)]
+    assert max(spans['group_limited_greedy']) == 2 and max(spans['greedy']) == 3
+    c = config_lib.base_config()
+    c.model.update(num_hidden_layers=2, **TINY_MLA_MOE)
+    c.model.update(n_routed_experts=24, n_group=3, topk_group=2, topk_method='group_limited_greedy')
+    c.mesh.update(data=1, expert=8)
+    with pytest.raises(config_lib.ConfigError, match='model.n_group=3'):
+        config_lib.validate(c, 8)
+
+
+@pytest.mark.parametrize('dispatch', ['capacity', 'expert_parallel'])
+def test_never_dropped_rows_keep_every_assignment(dispatch):
+    """V2's never-dropped sequences: with never_drop_fraction 0.25, rows 0, 4, ... of 32 take capacity first,
+    so at a capacity factor of 1.0 (~20% of assignments dropped; for expert_parallel on 8 shards of 4 rows
+    each: per-device capacity 4 rows per destination, then 16 slots per expert) their outputs equal the
+    dropless layer's while nearly every other row loses assignments; without the field the same rows lose
+    some too."""
+    x = jax.random.normal(jax.random.PRNGKey(5), (32, 4, 32))
+    mask = jnp.ones((32, 4))
+    variables = _random_variables(moe.MoE(_tiny_moe_config('dense')), x, mask)
+    want, _ = moe.MoE(_tiny_moe_config('dense')).apply(variables, x, mask)
+    protected = np.arange(32) % 4 == 0
+    errors = {}
+    for fraction in (0.25, 0.0):
+        model = moe.MoE(_tiny_moe_config(dispatch, capacity_factor=1.0, never_drop_fraction=fraction))
+        y, aux = _under_mesh(lambda x: model.apply(variables, x, mask, deterministic=False), _mesh(8))(x)
+        assert float(aux['dropped']) > 0.15
+        errors[fraction] = np.abs(np.asarray(y) - np.asarray(want)).max(axis=(1, 2))  # per row
+    assert errors[0.25][protected].max() < 1e-5 and (errors[0.25][~protected] > 1e-3).mean() > 0.8
+    assert (errors[0.0][protected] > 1e-3).mean() > 0.5
 
 
 # ---------------------------------------------------------------- the grouped GEMM kernels on a TPU topology

@@ -83,7 +83,7 @@ def test_moe_teacher_into_dense_student(moe_teacher, tmp_path):
     c = _sft_config('llm_small')
     c.stage = 'distill'
     c.distill.update(teacher=str(moe_teacher), beta=0.5, temperature=1.0, ce_weight=0.1)
-    c.sft.micro_batches = 2
+    c.train.micro_batches = 2
     last = distill.run(c, tmp_path, devices=jax.devices()[:1])
     assert np.isfinite(last['loss']) and last['jsd'] > 0
     steps = [r['step'] for r in logger.read_metrics(tmp_path) if 'val_loss' in r]

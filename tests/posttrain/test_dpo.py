@@ -6,10 +6,15 @@ per_sequence_loss.mean()`, `chosen_rewards = beta * chosen_logratios`). TRL itse
 pandas, so it is not installed for this one function."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from dsjax import presets, stages
 from dsjax.posttrain import dpo
+from dsjax.train import logger
+
+REPO_FILE = __file__.replace('tests/posttrain/test_dpo.py', 'experiments/x.py')
 
 RNG = np.random.default_rng(0)
 P = 6
@@ -61,3 +66,39 @@ def test_sequence_logprobs_sum_the_answer_tokens():
     logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     want = [logp[0, 2, 3] + logp[0, 3, 4], logp[1, 0, 5] + logp[1, 1, 6]]
     np.testing.assert_allclose(dpo.sequence_logprobs(logits, targets, weights), want, rtol=1e-6)
+
+
+def _stage(name: str, steps: int):
+    c = presets.load_experiment(REPO_FILE, 'llm_small', 'smoke')
+    c.stage = name
+    c.sft.update(source='cold_start', tasks=('arithmetic:1',), examples=64, val_examples=8)
+    c.dpo.update(tasks=('arithmetic:1',), pairs=64, val_pairs=16)
+    c.data.seq_len = 64
+    c.model.max_position_embeddings = 128
+    c.train.update(steps=steps, eval_every=steps, checkpoint_every=steps, async_checkpoint=False)
+    c.optim.update(lr=3e-3, warmup_steps=0, decay_steps=steps, schedule='constant')
+    return c
+
+
+def test_dpo_stage_in_a_chain_after_sft(tmp_path):
+    """SFT, then DPO from it: DPO's first step sees pi = pi_ref (the loop's frozen reference), so its loss is
+    exactly log 2 and its implicit-reward accuracy 0.5 (all ties); training on the pairs then ranks the
+    held-out pairs' chosen answers above the rejected ones more often than the reference did."""
+    c = ml_collections.ConfigDict()
+    c.stage = 'chain'
+    c.chain = ('sft', 'dpo')
+    c.stages = ml_collections.ConfigDict({'sft': _stage('sft', 4), 'dpo': _stage('dpo', 12)})
+    c.stages.sft.init.checkpoint = 'scratch'
+    c.stages.dpo.train.micro_batches = 2  # 16 pairs in micro-batches of 8 (a pair per device)
+    c.stages.dpo.data.batch_size = 16
+    stages.run(c, tmp_path)
+    records = logger.read_metrics(tmp_path / 'dpo')
+    first = next(r for r in records if r['step'] == 1)
+    assert first['dpo_loss'] == pytest.approx(np.log(2.0), rel=1e-5)
+    assert first['reward_accuracy'] == pytest.approx(0.5)
+    evals = [r for r in records if 'val_preference_accuracy' in r]
+    assert [r['step'] for r in evals] == [0, 12]
+    before, after = evals
+    assert before['val_reward_accuracy'] == pytest.approx(0.5) and before['val_loss'] == pytest.approx(np.log(2.0))
+    assert after['val_loss'] < before['val_loss']
+    assert after['val_preference_accuracy'] > before['val_preference_accuracy']

@@ -89,10 +89,6 @@ def test_bad_fields_are_named():
     with pytest.raises(config_lib.ConfigError, match='sft.tasks'):
         sft.validate(c, 1)
     c.sft.tasks = ('countdown:3',)
-    c.sft.micro_batches = 3
-    with pytest.raises(config_lib.ConfigError, match='sft.micro_batches'):
-        sft.validate(c, 1)
-    c.sft.micro_batches = 1
     c.sft.template = 'r1'
     with pytest.raises(config_lib.ConfigError, match="sft.template='r1'.*'zero', 'chat'"):
         sft.validate(c, 1)
@@ -105,7 +101,8 @@ def test_cold_start_sft_stage_lowers_the_assistant_loss(tmp_path):
     c = presets.load_experiment(__file__.replace('tests/posttrain/test_sft.py', 'experiments/x.py'),
                                    'llm_small', 'smoke')
     c.stage = 'sft'
-    c.sft.update(source='cold_start', tasks=('arithmetic:1',), examples=64, val_examples=16, micro_batches=2)
+    c.sft.update(source='cold_start', tasks=('arithmetic:1',), examples=64, val_examples=16)
+    c.train.micro_batches = 2
     c.data.seq_len = 64
     c.model.max_position_embeddings = 128
     c.train.update(steps=6, eval_every=6, checkpoint_every=6, async_checkpoint=False)
