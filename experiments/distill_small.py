@@ -22,49 +22,17 @@ format rate, task validation loss (CE of the worked solutions) and the share of 
 between student_alone and the teacher each closes -> WORKDIR/table.md.
 
 Run:      python -m dsjax.main --config=experiments/distill_small.py --workdir=runs/distill_small
-          (re-running resumes; finished stages are skipped). `:smoke` is a seconds-long chain; `:qwen2` shapes
-          the student as R1's Qwen2.5 students (q/k/v biases, 2 kv heads, tied head, RoPE theta 1e6; not yet
-          measured), `:qwen2,smoke` both.
-Hardware: 2 CPU cores, mostly idle: 35 min for the chain command, measured: teacher_base 17.5 min (the
-          MoE step is ~1.5x the dense one), teacher 6.6, teacher_samples 1.4, student_base 4.3,
-          student_alone 1.9, student_seq 0.6, student_logit 1.2, evaluations 1.1.
-Measured (runs/distill_small/table.md; 512 held-out problems, greedy, <= 48 new tokens; the chain is
-deterministic: a run stage by stage gave the same numbers):
-
-    | model         | accuracy | format rate | task_val_loss | gap closed (accuracy) | stage wall (s) |
-    |---------------|----------|-------------|---------------|-----------------------|----------------|
-    | teacher_base  | 81.2%    | 0.0%        | 0.082         |                       | 1048           |
-    | teacher       | 89.1%    | 99.8%       | 0.201         | 100% (reference)      | 397            |
-    | student_base  | 0.0%     | 16.2%       | 0.902         |                       | 256            |
-    | student_alone | 0.2%     | 97.9%       | 0.961         | 0 (reference)         | 111            |
-    | student_seq   | 82.0%    | 100.0%      | 0.547         | 92%                   | 37             |
-    | student_logit | 82.0%    | 100.0%      | 0.551         | 92%                   | 71             |
-
-    Re-run on the chunked head, blocked attention and CPU remat (the same math, other float rounding),
-    27.5 min for the chain: teacher_base 73.6%, teacher 88.3%, student_base 0.2%, student_alone 0.4%,
-    student_seq 80.7% (91% of the gap), student_logit 81.1% (92%).
-
-What it shows: R1's finding at laptop scale. The 2-layer student cannot bootstrap by RL: its base
-never answers right (it garbles the operands after the template's preamble), so every GRPO group is
-all-wrong and RL teaches only the format (97.9%). 2,770 answers of the teacher (92% of 3,000 prompts;
-84% of its T = 1 samples were right) take the same student to 82.0% in 300 SFT steps (37 s), 92% of
-the way to the teacher. Logit-level distillation (JSD to the teacher's logits on those samples, plus
-their CE) lands on the same accuracy: on answers this deterministic the teacher's distribution adds
-nothing the sampled tokens do not already hold.
-Controls, measured once stage by stage (not in the chain), the same student and 300 SFT steps:
-  - the ground-truth worked solutions (sft.source='cold_start', the partial products shown) of 2,770
-    train problems instead: 32.6% (at 96 new tokens: they are longer than 48); the steps are beyond a
-    2-layer model, the direct answers the teacher's RL settled on are not;
-  - the ground-truth direct answers ('<think> 593 * 4 = 2372. </think> <answer> 2372 </answer>') of
-    the same 2,770 problems: 83.4%. What the teacher contributes is the labels and the answer format
-    its RL chose, which on a synthetic task could also be written by hand; it is what R1's teacher
-    gives where no such solutions exist.
-  - a 4-layer student (0.26M parameters): base 57.2%, GRPO alone 88.3%, sequence-level 85.5%, against
-    the teacher's 89.1%: a student that can find right answers itself closes the gap by RL and
-    distillation has nothing left to add. The 2-layer student is the one RL cannot help.
-Former design (replaced): a MoE teacher trained from scratch by SFT on 2,000 worked arithmetic:2
-solutions answered 1.4% of held-out problems right, so its students closed 16% of the validation-loss
-gap at best, and the JSD alone learnt more slowly than CE in 200 steps.
+          (re-running resumes; finished stages are skipped).
+Hardware: 2 CPU cores; the teacher's 2,500 pre-training steps dominate (on the shared machine at load ~12,
+          2.0 s per MoE step, twice the dense base's 1.0 s).
+Expect:   not yet rerun on the current code. What earlier code measured (benchmarks/results/history.md):
+          R1's finding at laptop scale. RL alone cannot teach the 2-layer student to answer (its base
+          never answers right, so every GRPO group is all wrong and RL teaches only the format), while
+          the GRPO-trained teacher's kept answers take the same student to about the teacher's accuracy
+          in 300 SFT steps; logit-level distillation lands where sequence-level does (on answers this
+          deterministic the teacher's distribution adds little the sampled tokens do not hold).
+Variants: `:smoke` is a seconds-long chain (tests); `:qwen2` shapes the student as R1's Qwen2.5 students
+          (q/k/v biases, 2 kv heads, tied head, RoPE theta 1e6; not yet measured), `:qwen2,smoke` both.
 """
 import ml_collections
 

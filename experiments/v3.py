@@ -8,9 +8,11 @@ Recipe (V3 paper 4.1-4.2): AdamW (0.9, 0.95), wd 0.1, clip 1.0; lr warmed up ove
 until 10T tokens, cosine to 2.2e-5 over 4.3T, 2.2e-5 for 333B, 7.3e-6 for the last 167B (optim schedule
 'phases'); 14.8T tokens at 4K context, packed without a cross-document mask, FIM (PSM) on 10% of documents;
 AdamW's moments kept in bfloat16 (paper 3.3). The batch grows from 3,072 to 15,360 sequences over the first 469B
-tokens (data.batch_ramp_*), by micro-batches of 512 (train.micro_batches 30: one per device of the 512), so the
-step count follows from the ramp and gamma's and lambda's switches fall at 14.3T and 10T tokens.
-Long context follows as a separate stage (YaRN, 32K then 128K).
+tokens (data.batch_ramp_*) by whole micro-batches of 512 sequences (train.micro_batches 30; one sequence per device
+of v5p-1024's 512): 15,640 ramp steps, 243,425 in all (235,240 at a flat 15,360); gamma's and lambda's switches
+fall at the steps of 14.3T and 10T tokens. Long context follows as a separate stage (YaRN, 32K then 128K).
+Variants: `:smoke`; another data.batch_size needs --config.data.batch_ramp_start=0 --config.train.micro_batches=1
+(or a ramp in its own micro-batches).
 """
 from dsjax import presets
 from dsjax.data import batch_ramp

@@ -437,22 +437,24 @@ def test_device_limited_routing_reaches_at_most_m_devices():
 
 @pytest.mark.parametrize('dispatch', ['capacity', 'expert_parallel'])
 def test_never_dropped_rows_keep_every_assignment(dispatch):
-    """V2's never-dropped sequences: with never_drop_fraction 0.25, rows 0 and 4 of 8 take capacity first,
-    so at a capacity factor of 0.5 (4 slots per expert for 64 assignments) their outputs equal the dropless
-    layer's while other rows lose assignments; without the field the same rows lose some too."""
-    x = jax.random.normal(jax.random.PRNGKey(5), (8, 4, 32))
-    mask = jnp.ones((8, 4))
+    """V2's never-dropped sequences: with never_drop_fraction 0.25, rows 0, 4, ... of 32 take capacity first,
+    so at a capacity factor of 1.0 (~20% of assignments dropped; for expert_parallel on 8 shards of 4 rows
+    each: per-device capacity 4 rows per destination, then 16 slots per expert) their outputs equal the
+    dropless layer's while nearly every other row loses assignments; without the field the same rows lose
+    some too."""
+    x = jax.random.normal(jax.random.PRNGKey(5), (32, 4, 32))
+    mask = jnp.ones((32, 4))
     variables = _random_variables(moe.MoE(_tiny_moe_config('dense')), x, mask)
     want, _ = moe.MoE(_tiny_moe_config('dense')).apply(variables, x, mask)
-    protected = np.arange(8) % 4 == 0
-    outputs = {}
+    protected = np.arange(32) % 4 == 0
+    errors = {}
     for fraction in (0.25, 0.0):
-        model = moe.MoE(_tiny_moe_config(dispatch, capacity_factor=0.5, never_drop_fraction=fraction))
+        model = moe.MoE(_tiny_moe_config(dispatch, capacity_factor=1.0, never_drop_fraction=fraction))
         y, aux = _under_mesh(lambda x: model.apply(variables, x, mask, deterministic=False), _mesh(8))(x)
-        assert float(aux['dropped']) > 0.2
-        outputs[fraction] = np.abs(np.asarray(y) - np.asarray(want)).max(axis=(1, 2))  # per row
-    assert np.all(outputs[0.25][protected] < 1e-5) and np.all(outputs[0.25][~protected].max() > 1e-3)
-    assert outputs[0.0][protected].max() > 1e-3
+        assert float(aux['dropped']) > 0.15
+        errors[fraction] = np.abs(np.asarray(y) - np.asarray(want)).max(axis=(1, 2))  # per row
+    assert errors[0.25][protected].max() < 1e-5 and (errors[0.25][~protected] > 1e-3).mean() > 0.8
+    assert (errors[0.0][protected] > 1e-3).mean() > 0.5
 
 
 # ---------------------------------------------------------------- the grouped GEMM kernels on a TPU topology
