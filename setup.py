@@ -23,7 +23,8 @@ setup(
         "data": ["pyarrow>=14"],
         # torch: any recent CPU build (HF parity tests); CI pins the tested versions with .ci/constraints.txt.
         # nbclient + ipykernel run the notebooks in the tests.
+        # jax[tpu] brings libtpu, which dsjax.aot (tests/test_aot.py) compiles TPU programs with on any host.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "transformers>=5.0", "safetensors>=0.4",
-                 "pyarrow>=14", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                 "pyarrow>=14", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "jax[tpu]==0.10.2"],
     },
 )

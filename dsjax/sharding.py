@@ -27,14 +27,21 @@ DEFAULT_RULES = (
     ('act_vocab', 'tensor'),
     ('act_exp', 'expert'),
     ('vocab', 'tensor'),
+    # Routed experts split over `expert` first; every other weight splits D (`embed`) over fsdp x expert,
+    # the experts' over fsdp (a mesh axis splits one dimension only, and flax takes the first rule whose
+    # axes are still free). Over fsdp alone, V3's dense weights sat on all 64 expert shards: 2.6x its
+    # parameter bytes per device (benchmarks/results/aot.md).
+    ('exp', 'expert'),
+    ('embed', ('fsdp', 'expert')),
     ('embed', 'fsdp'),
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
     ('head_dim', None),
     ('mlp', 'tensor'),
-    ('exp', 'expert'),
-    ('q_lora', None),
-    ('kv_lora', None),
+    # MLA's up-projections [R, heads, K] split their latent rank as `embed` splits the others'; the
+    # down-projections [D, R] already split D.
+    ('q_lora', ('fsdp', 'expert')),
+    ('kv_lora', ('fsdp', 'expert')),
     ('layers', None),
     ('norm', None),
 )
@@ -53,6 +60,15 @@ def logical_sharding(tree, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for a pytree of logically-partitioned values (or their abstract shapes)."""
     specs = nn.get_partition_spec(tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def sharded_shapes(boxed, mesh: Mesh, rules=DEFAULT_RULES):
+    """ShapeDtypeStructs of an eval_shape'd tree of logically-partitioned values, placed by the rules
+    (no sharding constraint is applied: the mesh's devices may be a TPU topology that is not here)."""
+    shardings = logical_sharding(boxed, mesh, rules)
+    unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+                           boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

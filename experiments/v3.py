@@ -26,6 +26,9 @@ def get_config(arg=None):
     m = c.model
     m.remat_policy = 'full'
     m.moe_dispatch = 'expert_parallel'
+    # Expert-parallel buffers of 2x the balanced load (moe.expert_parallel_buffers): 1.8% of assignments
+    # dropped at a trained v3_small's routing, 12% at 1.25 (benchmarks/results/aot.md).
+    m.capacity_factor = 2.0
     c.optim.update(lr=2.2e-4, schedule='phases', warmup_steps=2000, phase_ends=(10e12, 14.3e12, 14.633e12, 14.8e12),
                    phase_shapes=('constant', 'cosine', 'constant', 'constant'),
                    phase_factors=(1.0, 0.1, 0.1, 7.3e-6 / 2.2e-4), moment_dtype='bfloat16')

@@ -71,18 +71,23 @@ def check_request(cfg: ModelConfig, prompt_BxW, lengths_B, max_new_tokens: int, 
 
 
 def prefill(cfg: ModelConfig, variables, prompt_BxW, lengths_B, cache, start_B=None, absorb: bool = True):
-    """Runs each row's prompt into the cache at positions start .. start+len-1 (start defaults to 0).
+    """Runs each row's prompt into the cache at positions start .. start+len-1 (start defaults to 0: then
+    the prompt attends to itself with the training kernels, `fresh_cache`, not to the whole cache).
 
-    Returns the logits of each row's last prompt token [B, V], the pre-norm hidden states [B, W, D]
-    (what MTP drafts from) and the cache.
+    Returns the logits of each row's last prompt token [B, V] (the only ones computed: [B, W, V] would be
+    67 GB at V3's vocabulary and 128K tokens), the pre-norm hidden states [B, W, D] (what MTP drafts from)
+    and the cache.
     """
     b, w = prompt_BxW.shape
     offsets_W = jnp.arange(w, dtype=jnp.int32)
-    start_B = jnp.zeros((b,), jnp.int32) if start_B is None else start_B
+    fresh = start_B is None
+    start_B = jnp.zeros((b,), jnp.int32) if fresh else start_B
     valid_BxW = offsets_W[None, :] < lengths_B[:, None]
-    logits_BxWxV, aux = Transformer(cfg, absorb).apply(
-        variables, prompt_BxW, start_B[:, None] + offsets_W, valid_BxW.astype(jnp.int32), cache=cache)
-    last_BxV = jnp.take_along_axis(logits_BxWxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    normed_BxWxD, aux = Transformer(cfg, absorb, fresh_cache=fresh).apply(
+        variables, prompt_BxW, start_B[:, None] + offsets_W, valid_BxW.astype(jnp.int32), cache=cache,
+        apply_head=False)
+    last_BxD = jnp.take_along_axis(normed_BxWxD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    last_BxV = jnp.matmul(last_BxD, aux['head']).astype(jnp.float32)
     return last_BxV, aux['hidden'], aux['cache']
 
 

@@ -10,22 +10,29 @@ then attends over all S slots, seeing slot s from position p iff s <= p. Slots p
 may hold stale entries (padding, rejected drafts); they are masked until overwritten.
 """
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # MLA widths (fused_attention)
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
 from dsjax.config import FUSED_ATTENTION_DTYPES, ModelConfig
 from dsjax.model import rope
 from dsjax.model.layers import RMSNorm, constrain, dense, param, weight
+from dsjax.sharding import BATCH_AXES
 
 # A large negative instead of -inf keeps fully-masked rows (padding) finite.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # checkpoint_name()s of what recomputed_attention's backward needs beyond q, k, v: the remat policy
 # 'save_attention' keeps them, so a rematted layer recomputes its projections but not its attention.
 ATTENTION_RESIDUALS = ('attention_out', 'attention_lse')
+# Query and key block of the splash kernel: the TPU's 128 lanes.
+SPLASH_BLOCK = 128
 
 
 def attention_mask(segment_ids_BxL) -> jax.Array:
@@ -62,15 +69,18 @@ def write_cache(cache_BxSxX, new_BxLxX, positions_BxL) -> jax.Array:
     return cache_BxSxX.at[rows_Bx1, positions_BxL].set(new_BxLxX.astype(cache_BxSxX.dtype), mode='drop')
 
 
-def resolve_impl(cfg: ModelConfig, qk_dim: int, v_dim: int, backend: str | None = None) -> str:
-    """The kernel behind `cfg.attention_impl` for (uncached) self-attention: 'auto' picks cudnn on a GPU
-    for bf16/fp16 compute where cuDNN's flash kernel takes the head widths (`cudnn_takes`), blocked on
-    the CPU (measured: README, Performance), else xla."""
+def resolve_impl(cfg: ModelConfig, qk_dim: int, v_dim: int, backend: str | None = None, length: int = 0) -> str:
+    """The kernel behind `cfg.attention_impl` for (uncached) self-attention of `length` tokens: 'auto' picks
+    cudnn on a GPU for bf16/fp16 compute where cuDNN's flash kernel takes the head widths (`cudnn_takes`),
+    splash on a TPU when the length fills its blocks, blocked on the CPU (measured: README, Performance),
+    else xla."""
     if cfg.attention_impl != 'auto':
         return cfg.attention_impl
     backend = backend or jax.default_backend()
     if backend == 'gpu' and cfg.dtype in FUSED_ATTENTION_DTYPES and cudnn_takes(qk_dim, v_dim):
         return 'cudnn'
+    if backend == 'tpu':
+        return 'splash' if length and length % SPLASH_BLOCK == 0 else 'xla'
     return 'blocked' if backend == 'cpu' else 'xla'
 
 
@@ -88,9 +98,12 @@ def cudnn_takes(qk_dim: int, v_dim: int, compute_capability: str | None = None) 
 def self_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: float, impl: str = 'xla'):
     """Causal self-attention within documents: query t sees key s iff s <= t and both carry the same
     segment id (attention_mask; 0 marks padding). impl 'blocked' runs causal query blocks that never
-    build the [B, L, L] mask (causal_block_attention); the others go through dot_product_attention."""
+    build the [B, L, L] mask (causal_block_attention), 'splash' runs the TPU flash kernel
+    (splash_attention); the others go through dot_product_attention."""
     if impl == 'blocked':
         return causal_block_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale)
+    if impl == 'splash':
+        return splash_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale)
     return dot_product_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, attention_mask(segment_ids_BxL), scale, impl,
                                  causal=True)
 
@@ -184,6 +197,43 @@ def causal_block_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, s
     return jnp.moveaxis(out_BxGxQxLxU, 3, 1)
 
 
+def splash_attention(q_BxLxGxQxK, k_BxLxGxK, v_BxLxGxU, segment_ids_BxL, scale: float, interpret: bool = False):
+    """self_attention through Pallas' TPU splash kernel (flash attention over causal blocks: the [L, L]
+    scores never exist, the blocks above the diagonal are skipped), per device under shard_map: rows
+    over the batch axes (or, for fewer rows, kv heads over them), kv heads over `tensor`. `interpret` runs
+    the kernel on the CPU (tests)."""
+    b, length, g, nq, kd = q_BxLxGxQxK.shape
+    q_BxNxLxK = jnp.moveaxis(q_BxLxGxQxK * jnp.asarray(scale, q_BxLxGxQxK.dtype), 1, 3).reshape(b, g * nq, length, kd)
+    k_BxGxLxK, v_BxGxLxU = jnp.moveaxis(k_BxLxGxK, 1, 2), jnp.moveaxis(v_BxLxGxU, 1, 2)
+
+    def local(q_BxNxLxK, k_BxGxLxK, v_BxGxLxU, segment_ids_BxL):
+        heads = q_BxNxLxK.shape[1]
+        mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * heads)
+        n = min(SPLASH_BLOCK, length)
+        blocks = splash_kernel.BlockSizes(block_q=n, block_kv=n, block_kv_compute=n, block_q_dkv=n, block_kv_dkv=n,
+                                          block_kv_dkv_compute=n, block_q_dq=n, block_kv_dq=n)
+        kernel = splash_kernel.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks,
+                                               interpret=interpret)
+        per_row = lambda q, k, v, seg: kernel(q, k, v, segment_ids=splash_kernel.SegmentIds(q=seg, kv=seg))
+        return jax.vmap(per_row)(q_BxNxLxK, k_BxGxLxK, v_BxGxLxU, segment_ids_BxL)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+        tensor = ('tensor',) if 'tensor' in mesh.axis_names else ()
+        ways = lambda axes: math.prod(mesh.shape[a] for a in axes)
+        rows, head_axes = (batch, tensor) if b % ways(batch) == 0 else (None, batch + tensor)
+        # Rows that do not split over the batch axes (batch-1 serving, the init's one row) split their kv
+        # heads over those axes too, where the heads divide.
+        head_axes = head_axes if g % ways(head_axes) == 0 else tensor
+        spec = P(rows, head_axes or None)
+        # The kernel's outputs carry no varying-axes annotation, so shard_map cannot check them.
+        local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(rows)), out_specs=spec,
+                              check_vma=False)
+    out_BxNxLxU = local(q_BxNxLxK, k_BxGxLxK, v_BxGxLxU, segment_ids_BxL)
+    return jnp.moveaxis(out_BxNxLxU.reshape(b, g, nq, length, -1), 3, 1)
+
+
 def fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float, implementation: str,
                     causal: bool = False):
     """The same attention through jax.nn.dot_product_attention (cudnn: a flash kernel that never holds
@@ -208,8 +258,9 @@ def fused_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxU, mask_BxLxS, scale: float,
 
 class MHA(nn.Module):
     """Multi-head attention with optional grouped kv heads (GQA) and q/k/v biases (Qwen2's
-    `qkv_bias`); RoPE over the whole head."""
+    `qkv_bias`); RoPE over the whole head. `fresh_cache`: see MLA."""
     cfg: ModelConfig
+    fresh_cache: bool = False
 
     def project(self, x_BxLxD, name: str, heads: int, axis: str):
         """x @ W_name [D, heads, K] (+ the bias [heads, K] with qkv_bias): [B, L, heads, K]."""
@@ -239,13 +290,15 @@ class MHA(nn.Module):
         v_BxSxGxK = v_BxLxGxK
         q_BxLxGxQxK = q_BxLxNxK.reshape(b, length, g, n // g, k)
         scale = rope.softmax_scale(k, cfg.rope_scaling)
-        if cache is None:
-            out = self_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL, scale, resolve_impl(cfg, k, k))
-        else:
+        if cache is None or self.fresh_cache:
+            impl = resolve_impl(cfg, k, k, length=length)
+            out = self_attention(q_BxLxGxQxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL, scale, impl)
+        if cache is not None:
             cache = {'k': write_cache(cache['k'], k_BxSxGxK, positions_BxL),
                      'v': write_cache(cache['v'], v_BxSxGxK, positions_BxL)}
-            out = dot_product_attention(q_BxLxGxQxK, cache['k'], cache['v'],
-                                        cache_mask(positions_BxL, cache['k'].shape[1]), scale)
+            if not self.fresh_cache:
+                out = dot_product_attention(q_BxLxGxQxK, cache['k'], cache['v'],
+                                            cache_mask(positions_BxL, cache['k'].shape[1]), scale)
         out_BxLxNxK = out.reshape(b, length, n, k)
         o_NxKxD = weight(self, 'o', (n, k, d), ('heads', 'head_dim', 'embed'), cfg)
         out_BxLxD = dense(out_BxLxNxK, o_NxKxD, contract=2, fp8=cfg.fp8)
@@ -257,10 +310,14 @@ class MLA(nn.Module):
 
     The rope slices use the checkpoint's pair convention (`rope_interleave`), so HF weights load
     unpermuted. Training uses the naive path (keys and values expanded from the latent per head);
-    cached decoding defaults to the absorbed path (`absorb`), which never expands them.
+    cached decoding defaults to the absorbed path (`absorb`), which never expands them. With
+    `fresh_cache` (a prompt prefilled from position 0: no earlier entries) a cached call attends over its
+    own tokens with the training kernels (`self_attention`: flash on GPU and TPU, no [L, S] scores) and
+    only writes the cache.
     """
     cfg: ModelConfig
     absorb: bool = True
+    fresh_cache: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -339,14 +396,16 @@ class MLA(nn.Module):
         q_nope, q_rope = self.queries(x_BxLxD, cos, sin)
         c_BxSxR, k_rope_BxSxP = self.latent(x_BxLxD, cos, sin)
         cfg = self.cfg
-        if cache is None:
-            impl = resolve_impl(cfg, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim)
+        if cache is None or self.fresh_cache:
+            impl = resolve_impl(cfg, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim,
+                                length=x_BxLxD.shape[1])
             out_BxLxNxU = self.expanded_attention(
                 q_nope, q_rope, c_BxSxR, k_rope_BxSxP,
                 lambda q, k, v, scale: self_attention(q, k, v, segment_ids_BxL, scale, impl))
-        else:
+        if cache is not None:
             cache = {'latent': write_cache(cache['latent'], c_BxSxR, positions_BxL),
                      'rope_key': write_cache(cache['rope_key'], k_rope_BxSxP, positions_BxL)}
+        if cache is not None and not self.fresh_cache:
             c_BxSxR, k_rope_BxSxP = cache['latent'], cache['rope_key']
             mask_BxLxS = cache_mask(positions_BxL, c_BxSxR.shape[1])
             if self.absorb:

@@ -301,18 +301,23 @@ def dispatch_gather(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFx
     return jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype)), jnp.zeros((), jnp.float32)
 
 
+def _slots(group_A, priority_A, groups: int):
+    """Each assignment's slot within its group (0, 1, ...), highest priority first."""
+    order_A, _, group_sorted_A, sizes_G = _sort_by_expert(priority_A[:, None], group_A[:, None], groups)
+    starts_G = jnp.cumsum(sizes_G) - sizes_G
+    return jnp.zeros_like(order_A).at[order_A].set(jnp.arange(order_A.shape[0]) - starts_G[group_sorted_A])
+
+
 def _capacity_experts(x_AxD, expert_A, priority_A, gate_ExDxF, up_ExDxF, down_ExFxD, capacity: int,
                       buffer_axes=('act_exp', None, 'act_embed'), fp8=False):
     """Each assignment through its expert in fixed [E, C, D] buffers, filled highest priority first.
 
     Returns y_AxD (zero for an assignment that found no slot) and kept_A.
     """
-    a, d = x_AxD.shape
+    d = x_AxD.shape[1]
     e = gate_ExDxF.shape[0]
     with jax.named_scope('permute'):
-        order_A, _, expert_sorted_A, sizes_E = _sort_by_expert(priority_A[:, None], expert_A[:, None], e)
-        starts_E = jnp.cumsum(sizes_E) - sizes_E
-        slot_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(a) - starts_E[expert_sorted_A])
+        slot_A = _slots(expert_A, priority_A, e)
         kept_A = slot_A < capacity
         # Overflow goes to a scratch slot (index `capacity`) that is sliced away, so it reads back as 0.
         slot_A = jnp.where(kept_A, slot_A, capacity)
@@ -342,53 +347,72 @@ def dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_Ex
     return y_TxD, 1.0 - kept_A.mean()
 
 
+def expert_parallel_buffers(capacity: int, tokens: int, t: int, n: int, e_local: int, k: int) -> tuple[int, int]:
+    """Per-device buffer sizes of `dispatch_expert_parallel`, from `capacity` (slots per expert for all
+    `tokens`) scaled to one shard's t tokens, share = capacity * t / tokens:
+
+    rows (S): assignments one shard sends one destination shard, its e_local experts' shares; at most
+      t * min(K, e_local), the most it can be owed (an expert takes a token at most once), which is what
+      a dropless `capacity` (= tokens) gives. With capacity_factor f that is f * t * K / N, the balanced
+      load: this is V2's device-level capacity.
+    slots (C): assignments one local expert takes from its N senders, N shares (at most the N x S received).
+    """
+    share = capacity * t / tokens
+    rows = min(t * min(k, e_local), math.ceil(e_local * share))
+    return rows, min(n * rows, math.ceil(n * share))
+
+
 def dispatch_expert_parallel(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8=False,
                              priority_TxK=None):
     """Experts split over the mesh's `expert` axis (N shards); assignments travel by all_to_all.
 
     Uses the mesh set by `jax.set_mesh`; tokens stay split over the batch axes, so each shard routes
-    its t local tokens. It packs them into N per-destination buffers of S = t * min(K, E/N) rows: an
-    expert takes a token at most once, so no destination can be owed more and transit never drops.
-    Each expert keeps its share of `capacity` (scaled to the tokens of its N-shard group) highest gate
-    first, as `dispatch_capacity` does; without a mesh it is `dispatch_capacity`.
+    its t local tokens into N per-destination buffers of S rows and each expert keeps C of the rows it
+    receives (`expert_parallel_buffers`). Both stages drop the lowest gates first, as `dispatch_capacity`
+    does, and `dropped` counts both. A dropless `capacity` (every token) sizes them for the worst case,
+    N x the routed rows at V3's layout. Without a mesh, or with fewer tokens than batch shards (decoding
+    a row or a few), this is `dispatch_capacity`, whose [E, C, D] buffers split over `expert` as the
+    weights do.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or 'expert' not in mesh.axis_names:
-        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8,
-                                 priority_TxK)
-    priority_TxK = weights_TxK if priority_TxK is None else priority_TxK
     tokens, k = idx_TxK.shape
     e, d = gate_ExDxF.shape[:2]
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    n, shards = mesh.shape['expert'], math.prod(mesh.shape[a] for a in batch_axes)
-    if e % n or tokens % shards:
-        raise ValueError(f'expert_parallel needs mesh.expert={n} to divide the {e} experts and the '
-                         f'{shards} batch shards {batch_axes} to divide the {tokens} tokens')
+    shards = 0 if mesh.empty else math.prod(mesh.shape[a] for a in batch_axes)
+    if mesh.empty or 'expert' not in mesh.axis_names or tokens % shards:
+        return dispatch_capacity(x_TxD, weights_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD, capacity, fp8,
+                                 priority_TxK)
+    priority_TxK = weights_TxK if priority_TxK is None else priority_TxK
+    n = mesh.shape['expert']
+    if e % n:
+        raise ValueError(f'expert_parallel needs mesh.expert={n} to divide the {e} experts')
     t, e_local = tokens // shards, e // n
-    rows = t * min(k, e_local)
-    group_capacity = min(t * n, math.ceil(capacity * t * n / tokens))
+    rows, slots = expert_parallel_buffers(capacity, tokens, t, n, e_local, k)
 
     def local(x_TxD, weights_TxK, priority_TxK, idx_TxK, gate_ExDxF, up_ExDxF, down_ExFxD):
         dest_A, expert_A = jnp.divmod(idx_TxK.reshape(-1), e_local)
-        # Rank of each assignment among this shard's assignments bound for the same destination.
-        ranks_AxN = jnp.cumsum(jax.nn.one_hot(dest_A, n, dtype=jnp.int32), axis=0) - 1
-        slot_A = jnp.take_along_axis(ranks_AxN, dest_A[:, None], axis=1)[:, 0]
+        priority_A = jax.lax.stop_gradient(priority_TxK.reshape(-1))
+        slot_A = _slots(dest_A, priority_A, n)
+        sent_A = slot_A < rows
+        # What finds no row goes to a scratch row (index `rows`) that is never sent.
+        slot_A = jnp.where(sent_A, slot_A, rows)
 
         def exchange(values_A, fill):
             """[A, ...] -> [N, S, ...] per-destination buffers, swapped along `expert`."""
-            buf = jnp.full((n, rows) + values_A.shape[1:], fill, values_A.dtype).at[dest_A, slot_A].set(values_A)
-            return jax.lax.all_to_all(buf, 'expert', 0, 0).reshape((n * rows,) + values_A.shape[1:])
+            buf = jnp.full((n, rows + 1) + values_A.shape[1:], fill, values_A.dtype).at[dest_A, slot_A].set(values_A)
+            return jax.lax.all_to_all(buf[:, :rows], 'expert', 0, 0).reshape((n * rows,) + values_A.shape[1:])
 
         x_RxD = exchange(jnp.repeat(x_TxD, k, axis=0), 0)
         expert_R = exchange(expert_A, 0)
-        # Empty slots rank below every real assignment, so they never take a real one's slot.
-        priority_R = exchange(jax.lax.stop_gradient(priority_TxK.reshape(-1)), -jnp.inf)
+        # Empty rows rank below every real assignment, so they never take a real one's slot.
+        priority_R = exchange(priority_A, -jnp.inf)
         y_RxD, kept_R = _capacity_experts(x_RxD, expert_R, priority_R, gate_ExDxF, up_ExDxF, down_ExFxD,
-                                          group_capacity, buffer_axes=None, fp8=fp8)
+                                          slots, buffer_axes=None, fp8=fp8)
         y_NxSxD = jax.lax.all_to_all(y_RxD.reshape(n, rows, d), 'expert', 0, 0)
-        y_TxKxD = y_NxSxD[dest_A, slot_A].reshape(t, k, d)
+        y_TxKxD = jnp.pad(y_NxSxD, ((0, 0), (0, 1), (0, 0)))[dest_A, slot_A].reshape(t, k, d)
         y_TxD = jnp.einsum('TKD,TK->TD', y_TxKxD, weights_TxK.astype(y_TxKxD.dtype))
-        dropped = jnp.sum(~kept_R & (priority_R > -jnp.inf), dtype=jnp.float32)
+        dropped = (jnp.sum(~sent_A, dtype=jnp.float32)
+                   + jnp.sum(~kept_R & (priority_R > -jnp.inf), dtype=jnp.float32))
         return y_TxD, jax.lax.psum(dropped, batch_axes)
 
     tok, exp = P(batch_axes), P('expert')

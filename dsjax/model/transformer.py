@@ -42,17 +42,20 @@ def resolve_remat(cfg: ModelConfig, backend: str | None = None) -> str:
 class Block(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(.)) with a dense MLP or MoE.
 
-    With `cache` (this layer's) the attention reads and extends it; aux['cache'] holds it updated.
+    With `cache` (this layer's) the attention reads and extends it (only extends it with `fresh_cache`,
+    see attention.MLA); aux['cache'] holds it updated.
     """
     cfg: ModelConfig
     use_moe: bool
     deterministic: bool = True
     absorb: bool = True
+    fresh_cache: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, token_mask_BxL, cache=None, positions_BxL=None):
         cfg = self.cfg
-        attn = MLA(cfg, self.absorb, name='attn') if cfg.attention_type == 'mla' else MHA(cfg, name='attn')
+        attn = (MLA(cfg, self.absorb, self.fresh_cache, name='attn') if cfg.attention_type == 'mla'
+                else MHA(cfg, self.fresh_cache, name='attn'))
         normed = RMSNorm(cfg, name='input_norm')(x_BxLxD)
         if cache is None:
             h_BxLxD = x_BxLxD + attn(normed, cos, sin, segment_ids_BxL)
@@ -81,6 +84,7 @@ class Stack(nn.Module):
     length: int
     deterministic: bool = True
     absorb: bool = True
+    fresh_cache: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, token_mask_BxL, cache=None, positions_BxL=None):
@@ -96,7 +100,7 @@ class Stack(nn.Module):
             length=self.length,
             metadata_params={nn.PARTITION_NAME: 'layers'},
         )
-        return scanned(self.cfg, self.use_moe, self.deterministic, self.absorb, name='layers')(
+        return scanned(self.cfg, self.use_moe, self.deterministic, self.absorb, self.fresh_cache, name='layers')(
             x_BxLxD, cos, sin, segment_ids_BxL, token_mask_BxL, cache, positions_BxL)
 
 
@@ -145,9 +149,12 @@ class Transformer(nn.Module):
     """DeepSeek-LLM (dense), DeepSeek-V2 and DeepSeek-V3, chosen by the config's fields.
 
     `absorb` picks the MLA attention of cached calls: absorbed weights (default) or naive expansion.
+    `fresh_cache`: the cache holds nothing before these tokens (a prefill from position 0), so they attend
+    to each other with the training kernels and only write the cache (attention.MLA).
     """
     cfg: ModelConfig
     absorb: bool = True
+    fresh_cache: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, next_tokens_BxL=None,
@@ -181,7 +188,7 @@ class Transformer(nn.Module):
                                       ('moe_layers', True, cfg.num_moe_layers)):
             if not length:
                 continue
-            stack = Stack(cfg, use_moe, length, deterministic, self.absorb, name=name)
+            stack = Stack(cfg, use_moe, length, deterministic, self.absorb, self.fresh_cache, name=name)
             if cache is None:
                 x_BxLxD, stack_aux = stack(x_BxLxD, *args)
             else:

@@ -174,12 +174,12 @@ def summarize(totals) -> dict:
     return {'val_loss': float(totals['bt_sum']) / pairs, 'val_pair_accuracy': float(totals['correct_sum']) / pairs}
 
 
-def start_from(path, model_cfg, abstract_state, state):
-    """The backbone from a previous stage's checkpoint; the reward head keeps its initialisation."""
+def start_from(path, model_cfg, abstract_state):
+    """The backbone from a previous stage's checkpoint (params without the reward head, which keeps its
+    initialisation) and its routing bias (None if it has none)."""
     backbone = {k: v for k, v in abstract_state.params.items() if k not in HEAD_PARAMS}
     restored = checkpoint.restore_subtrees(path, {'params': backbone, 'buffers': abstract_state.buffers})
-    params = {**state.params, **restored['params']}
-    return state.replace(params=params, buffers=restored.get('buffers', state.buffers))
+    return restored['params'], restored.get('buffers')
 
 
 def validate_pairs(config, section: str) -> None:

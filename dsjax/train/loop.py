@@ -38,7 +38,8 @@ class NonFiniteError(FloatingPointError):
 
 
 def build_state_fns(model, optimizer, mesh, seq_len: int):
-    """Jitted init placed by the logical rules, plus the abstract (sharded) state for restores."""
+    """Jitted init(rng[, params, buffers]) placed by the logical rules (see init_state), plus the abstract
+    (sharded) state for restores and its shardings."""
 
     def init_boxed(rng):
         params_rng, state_rng = jax.random.split(rng)
@@ -47,14 +48,38 @@ def build_state_fns(model, optimizer, mesh, seq_len: int):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                           rng=state_rng, buffers=dict(variables), nonfinite_skips=jnp.zeros((), jnp.int32))
 
+    def init_state(rng, params=None, buffers=None):
+        """A fresh state; with a checkpoint's `params` (the whole tree, or some of its top-level entries:
+        the rest keep their initialisation) and `buffers`, the optimizer starts from those, and the random
+        parameters they replace are never drawn (unused, XLA drops them): one copy of the weights in memory."""
+        state = nn.unbox(init_boxed(rng))
+        if params is None:
+            return state
+        params = {**state.params, **params}
+        return state.replace(params=params, opt_state=optimizer.init(params),
+                             buffers=state.buffers if buffers is None else buffers)
+
     rng_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     boxed = jax.eval_shape(init_boxed, rng_shape)
     shardings = sharding.logical_sharding(boxed, mesh)
-    init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)
-    unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
-                           boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
-    return init, abstract, shardings
+    init = jax.jit(init_state, out_shardings=shardings, donate_argnums=(1, 2))
+    return init, sharding.sharded_shapes(boxed, mesh), shardings
+
+
+def optimizer_tail(config, ramp):
+    """The run's optimizer and the one tail every stage's step ends with (step.make_apply_gradients);
+    `ramp` (batch_ramp) gives the token clock of optim.schedule='phases'."""
+    tokens_before = ramp.tokens_before_traced
+    optimizer = optim.make_optimizer(config.optim, tokens_before=tokens_before)
+    return optimizer, step_lib.make_apply_gradients(optimizer, optim.make_schedule(config.optim, tokens_before),
+                                                    config.train)
+
+
+def jit_train_step(train_step, state_shardings, mesh):
+    """The step as the loop runs it (and dsjax.aot compiles it): state in place (donated), batch split
+    over the batch axes."""
+    return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 def _host(tree):
@@ -128,7 +153,8 @@ class Stage:
       evaluate: state -> metrics (GRPO answers held-out prompts).
     reference: if given, called once before training with the step-0 variables (params and buffers of
       the initial policy: the frozen reference of GRPO's KL), rebuilt the same way on a resume.
-    start_from: (init.checkpoint path, model_cfg, abstract_state, state) -> state.
+    start_from: (init.checkpoint path, model_cfg, abstract_state) -> (params, buffers or None), which
+      `init(rng, params, buffers)` builds the first state around (params may be a subset of the top level).
     """
     model: Any
     train_step: Callable
@@ -186,10 +212,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
             f'{tokenizer.vocab_size} tokens')
     # Sequences per step (V3's batch ramp, else data.batch_size): the clock of optim.schedule='phases'.
     ramp = batch_ramp.from_config(config.data, config.train.micro_batches)
-    tokens_before = ramp.tokens_before_traced
-    optimizer = optim.make_optimizer(config.optim, tokens_before=tokens_before)
-    apply_gradients = step_lib.make_apply_gradients(optimizer, optim.make_schedule(config.optim, tokens_before),
-                                                    config.train)
+    optimizer, apply_gradients = optimizer_tail(config, ramp)
     stage = build_stage(Setup(config, model_cfg, tokenizer, mesh, apply_gradients, jax.process_index(),
                               jax.process_count()))
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
@@ -200,10 +223,9 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
         init, abstract_state, state_shardings = build_state_fns(stage.model, optimizer, mesh, config.data.seq_len)
 
         def initial_state():
-            state = init(jax.random.PRNGKey(tcfg.seed))
-            if config.init.checkpoint:
-                state = stage.start_from(config.init.checkpoint, model_cfg, abstract_state, state)
-            return state
+            weights = (stage.start_from(config.init.checkpoint, model_cfg, abstract_state)
+                       if config.init.checkpoint else ())
+            return init(jax.random.PRNGKey(tcfg.seed), *weights)
 
         restored = ckpt.restore_latest(abstract_state, data_iterator=stage.train_iter)
         if restored is not None:
@@ -219,8 +241,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                      f'{flops.activated_matmul_params(model_cfg):,}')
 
         batch_shardings = sharding.batch_sharding(mesh)
-        train_step = jax.jit(stage.train_step, in_shardings=(state_shardings, batch_shardings),
-                             out_shardings=(state_shardings, None), donate_argnums=(0,))
+        train_step = jit_train_step(stage.train_step, state_shardings, mesh)
         if stage.evaluate is not None:
             evaluate_state = stage.evaluate
         else:
@@ -324,19 +345,19 @@ def close_stage(stop: preemption.StopSignal, ckpt, metrics_log) -> None:
     metrics_log.close()
 
 
-def start_from(path: str, model_cfg, abstract_state, state):
-    """`state` with the weights of `init.checkpoint`: a HF directory or a previous stage's Orbax
-    checkpoint; both give params and, where they hold it, the MoE routing bias (each device reads
-    only its slice). A Hub id (owner/name[@revision]) is downloaded first."""
+def start_from(path: str, model_cfg, abstract_state):
+    """The weights of `init.checkpoint`, a HF directory or a previous stage's Orbax checkpoint, placed as
+    `abstract_state` places them (each device reads only its slice): (params, buffers), buffers None where
+    the checkpoint holds no MoE routing bias. `init(rng, params, buffers)` builds the state around them.
+    A Hub id (owner/name[@revision]) is downloaded first."""
     path = hub.resolve(path, 'init.checkpoint')
     if hf.is_hf_checkpoint(path):
         logging.info('Starting from the HF checkpoint %s', path)
-        params, buffers = hf.load_into(path, model_cfg, abstract_state.params, abstract_state.buffers)
-        return state.replace(params=params, buffers=buffers)
+        return hf.load_into(path, model_cfg, abstract_state.params, abstract_state.buffers)
     restored = checkpoint.restore_subtrees(path, {'params': abstract_state.params, 'buffers': abstract_state.buffers})
-    if state.buffers and 'buffers' not in restored:
+    if abstract_state.buffers and 'buffers' not in restored:
         logging.warning('init.checkpoint=%s holds no routing bias: it starts at zero', path)
-    return state.replace(params=restored['params'], buffers=restored.get('buffers', state.buffers))
+    return restored['params'], restored.get('buffers')
 
 
 def _save_expert_load(workdir: epath.Path, step: int, metrics: dict) -> None:

@@ -57,6 +57,24 @@ def test_absorbed_mla_equals_naive_mla(models):
     np.testing.assert_array_equal(cache_a['latent'][0, :4], cache['latent'][0, :4])
 
 
+@pytest.mark.parametrize('name', ['dense', 'v3'])
+def test_fresh_prefill_equals_attending_over_the_cache(models, name):
+    """A prefill from position 0 attends to its own tokens (fresh_cache, the training kernels) and gives
+    the last logits, hidden states and cache of a prefill that attends over the whole cache."""
+    cfg, variables = models[name]
+    prompt, lengths = decode.pad_prompts(PROMPTS)
+    cache = cache_lib.init_cache(cfg, len(PROMPTS), prompt.shape[1] + 3)
+    run = jax.jit(decode.prefill, static_argnums=0)
+    fresh = run(cfg, variables, prompt, lengths, cache)
+    over_cache = run(cfg, variables, prompt, lengths, cache, jnp.zeros(len(PROMPTS), jnp.int32))
+    valid = np.arange(prompt.shape[1]) < lengths[:, None]
+    np.testing.assert_allclose(fresh[0], over_cache[0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fresh[1])[valid], np.asarray(over_cache[1])[valid], atol=1e-5)
+    w = prompt.shape[1]
+    for a, b in zip(jax.tree.leaves(fresh[2]), jax.tree.leaves(over_cache[2])):  # [layers, B, S, ...]
+        np.testing.assert_allclose(np.asarray(a)[:, :, :w][:, valid], np.asarray(b)[:, :, :w][:, valid], atol=1e-5)
+
+
 def test_padded_batch_gives_each_row_what_it_gives_alone(models, greedy):
     cfg, variables = models['v3']
     prompt, lengths = decode.pad_prompts(PROMPTS)

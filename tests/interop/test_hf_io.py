@@ -456,20 +456,19 @@ def test_init_checkpoint_from_a_hf_directory(checkpoints):
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2, tensor=1))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         _, abstract, _ = loop.build_state_fns(Transformer(model_cfg), optax.sgd(0.1), mesh, seq_len=8)
-    blank = TrainState(step=None, params=None, opt_state=None, rng=None, buffers={})
-    state = loop.start_from(str(src), model_cfg, abstract, blank)
+    params, buffers = loop.start_from(str(src), model_cfg, abstract)
     _, want = hf.load(src, dtype='float32')
-    for got, spec, ref in zip(jax.tree.leaves(state.params), jax.tree.leaves(abstract.params),
+    for got, spec, ref in zip(jax.tree.leaves(params), jax.tree.leaves(abstract.params),
                               jax.tree.leaves(want['params'])):
         assert got.sharding == spec.sharding and got.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
-    np.testing.assert_array_equal(np.asarray(state.buffers['moe_bias']['moe_layers']['layers']['mlp']['bias']),
+    np.testing.assert_array_equal(np.asarray(buffers['moe_bias']['moe_layers']['layers']['mlp']['bias']),
                                   np.asarray(want['moe_bias']['moe_layers']['layers']['mlp']['bias']))
     wrong = c.model.copy_and_resolve_references()
     wrong.update(kv_lora_rank=10, routed_scaling_factor=2.0)
     with pytest.raises(config_lib.ConfigError, match=r'init.checkpoint=.*kv_lora_rank=10 \(checkpoint: 12\), '
                                                      r'routed_scaling_factor=2.0 \(checkpoint: 2.5\)'):
-        loop.start_from(str(src), config_lib.freeze_model(wrong), abstract, blank)
+        loop.start_from(str(src), config_lib.freeze_model(wrong), abstract)
 
 
 def test_tied_checkpoint_loads_untied(checkpoints):

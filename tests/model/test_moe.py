@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsjax import aot
 from dsjax import config as config_lib
 from dsjax import sharding
 from dsjax.model import moe
@@ -320,15 +321,76 @@ def test_expert_parallel_equals_dense_values_and_grads(expert):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_expert_parallel_drops_like_capacity():
-    """With one expert group (data=1) the per-group capacity is the global one: same drops."""
+def _np_expert_parallel_reference(x, weights, idx, gate, up, down, capacity, shards, n):
+    """Dense output with expert_parallel's two drops: tokens split into `shards` contiguous shards, each
+    sending at most S assignments to each of the n destinations (lowest gates dropped), then each expert
+    keeping its C highest-gate arrivals."""
+    weights, idx = np.asarray(weights).copy(), np.asarray(idx)
+    tokens, k = idx.shape
+    e = gate.shape[0]
+    t, e_local = tokens // shards, e // n
+    rows, slots = moe.expert_parallel_buffers(capacity, tokens, t, n, e_local, k)
+    kept = np.ones_like(weights, bool)
+    for shard in range(shards):
+        mine = np.arange(shard * t, (shard + 1) * t)
+        for dest in range(n):
+            tok, slot = np.nonzero(idx[mine] // e_local == dest)
+            ranked = np.argsort(-weights[mine][tok, slot], kind='stable')
+            kept[mine[tok[ranked[rows:]]], slot[ranked[rows:]]] = False
+    # An expert receives from its N-shard group: n consecutive shards (the batch axes put `expert` last).
+    for start in range(0, tokens, t * n):
+        span = np.arange(start, start + t * n)
+        for expert in range(e):
+            tok, slot = np.nonzero((idx[span] == expert) & kept[span])
+            ranked = np.argsort(-weights[span][tok, slot], kind='stable')
+            kept[span[tok[ranked[slots:]]], slot[ranked[slots:]]] = False
+    y, _ = moe.dispatch_dense(x, jnp.asarray(np.where(kept, weights, 0.0)), jnp.asarray(idx), gate, up, down, None)
+    return np.asarray(y), 1.0 - kept.mean()
+
+
+@pytest.mark.parametrize('expert', [2, 8])
+def test_expert_parallel_drops_like_its_reference(expert):
+    """Bounded buffers (capacity 5 of the balanced 8 per expert) drop in transit and at the expert."""
     x, weights, idx, gate, up, down = _dispatch_inputs(6)
     capacity = 5
-    want, want_dropped = _np_capacity_reference(x, weights, idx, gate, up, down, capacity)
-    got, dropped = _under_mesh(lambda *a: moe.dispatch_expert_parallel(*a, capacity), _mesh(8))(
+    want, want_dropped = _np_expert_parallel_reference(x, weights, idx, gate, up, down, capacity, 8, expert)
+    assert want_dropped > 0.1
+    got, dropped = _under_mesh(lambda *a: moe.dispatch_expert_parallel(*a, capacity), _mesh(expert))(
         x, weights, idx, gate, up, down)
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(dropped, want_dropped, rtol=1e-6)
+
+
+def test_expert_parallel_buffers_follow_the_capacity_not_the_worst_case():
+    """V3's router (256 experts, top-8, 8 groups / 4 kept) at width 16 on 8 expert shards: each shard sends
+    each destination f x t x K / N rows (not t x min(K, E/N)), and where nothing is dropped the output is
+    dispatch_capacity's."""
+    cfg = dataclasses.replace(ROUTING, n_routed_experts=256, capacity_factor=2.0, **dict(V3, num_experts_per_tok=8,
+                                                                                         n_group=8, topk_group=4))
+    tokens, d, f, n = 512, 16, 8, 8
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    x = jax.random.normal(keys[0], (tokens, d))
+    # Scores independent of x, as a balanced router gives (bias balancing's aim).
+    weights, idx = moe.select_experts(jax.nn.sigmoid(jax.random.normal(keys[1], (tokens, 256))), jnp.zeros(256), cfg)
+    gate, up = (jax.random.normal(key, (256, d, f)) / d ** 0.5 for key in keys[2:4])
+    down = jax.random.normal(keys[4], (256, f, d)) / f ** 0.5
+    capacity = moe.capacity_per_expert(tokens, cfg)
+    t = tokens // 8
+    rows, slots = moe.expert_parallel_buffers(capacity, tokens, t, n, 256 // n, 8)
+    assert (capacity, rows, slots) == (32, 2 * t * 8 // n, 2 * n * t * 8 // 256)
+    assert moe.expert_parallel_buffers(tokens, tokens, t, n, 256 // n, 8)[0] == t * 8  # dropless: the worst case
+
+    mesh = _mesh(n)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        run = jax.jit(lambda *a: moe.dispatch_expert_parallel(*a, capacity))
+        got, dropped = run(x, weights, idx, gate, up, down)
+        hlo = run.lower(x, weights, idx, gate, up, down).compile().as_text()
+    want, want_dropped = moe.dispatch_capacity(x, weights, idx, gate, up, down, capacity)
+    assert float(dropped) == 0.0 and float(want_dropped) == 0.0
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Per device: x, expert ids and gates go out, outputs come back, N x S rows each.
+    sent = n * rows * (d * 4 + 4 + 4 + d * 4)
+    assert aot.collectives(aot.hlo_totals(hlo))['all-to-all'][1] == sent
 
 
 def _tiny_moe_config(dispatch, **fields):

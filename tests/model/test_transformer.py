@@ -115,7 +115,7 @@ def test_fused_attention_hands_mla_values_to_cudnn_unpadded(monkeypatch):
         attention.fused_attention(q, k, v, attention.attention_mask(segments), 0.35, implementation='xla')
 
 
-def test_attention_impl_auto_picks_cudnn_only_where_it_applies():
+def test_attention_impl_auto_picks_cudnn_and_splash_only_where_they_apply():
     from dsjax.model import attention
 
     def cfg(**fields):
@@ -128,7 +128,9 @@ def test_attention_impl_auto_picks_cudnn_only_where_it_applies():
     assert attention.resolve_impl(cfg(dtype='float32'), 128, 128, backend='gpu') == 'xla'
     assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='gpu') == 'xla'  # MLA, no Hopper here
     assert attention.resolve_impl(cfg(dtype='bfloat16', attention_impl='xla'), 64, 64, backend='gpu') == 'xla'
-    assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='tpu') == 'xla'
+    assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='tpu') == 'xla'  # length unknown
+    assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='tpu', length=4096) == 'splash'
+    assert attention.resolve_impl(cfg(dtype='bfloat16'), 192, 128, backend='tpu', length=100) == 'xla'
     assert attention.cudnn_takes(192, 128, compute_capability='9.0')  # MLA from Hopper on
     assert not attention.cudnn_takes(192, 128, compute_capability='8.0')
     assert attention.cudnn_takes(128, 128, compute_capability='8.0')
@@ -209,6 +211,33 @@ def test_blocked_attention_equals_full(length):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4)
+
+
+def test_splash_attention_equals_full_on_a_sharded_mesh():
+    """The TPU splash kernel (run by the Pallas interpreter) under shard_map on a data x tensor mesh: rows
+    over data and kv heads over tensor, or one row with its heads over both; the full attention's output
+    on packed and padded rows, with MLA's narrower values."""
+    import flax.linen as nn
+    from dsjax import sharding
+    from dsjax.model import attention
+
+    length = 256  # two kernel blocks: the one above the diagonal is skipped
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, length, 4, 1, 64)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(2, length, 4, 64)).astype(np.float32))
+    v = jnp.asarray(rng.normal(size=(2, length, 4, 32)).astype(np.float32))
+    segments = np.ones((2, length), np.int32)
+    segments[0, 100:] = 2
+    segments[1, length - 7:] = 0  # padding
+    segments = jnp.asarray(segments)
+    want = attention.self_attention(q, k, v, segments, 0.3, 'xla')
+    mesh = sharding.make_mesh(dict(data=2, fsdp=1, expert=1, tensor=2), jax.devices()[:4])
+    splash = jax.jit(lambda *a: attention.splash_attention(*a, 0.3, interpret=True))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        got = splash(q, k, v, segments)
+        one_row = splash(q[1:], k[1:], v[1:], segments[1:])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(one_row), np.asarray(want[1:]), atol=1e-5)
 
 
 @pytest.mark.parametrize('case', CASES)

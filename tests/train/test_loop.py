@@ -109,11 +109,17 @@ def test_init_checkpoint_carries_params_and_routing_bias(tmp_path):
         ckpt = checkpoint.Checkpointer(tmp_path / 'checkpoints', keep=2, async_save=False)
         ckpt.save(7, previous, force=True)
         ckpt.close()
-        started = loop.start_from(str(tmp_path), model_cfg, abstract, init(jax.random.PRNGKey(1)))
+        started = init(jax.random.PRNGKey(1), *loop.start_from(str(tmp_path), model_cfg, abstract))
     assert jax.tree.leaves(previous.buffers)
     jax.tree.map(np.testing.assert_array_equal, started.buffers, previous.buffers)
     jax.tree.map(np.testing.assert_array_equal, started.params, previous.params)
     assert int(started.step) == 0  # a new stage: fresh optimizer and step counter
+    # The loaded weights become the state's (donated, aliased); no random parameters are drawn beside them.
+    fresh = init.lower(jax.random.PRNGKey(0)).compile().memory_analysis()
+    loading = init.lower(jax.random.PRNGKey(0), abstract.params, abstract.buffers).compile().memory_analysis()
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.params))
+    assert loading.alias_size_in_bytes >= param_bytes
+    assert loading.output_size_in_bytes - loading.alias_size_in_bytes <= fresh.output_size_in_bytes - param_bytes
 
 
 def test_metrics_are_fetched_one_step_late(tmp_path, monkeypatch):
