@@ -206,6 +206,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
     mesh = sharding.make_mesh(config.mesh, devices)
     model_cfg = config_lib.freeze_model(config.model)
     tokenizer = tokenizer_lib.get_tokenizer(config.data)
+    _check_init_tokenizer(config, tokenizer)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise config_lib.ConfigError(
             f'config.model.vocab_size={model_cfg.vocab_size} is invalid: the tokenizer has '
@@ -358,6 +359,30 @@ def start_from(path: str, model_cfg, abstract_state):
     if abstract_state.buffers and 'buffers' not in restored:
         logging.warning('init.checkpoint=%s holds no routing bias: it starts at zero', path)
     return restored['params'], restored.get('buffers')
+
+
+def _check_init_tokenizer(config, tokenizer) -> None:
+    """A stage starting from a previous dsjax run reads text as that run did. Where both train their
+    sentencepiece model on the corpus, another training split (data.val_fraction, paths, ...) trains another
+    vocabulary, which would silently remap every id the weights learnt: an error naming the fields."""
+    path, data = config.init.checkpoint, config.data
+    if not path or data.tokenizer != 'sentencepiece' or data.tokenizer_path or hub.is_repo_id(path) or \
+            hf.is_hf_checkpoint(path):
+        return
+    try:
+        _, saved = checkpoint.read_config(path, what='init.checkpoint')
+    except FileNotFoundError:  # an Orbax checkpoint without a saved config: nothing to compare with
+        return
+    if saved.data.tokenizer != 'sentencepiece' or saved.data.tokenizer_path:
+        return
+    theirs = tokenizer_lib.get_tokenizer(saved.data)  # cached where that run trained it
+    if epath.Path(theirs.model_path).read_bytes() != epath.Path(tokenizer.model_path).read_bytes():
+        differ = [f'data.{k}={data[k]!r} (there {saved.data[k]!r})' for k in sorted(data.keys())
+                  if k in saved.data and data[k] != saved.data[k]]
+        raise config_lib.ConfigError(
+            f'init.checkpoint={path!r} was trained with another sentencepiece model than this config.data trains '
+            f'(differing: {", ".join(differ) or "none; the corpus changed"}); keep the data fields that shape the '
+            f'tokenizer as that run had them, or set data.tokenizer_path={theirs.model_path!r}')
 
 
 def _save_expert_load(workdir: epath.Path, step: int, metrics: dict) -> None:

@@ -64,6 +64,22 @@ def test_resume_equals_straight_run(single_device_run, tmp_path):
     assert _losses(tmp_path) == _losses(straight)
 
 
+def test_init_from_a_run_with_another_tokenizer_is_an_error(single_device_run, tmp_path):
+    """Another training split trains another sentencepiece model: starting from a run trained with the
+    first one fails naming the field, before any step; the same data section starts fine."""
+    previous, _ = single_device_run
+    c = _config(steps=1)
+    c.init.checkpoint = str(previous)
+    c.data.val_fraction = 0.3
+    with pytest.raises(config_lib.ConfigError, match=r"init.checkpoint=.* another sentencepiece model .*"
+                                                     r"data.val_fraction=0.3 \(there 0.05\)"):
+        loop.run(c, tmp_path / 'other', devices=jax.devices()[:1])
+    assert not (tmp_path / 'other' / 'checkpoints').exists()
+    c.data.val_fraction = _config().data.val_fraction
+    loop.run(c, tmp_path / 'same', devices=jax.devices()[:1])
+    assert checkpoint.complete_steps(tmp_path / 'same' / 'checkpoints') == [1]
+
+
 def test_metrics_and_eval_logged(single_device_run):
     workdir, last = single_device_run
     records = logger.read_metrics(workdir)
