@@ -186,7 +186,7 @@ def make_accumulating_step(loss_fn, apply_gradients, micro_batches: int = 1, nor
                 (loss, (metrics, load)), grads = grad_fn(state.params, state.buffers, micro, denominator,
                                                          jax.random.fold_in(step_rng, m))
                 return loss, metrics, load, grads
-            active = sum(x.sum() for x in jax.tree.leaves(denominators(micro))) > 0
+            active = sum(x.sum() for x in jax.tree.leaves(denominators(micro))) != 0  # NaN weights are not padding
             return jax.tree.map(jnp.add, carry, jax.lax.cond(active, compute, lambda: zeros)), None
 
         (total, metrics, load, grads), _ = jax.lax.scan(one, zeros, (jnp.arange(micro_batches), micro))

@@ -60,9 +60,9 @@ def one_process_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp('one_process')
     make = pipeline.make_train_iterator
 
-    def all_hosts(data_cfg, tokenizer, process_index, process_count):
+    def all_hosts(data_cfg, tokenizer, process_index, process_count, **kwargs):
         assert (process_index, process_count) == (0, 1)
-        return _AllHosts([make(data_cfg, tokenizer, process_index=p, process_count=PROCESSES)
+        return _AllHosts([make(data_cfg, tokenizer, process_index=p, process_count=PROCESSES, **kwargs)
                           for p in range(PROCESSES)])
 
     with pytest.MonkeyPatch.context() as mp:
