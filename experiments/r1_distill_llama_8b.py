@@ -11,9 +11,9 @@ Run:      python -m dsjax.main --config=experiments/r1_distill_llama_8b.py --wor
           template of deepseek-ai/DeepSeek-R1-Distill-Llama-8B (data.tokenizer_path). R1's ~800K samples were never
           released: bring your own.
 Hardware: laid out for 32 chips (data=1, fsdp=-1). `python -m dsjax.aot --config=experiments/r1_distill_llama_8b.py
-          --topology=v5p-64` (batch 32 x 32,768, remat full, splash attention): fits, 26.95 of 95.7 GiB per
-          device (2.81 GiB parameters and optimizer state, 24.14 GiB temporaries), compiled in 150 s on a
-          busy 2-core host; 2,593 tokens/s per chip projected at 40% MFU.
+          --topology=v5p-64` (batch 32 x 32,768, remat full, splash attention): fits, 26.95 of 95.7 GiB per device (2.81
+          GiB parameters and optimizer state, 24.14 GiB temporaries), compiled in 150 s on a busy 2-core host; 2,593
+          tokens/s per chip projected at 40% MFU.
 Expect:   not run at this size.
 Variants: `:smoke` a tiny student of the same shape family on the built-in cold-start set (tests).
 """

@@ -11,9 +11,9 @@ Run:      python -m dsjax.main --config=experiments/r1_distill_qwen_1_5b.py --wo
           template of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (data.tokenizer_path). R1's ~800K samples were never
           released: bring your own.
 Hardware: laid out for 16 chips (data=1, fsdp=-1). `python -m dsjax.aot --config=experiments/r1_distill_qwen_1_5b.py
-          --topology=v5p-32` (16 chips; batch 32 x 32,768, remat full, splash attention): fits, 20.9 of 95.7 GiB
-          per device (1.24 GiB parameters and optimizer state, 19.6 GiB temporaries), compiled in 220 s on a
-          busy 2-core host; 10.4K tokens/s per chip projected at 40% MFU.
+          --topology=v5p-32` (16 chips; batch 32 x 32,768, remat full, splash attention): fits, 20.9 of 95.7 GiB per
+          device (1.24 GiB parameters and optimizer state, 19.6 GiB temporaries), compiled in 220 s on a busy 2-core
+          host; 10.4K tokens/s per chip projected at 40% MFU.
 Expect:   not run at this size.
 Variants: `:smoke` a tiny student of the same shape family on the built-in cold-start set (tests).
 """
