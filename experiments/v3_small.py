@@ -6,10 +6,9 @@ bias balancing (gamma 1e-2, see below), sequence-wise balance loss (alpha 1e-4),
 0.1), YaRN-ready RoPE (interleaved pairs as in the checkpoints; see v3_long.py to extend).
 
 Run:      python -m dsjax.main --config=experiments/v3_small.py
-Hardware: 2 CPU cores: 300 steps x 8 x 256 tokens in 7.2-7.7 minutes on the idle machine (1,615
-          tokens/s with MTP in the 7.2-minute run).
-Expect:   validation loss 8.38 -> 5.47 (100) -> 4.83 (200) -> 4.67 (300), global MaxVio 0.90 (measured;
-          reruns give 4.65-4.67 and MaxVio 0.74-0.93). experiments/sweeps/balancing.py compares the
+Hardware: 2 CPU cores: 300 steps x 8 x 256 tokens in 6.0 minutes on the nearly idle machine, start to end.
+Expect:   validation loss 8.38 -> 5.48 (100) -> 4.84 (200) -> 4.66 (300), global MaxVio 0.70 (measured on
+          today's code; another seed moves the final loss by ~0.5%). experiments/sweeps/balancing.py compares the
           balancing methods over three seeds. History: benchmarks/results/history.md.
 Variants: `:smoke` (seconds, tests), `:nobias` (sequence-wise loss only), `:nobalance` (neither),
           `:tiny` (width 128, 4 layers, 150 steps of 8 x 64 tokens: the ablation sweeps' size).
