@@ -16,6 +16,8 @@ import numpy as np
 import tensorboardX
 import tqdm
 
+from dsjax.train import workdir as workdir_lib
+
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 
@@ -70,7 +72,7 @@ class MetricsLogger:
         workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / METRICS_FILE
-        self._jsonl = _RemoteAppend(path) if '://' in str(path) else open(path, 'a', encoding='utf-8')
+        self._jsonl = _RemoteAppend(path) if workdir_lib.is_remote(path) else open(path, 'a', encoding='utf-8')
         torn = self._jsonl.tell() > 0 and _last_byte(path) != b'\n'
         if torn:  # a crash cut the last line short: start ours on a fresh line so it stays parseable
             self._jsonl.write('\n')

@@ -375,14 +375,19 @@ def _check_init_tokenizer(config, tokenizer) -> None:
         return
     if saved.data.tokenizer != 'sentencepiece' or saved.data.tokenizer_path:
         return
+    def plain(value):  # a saved config's tuples come back from JSON as lists
+        return list(value) if isinstance(value, (tuple, list)) else value
+
+    differ = [f'data.{k}={data[k]!r} (there {saved.data[k]!r})' for k in sorted(data.keys())
+              if k in saved.data and plain(data[k]) != plain(saved.data[k])]
+    if not differ:  # the same fields train the same model: no second corpus read at start-up
+        return
     theirs = tokenizer_lib.get_tokenizer(saved.data)  # cached where that run trained it
     if epath.Path(theirs.model_path).read_bytes() != epath.Path(tokenizer.model_path).read_bytes():
-        differ = [f'data.{k}={data[k]!r} (there {saved.data[k]!r})' for k in sorted(data.keys())
-                  if k in saved.data and data[k] != saved.data[k]]
         raise config_lib.ConfigError(
             f'init.checkpoint={path!r} was trained with another sentencepiece model than this config.data trains '
-            f'(differing: {", ".join(differ) or "none; the corpus changed"}); keep the data fields that shape the '
-            f'tokenizer as that run had them, or set data.tokenizer_path={theirs.model_path!r}')
+            f'(differing: {", ".join(differ)}); keep the data fields that shape the tokenizer as that run had '
+            f'them, or set data.tokenizer_path={theirs.model_path!r}')
 
 
 def _save_expert_load(workdir: epath.Path, step: int, metrics: dict) -> None:
