@@ -280,7 +280,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                     return None
                 now = time.perf_counter()
                 elapsed = now - clock['t']
-                host = {**batch_metrics, **host, 'ppl': float(np.exp(min(host['loss'], 50.0)))}
+                host = {**batch_metrics, **host}
                 if counts_tokens:
                     tokens = ramp.tokens_before(done) - ramp.tokens_before(clock['step'])
                     host['tokens_per_s'] = tokens / elapsed
