@@ -1,17 +1,21 @@
 """R1-Zero at laptop scale: the held-out table and the reward curve of an r1_zero_small run.
 
     python -m dsjax.main --config=experiments/r1_zero_small.py --workdir=runs/r1_zero_small
-    python benchmarks/r1_zero_small.py --workdir=runs/r1_zero_small
+    python benchmarks/r1_zero_small.py --workdir=runs/r1_zero_small [--seed_runs=DIR1,DIR2]
 
 Reads the GRPO stage's metrics (WORKDIR/grpo) and writes r1_zero_small.md (held-out accuracy and
 format rate before and after GRPO, completion length, GRPO wall time) and
 r1_zero_small_reward.png (rewards, accuracy and format rate per step with the held-out points,
 completion length, KL and entropy) into benchmarks/results/. With --samples=k (default 4; 0 skips it)
 it also evaluates the base and the GRPO checkpoints by the R1 paper's protocol: k completions per
-held-out problem at T=0.6, top-p 0.95, accuracy averaged over them (pass@1), and pass@k.
+held-out problem at T=0.6, top-p 0.95, accuracy averaged over them (pass@1), and pass@k. --seed_runs
+names GRPO runs of other seeds from the same base (`--config=experiments/r1_zero_small.py:grpo
+--config.init.checkpoint=WORKDIR/base --config.train.seed=S --workdir=DIR`): a table of every seed's held-out
+accuracy per evaluation and the gain's mean and spread.
 """
 import json
 import pathlib
+import statistics
 
 import matplotlib
 
@@ -26,6 +30,7 @@ from dsjax.posttrain import chain  # noqa: E402
 from dsjax.train import logger  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/r1_zero_small', 'The chain run (holding base/ and grpo/).')
+_SEED_RUNS = flags.DEFINE_list('seed_runs', [], 'GRPO runs of other seeds from the same base (workdirs).')
 _SAMPLES = flags.DEFINE_integer('samples', 4, 'Completions per problem for the R1-protocol pass@1 (0: skip).')
 RESULTS = pathlib.Path(__file__).parent / 'results'
 
@@ -40,6 +45,26 @@ def r1_protocol(stage_dir: pathlib.Path, g: dict, k: int) -> dict:
     e = ml_collections.ConfigDict(dict(tasks=g['tasks'], problems=g['eval_problems'], template=g['template'],
                                        max_new_tokens=g['max_completion_length'], val_loss=False))
     return chain.evaluate_run(stage_dir, e, samples=k, temperature=0.6, top_p=0.95)
+
+
+def seeds_table(runs: list[tuple[int, list[dict]]]) -> list[str]:
+    """Held-out accuracy of each GRPO run (seed, its metrics) per evaluation, the gain at the last one over
+    the base (step 0) and the gain's mean, sample standard deviation, min and max."""
+    steps = [r['step'] for r in runs[0][1] if 'eval_accuracy' in r]
+    lines = [f"| GRPO seed | {' | '.join(f'step {s}' for s in steps)} | gain (points) | format at {steps[-1]} |",
+             '|' + '---|' * (len(steps) + 3)]
+    gains = []
+    for seed, records in runs:
+        evals = {r['step']: r for r in records if 'eval_accuracy' in r}
+        if sorted(evals) != steps:
+            raise ValueError(f'seed {seed}: evaluations at steps {sorted(evals)}, not {steps} like seed {runs[0][0]}')
+        gains.append(100 * (evals[steps[-1]]['eval_accuracy'] - evals[0]['eval_accuracy']))
+        accuracies = ' | '.join(f"{evals[s]['eval_accuracy']:.1%}" for s in steps)
+        lines.append(f"| {seed} | {accuracies} "
+                     f"| {gains[-1]:+.1f} | {evals[steps[-1]]['eval_format_rate']:.0%} |")
+    spread = f', std {statistics.stdev(gains):.1f}' if len(gains) > 1 else ''
+    return lines + ['', f'Gain at step {steps[-1]}: {statistics.mean(gains):+.1f} points mean over {len(gains)} '
+                        f'seeds{spread}, min {min(gains):+.1f}, max {max(gains):+.1f}.']
 
 
 def main(argv):
@@ -69,6 +94,13 @@ def main(argv):
         '',
         f"GRPO wall time: {wall_minutes(root / 'grpo'):.1f} min (evaluations included).",
     ]
+    if _SEED_RUNS.value:
+        runs = [(config['train']['seed'], records)]
+        for d in _SEED_RUNS.value:
+            runs.append((json.loads((pathlib.Path(d) / 'config.json').read_text())['train']['seed'],
+                         logger.read_metrics(d)))
+        lines += ['', f'## {len(runs)} GRPO seeds from the same base', '',
+                  'Held-out accuracy, greedy (the first row is the run above):', '', *seeds_table(runs)]
     k = _SAMPLES.value
     if k:
         lines += ['', f'The R1 paper\'s protocol on the same problems: {k} completions each at T=0.6, top-p 0.95.', '',
