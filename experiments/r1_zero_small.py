@@ -8,26 +8,27 @@ the base. Held-out accuracy and format rate: 512 test-split problems, greedy, be
 
 Run:      python -m dsjax.main --config=experiments/r1_zero_small.py --workdir=runs/r1_zero_small
           (stages in runs/r1_zero_small/{base,grpo}; re-running resumes), then
-          python benchmarks/r1_zero_small.py --workdir=runs/r1_zero_small  (table, the R1 paper's sampled
-          pass@1 before and after, reward curve PNG).
-Hardware: 2 CPU cores: on the shared machine of 2026-12-04 (load 12-29) the base's 2,500 steps took 43 min
-          and GRPO's 80 steps 36 min (~20 s per step: 64 rollouts of <= 48 tokens after a ~153-token
-          prompt, then one update; five held-out evaluations); a fraction of that on idle cores.
-Expect:   (2026-12-04; 512 held-out problems, greedy) the base answers 56.8% right, format 0% (it
+          python benchmarks/r1_zero_small.py --workdir=runs/r1_zero_small [--seed_runs=DIR1,DIR2]  (tables,
+          the R1 paper's sampled pass@1 before and after, reward curve PNG).
+Hardware: 2 idle CPU cores (2026-12-05): the base's 2,500 steps 6.1 min, GRPO's 80 steps 5.2 min (~4 s per
+          step: 64 rollouts of <= 48 tokens after a ~153-token prompt, then one update; five held-out
+          evaluations).
+Expect:   (2026-12-05; 512 held-out problems, greedy) the base answers 51.6% right, format 0% (it
           never stops: 48 tokens). GRPO from it with three seeds (other prompts and samples):
 
     | GRPO seed | step 20 | step 40 | step 60 | step 80 | gain (points) | format |
     |-----------|---------|---------|---------|---------|---------------|--------|
-    | 0         | 66.4%   | 63.1%   | 62.5%   | 65.8%   | +9.0          | 100%   |
-    | 1         | 65.8%   | 65.2%   | 60.5%   | 65.6%   | +8.8          | 100%   |
-    | 2         | 63.3%   | 63.5%   | 61.5%   | 63.9%   | +7.0          | 100%   |
+    | 0         | 57.4%   | 62.3%   | 59.8%   | 59.6%   | +8.0          | 100%   |
+    | 1         | 61.9%   | 62.9%   | 61.7%   | 62.5%   | +10.9         | 100%   |
+    | 2         | 59.2%   | 63.1%   | 62.5%   | 64.5%   | +12.9         | 100%   |
 
-          Gain after 80 steps: +8.3 points, std 1.1 over the 3 seeds (min +7.0,
-          max +9.0); format 0% -> ~100%, completions 48 -> ~32 tokens. Almost every group carries
-          a signal (96% mixed in seed 0's first 10 steps: the format reward is learnt from 0 and the base's
+          Gain after 80 steps: +10.6 points, std 2.5 over the 3 seeds (min +8.0, max +12.9); format
+          0% -> ~100%, completions 48 -> ~32 tokens. By the R1 paper's protocol (4 samples at T 0.6,
+          top-p 0.95; seed 0) pass@1 43.9% -> 57.1%, pass@4 65.6% -> 68.9%. Almost every group carries a
+          signal (95% mixed in seed 0's first 10 steps: the format reward is learnt from 0 and the base's
           digits are uncertain). GRPO sharpens the direct answers and drops the worked ones; it does not grow
           reasoning at this scale (the analysis on earlier code: benchmarks/results/history.md).
-          Table and reward curve of seed 0: benchmarks/results/r1_zero_small.md, r1_zero_small_reward.png.
+          Tables and reward curve: benchmarks/results/r1_zero_small.md, r1_zero_small_reward.png.
 Variants: `:grpo` is the GRPO stage alone (add --config.init.checkpoint=<a base workdir>; another
           --config.train.seed draws other prompts and samples from the same base, as above); `:smoke` is a
           seconds-long chain (tests).
