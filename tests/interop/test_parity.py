@@ -1,6 +1,6 @@
 """External check of the architectures: tiny random HF Llama (Llama-3 RoPE scaling too) / Qwen2 / DeepSeek-V2 /
-DeepSeek-V3 models, mapped with dsjax.interop.hf_mapping, give the same float32 logits and greedy generations in
-dsjax; and the mapping is exactly invertible."""
+DeepSeek-V3 models, mapped with dsjax.interop.hf_mapping, give the same float32 logits, training gradients and
+greedy generations in dsjax; and the mapping is exactly invertible."""
 import dataclasses
 
 import flax.linen as nn
@@ -18,6 +18,7 @@ from dsjax.infer import decode
 from dsjax.interop import hf_mapping
 from dsjax.model import rope
 from dsjax.model.transformer import Transformer
+from dsjax.train import step as step_lib
 
 B, L = 2, 12
 TOL = 1e-4
@@ -159,6 +160,39 @@ def test_mla_softmax_scale_matches_installed_hf():
         ours = rope.softmax_scale(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.rope_scaling)
         assert ours != pytest.approx((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5)  # YaRN is on
         assert model.model.layers[0].self_attn.scaling == pytest.approx(ours, rel=1e-12)
+
+
+# ---------------------------------------------------------------- training gradients
+
+
+@pytest.mark.parametrize('case', ['qwen2_gqa_tied', 'llama3_rope_scaling', 'v3_qlora'])
+def test_training_gradients_match_hf(case):
+    """The pre-training loss's gradient (chunked head, tied head, MLA, routed experts through the training
+    dispatch) equals torch autograd's of HF's next-token loss, every parameter, mapped to HF's layout."""
+    model = hf_model(case)
+    state = state_of(model)
+    cfg = our_config(model.config.to_dict(), aux_loss_alpha=0.0)  # HF's models add no balance loss
+    tokens = tokens_for(cfg.vocab_size)
+    model(torch.from_numpy(tokens).long(), labels=torch.from_numpy(tokens).long()).loss.backward()
+    params, moe_bias = hf_mapping.params_from_hf(state, cfg)
+    buffers = {'moe_bias': moe_bias} if moe_bias else {}
+    weights = np.ones((B, L), np.float32)
+    weights[:, -1] = 0.0
+    batch = {'inputs': tokens, 'targets': np.roll(tokens, -1, axis=1), 'weights': weights,
+             'segment_ids': np.ones((B, L), np.int32), 'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))}
+    loss_fn = step_lib.make_pretrain_loss(Transformer(cfg), mtp_weight=0.0)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, buffers, batch, step_lib.pretrain_denominators(batch, 0),
+                                               jax.random.PRNGKey(0))[0]))(params)
+    got = hf_mapping.hf_from_params(grads, moe_bias, cfg, fused_experts=True)
+    checked = 0
+    for name, p in model.named_parameters():
+        want = p.grad.numpy()
+        scale = float(np.abs(want).max())
+        assert scale > 0, name  # every parameter takes part
+        diff = float(np.abs(got[name] - want).max())
+        assert diff <= 2e-5 * scale, f'{name}: max |grad diff| {diff:.2e}, grad scale {scale:.2e}'
+        checked += 1
+    assert checked == len(list(model.parameters()))
 
 
 # ---------------------------------------------------------------- exact round trips
