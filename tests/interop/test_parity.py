@@ -179,7 +179,8 @@ def test_training_gradients_match_hf(case):
     weights = np.ones((B, L), np.float32)
     weights[:, -1] = 0.0
     batch = {'inputs': tokens, 'targets': np.roll(tokens, -1, axis=1), 'weights': weights,
-             'segment_ids': np.ones((B, L), np.int32), 'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))}
+             'segment_ids': np.ones((B, L), np.int32),
+             'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))}
     loss_fn = step_lib.make_pretrain_loss(Transformer(cfg), mtp_weight=0.0)
     grads = jax.jit(jax.grad(lambda p: loss_fn(p, buffers, batch, step_lib.pretrain_denominators(batch, 0),
                                                jax.random.PRNGKey(0))[0]))(params)
