@@ -13,6 +13,8 @@ The runs behind the table (same seed and data; fresh workdirs; a resumed run is 
   python -m dsjax.main --config=experiments/v3_small.py --workdir=OFF
   python -m dsjax.main --config=experiments/v3_small.py --config.model.fp8=True --workdir=ON
   python -m dsjax.main --config=experiments/v3_small.py --config.train.seed=1 --workdir=SEED1 [--config.model.fp8=True]
+The BF16 pair: the same with --config.model.dtype=bfloat16, compared in Python as
+  compare(BF16, BF16_ON, {'float32': (OFF, BF16)}, png=RESULTS / 'fp8_bf16_val_loss.png', names=('bf16', 'bf16 + fp8'))
 """
 import pathlib
 import sys
@@ -45,12 +47,14 @@ def windowed(train: dict[int, float], window: int) -> dict[int, float]:
             for s in range(window, max(train) + 1, window)}
 
 
-def compare(off_dir, on_dir, others: dict | None = None, window: int = 50, png=RESULTS / 'fp8_val_loss.png'):
+def compare(off_dir, on_dir, others: dict | None = None, window: int = 50, png=RESULTS / 'fp8_val_loss.png',
+            names=('fp8 off', 'fp8 on')):
     """Prints the tables and draws the plot of the runs' validation loss (and training loss averaged over
-    `window` steps: every run sees the same batches): fp8 on against off, and each of `others` (label ->
-    workdir, or (workdir, the workdir it is compared with); default: against off). Returns the final
-    validation difference of fp8 on."""
-    runs = {'fp8 off': (off_dir, None), 'fp8 on': (on_dir, off_dir)}
+    `window` steps: every run sees the same batches): fp8 on against off (labelled `names`), and each of
+    `others` (label -> workdir, or (workdir, the workdir it is compared with); default: against off).
+    Returns the final validation difference of fp8 on."""
+    off, on = names
+    runs = {off: (off_dir, None), on: (on_dir, off_dir)}
     runs.update({label: (d, off_dir) if isinstance(d, str) else tuple(d) for label, d in (others or {}).items()})
     label_of = {d: label for label, (d, _) in runs.items()}
     fig = Figure(figsize=(11, 4))
@@ -64,20 +68,20 @@ def compare(off_dir, on_dir, others: dict | None = None, window: int = 50, png=R
         compared = {label: base for label, (_, base) in runs.items() if base}
         rel = {label: {s: curves[label][s] / curves[label_of[base]][s] - 1 for s in steps}
                for label, base in compared.items()}
-        print(f'\n| step | {title}: fp8 off | '
+        print(f'\n| step | {title}: {off} | '
               + ' | '.join(f'{label} | vs {label_of[base]}' for label, base in compared.items())
               + ' |\n|---|---|' + '---|---|' * len(compared))
         for s in steps:
-            print(f"| {s} | {curves['fp8 off'][s]:.4f} | "
+            print(f"| {s} | {curves[off][s]:.4f} | "
                   + ' | '.join(f'{curves[label][s]:.4f} | {rel[label][s]:+.3%}' for label in compared) + ' |')
         for label, c in curves.items():
-            loss_ax.plot(steps, [c[s] for s in steps], marker + ('-' if label == 'fp8 off' else '--'),
+            loss_ax.plot(steps, [c[s] for s in steps], marker + ('-' if label == off else '--'),
                          color=colors[label], label=f'{title}, {label}')
         for label, base in compared.items():
             rel_ax.plot(steps, [100 * rel[label][s] for s in steps], marker + ('-' if key == 'val_loss' else ':'),
                         color=colors[label], label=f'{label} vs {label_of[base]}: {title}')
         if key == 'val_loss':
-            final = rel['fp8 on'][steps[-1]]
+            final = rel[on][steps[-1]]
     loss_ax.set(xlabel='step', ylabel='loss', title='v3_small', ylim=(3, 9))
     loss_ax.legend(fontsize=7)
     rel_ax.axhspan(-0.25, 0.25, color='tab:green', alpha=0.15, label="V3's bound: 0.25%")
