@@ -275,6 +275,8 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
             data_wait, stopping = 0.0, None
 
             def fetch(done, metrics, batch_metrics, log_it, waited):
+                # `waited`: batch-wait seconds so far; the share logged is that of the wall time since the
+                # last log (both measured up to now, as tokens_per_s is), so it stays in [0, 1).
                 host = _check_finite(done, metrics, good_step, ckpt, tcfg.nonfinite_policy)
                 if not log_it:
                     return None
@@ -293,7 +295,6 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                 return host
 
             for step in range(start, tcfg.steps):
-                waited = data_wait
                 if step % mu == 0:  # a new batch every `updates_per_batch` optimizer steps
                     t_data = time.perf_counter()
                     batch, batch_metrics = next_batch(state, step)
@@ -302,7 +303,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                 done = step + 1
                 stopping = stopping or stop.agreed()  # the same step on every process
                 if pending is not None:
-                    last = fetch(*pending, waited) or last
+                    last = fetch(*pending, data_wait) or last
                     pending = None
                 log_it = due(done, tcfg.log_every, tcfg.steps)
                 evaluate_now = due(done, tcfg.eval_every, tcfg.steps)

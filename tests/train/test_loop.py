@@ -1,4 +1,6 @@
 """The whole pre-training loop on the embedded corpus: sharding layouts, resume, NaN stop, eval."""
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -146,6 +148,8 @@ def test_metrics_are_fetched_one_step_late(tmp_path, monkeypatch):
 
     def batch(*args):
         events.append('batch')
+        if events.count('batch') == 4:  # one slow training batch: its wait must land in the interval holding it
+            time.sleep(0.5)
         return global_batch(*args)
 
     def fetch(step, *args):
@@ -163,3 +167,4 @@ def test_metrics_are_fetched_one_step_late(tmp_path, monkeypatch):
     logged = [r for r in logger.read_metrics(tmp_path) if 'loss' in r]
     assert [r['step'] for r in logged] == [1, 2, 3, 4, 5]
     assert all(0 <= r['data_wait_frac'] < 1 for r in logged)
+    assert max(r['data_wait_frac'] for r in logged) > 0.5
