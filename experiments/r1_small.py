@@ -13,25 +13,25 @@ format rate, and the cross-entropy of the problems' worked solutions -> WORKDIR/
 
 Run:      python -m dsjax.main --config=experiments/r1_small.py --workdir=runs/r1_small
           (re-running resumes; finished stages are skipped).
-Hardware: 2 CPU cores: 41 min for the chain on the shared machine (load 15-29): base 11, cold_sft 7,
-          grpo1 8, rs 6, rs_sft 5, grpo2 3, plus ~1 min of evaluation per stage.
-Expect:   (2026-12-04; 512 held-out problems, greedy, chat template)
+Hardware: 2 idle CPU cores: 6 min for the chain (2026-12-05): base 1.3, cold_sft 0.8, grpo1 0.9, rs 0.8,
+          rs_sft 0.7, grpo2 0.5, plus ~10 s of evaluation per stage.
+Expect:   (2026-12-05; 512 held-out problems, greedy, chat template; the chain with train.seed and
+          rejection.seed 0, 1, 2 in every stage: benchmarks/results/r1_small.md)
 
-    | stage    | accuracy | format rate | task_val_loss |
-    |----------|----------|-------------|---------------|
-    | base     | 0.2%     | 0.0%        | 0.882         |
-    | cold_sft | 46.1%    | 100.0%      | 0.053         |
-    | grpo1    | 45.7%    | 100.0%      | 0.053         |
-    | rs_sft   | 36.7%    | 99.6%       | 0.215         |
-    | grpo2    | 37.1%    | 99.6%       | 0.216         |
+    | stage    | seed 0 | seed 1 | seed 2 | mean  |
+    |----------|--------|--------|--------|-------|
+    | base     | 0.0%   | 0.2%   | 0.0%   | 0.1%  |
+    | cold_sft | 37.3%  | 31.1%  | 43.9%  | 37.4% |
+    | grpo1    | 37.5%  | 30.5%  | 45.5%  | 37.8% |
+    | rs_sft   | 25.2%  | 18.6%  | 41.2%  | 28.3% |
+    | grpo2    | 25.2%  | 18.8%  | 43.6%  | 29.2% |
 
-          rs: 41.1% of 3,200 answers right, 534 kept (781 duplicates dropped), 64% of prompts have one.
-          The cold start does the work. GRPO holds accuracy (-0.4 and +0.4 points: 2 problems of 512) and
-          does not raise it: at 16 prompts x 8 its gradient is mostly noise, so Adam's lr-sized steps are
-          a random walk away from the SFT optimum, which lr 1e-5 keeps short (KL 0.0007 after 20 steps).
-          rs_sft learns from 534 answers instead of the cold start's 3,000 and lands below it. The
-          diagnosis (sampled vs greedy accuracy, gradient norm against batch size, larger lr):
-          benchmarks/results/r1_small.md.
+          The cold start does the work (format 0 -> 100%, accuracy 31-44% by seed). GRPO moves accuracy by
+          +0.2 / -0.6 / +1.6 points (grpo1) and +0.0 / +0.2 / +2.3 (grpo2): at 16 prompts x 8 its gradient
+          is mostly noise, so Adam's lr-sized steps are a short random walk from the SFT optimum (lr 1e-5;
+          KL 0.001 after 20 steps) and the one drop is 3 problems of 512. rs_sft learns from ~450-520 kept
+          answers instead of the cold start's 3,000 and lands below it. The diagnosis (sampled vs greedy
+          accuracy, gradient norm against batch size, larger lr): benchmarks/results/r1_small.md.
 Variants: `:smoke` is a seconds-long chain (tests).
 """
 import ml_collections
