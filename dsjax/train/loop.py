@@ -274,9 +274,7 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
             pending, clock = None, {'t': time.perf_counter(), 'step': start, 'data_wait': 0.0}
             data_wait, stopping = 0.0, None
 
-            def fetch(done, metrics, batch_metrics, log_it, waited):
-                # `waited`: batch-wait seconds so far; the share logged is that of the wall time since the
-                # last log (both measured up to now, as tokens_per_s is), so it stays in [0, 1).
+            def fetch(done, metrics, batch_metrics, log_it):
                 host = _check_finite(done, metrics, good_step, ckpt, tcfg.nonfinite_policy)
                 if not log_it:
                     return None
@@ -287,10 +285,10 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                     tokens = ramp.tokens_before(done) - ramp.tokens_before(clock['step'])
                     host['tokens_per_s'] = tokens / elapsed
                     host['mfu'] = tokens * flops_per_token / elapsed / peak
-                # Share of the wall time spent waiting for batches (0 when the pipeline keeps up; a
-                # batch source's generation time otherwise).
-                host['data_wait_frac'] = (waited - clock['data_wait']) / elapsed
-                clock.update(t=now, step=done, data_wait=waited)
+                # Share of the wall time since the last log spent waiting for batches (0 when the pipeline
+                # keeps up; a batch source's generation time otherwise): both up to now, so it is in [0, 1).
+                host['data_wait_frac'] = (data_wait - clock['data_wait']) / elapsed
+                clock.update(t=now, step=done, data_wait=data_wait)
                 metrics_log.log(done, host)
                 return host
 
@@ -303,13 +301,13 @@ def run(config, workdir, devices=None, build_stage=pretrain_stage, validate=None
                 done = step + 1
                 stopping = stopping or stop.agreed()  # the same step on every process
                 if pending is not None:
-                    last = fetch(*pending, data_wait) or last
+                    last = fetch(*pending) or last
                     pending = None
                 log_it = due(done, tcfg.log_every, tcfg.steps)
                 evaluate_now = due(done, tcfg.eval_every, tcfg.steps)
                 save_due = due(done, tcfg.checkpoint_every, tcfg.steps)
                 if evaluate_now or save_due or stopping:
-                    last = fetch(done, metrics, batch_metrics, log_it, data_wait) or last
+                    last = fetch(done, metrics, batch_metrics, log_it) or last
                 else:
                     pending = (done, metrics, batch_metrics, log_it)
                 if evaluate_now:
